@@ -1,0 +1,518 @@
+"""The broker: clients on the frontend, workers on the backend, LRU between.
+
+The loop reads like the zguide's Majordomo broker: poll, handle what came
+from clients, handle what came from workers, expire what is dead, send
+heartbeats.  State is a few plain containers: ``services`` (each with its
+idle workers in least-recently-used order and its queue of jobs) and
+``workers`` by address.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from collections import deque
+
+import zmq
+
+from . import endpoints, protocol
+from .exc import DuplicateBrokerError
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+# Per poll, how many messages are read from one socket before looking at the
+# other: batches cut poll() calls under load and keep both sides served.
+BATCH = 64
+
+
+class PendingJob:
+    """A client's request, queued or in flight."""
+
+    __slots__ = ("msg", "received", "deadline")
+
+    def __init__(self, msg, now):
+        self.msg = msg
+        self.received = now
+        ttl = msg.request.ttl_ms
+        self.deadline = now + ttl / 1000.0 if ttl else None
+
+    def ttl_ms(self, now):
+        if self.deadline is None:
+            return 0
+        return max(1, int((self.deadline - now) * 1000))
+
+
+class WorkerRef:
+    """What the broker knows of one connected worker."""
+
+    __slots__ = ("address", "service", "extended", "job", "expiry")
+
+    def __init__(self, address, service, extended, expiry):
+        self.address = address
+        self.service = service
+        self.extended = extended
+        self.job = None
+        self.expiry = expiry
+
+
+class Service:
+    """One service: its workers, the idle ones in LRU order, its queue."""
+
+    __slots__ = ("name", "workers", "idle", "queue", "done", "failed")
+
+    def __init__(self, name):
+        self.name = name
+        self.workers = set()
+        self.idle = deque()  # left: idle the longest
+        self.queue = deque()
+        self.done = 0
+        self.failed = 0
+
+
+class Broker:
+    def __init__(self, settings, context=None):
+        self.settings = settings
+        self.context = context or zmq.Context.instance()
+        self.services: dict[bytes, Service] = {}
+        self.workers: dict[bytes, WorkerRef] = {}
+        self.heartbeat = settings.heartbeat
+        self.liveness = settings.heartbeat * settings.liveness
+        self.started = time.time()
+        self.stopping_since = None
+        self._locks = []
+        self._probes_left = 0
+        self._next_heartbeat = 0.0
+        self._next_expiry = 0.0
+
+    # -- life cycle -----------------------------------------------------------
+
+    def bind(self):
+        """Take the endpoint locks, then bind; DuplicateBrokerError if taken."""
+        s = self.settings
+        for name, endpoint in (("frontend", s.frontend), ("backend", s.backend)):
+            self._lock(name, endpoint)
+        self.frontend = self._bind_router(s.frontend, "frontend")
+        self.backend = self._bind_router(s.backend, "backend")
+        # Sending to a worker that went away must fail, not vanish: that is
+        # how a dead worker's job is failed fast (see _probe_workers).
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        log.info(
+            "broker pid %d: frontend %s, backend %s, heartbeat %.2fs",
+            os.getpid(), s.frontend, s.backend, self.heartbeat,
+        )
+
+    def _lock(self, name, endpoint):
+        path = endpoints.ipc_path(endpoint)
+        if path is None:
+            return  # tcp: bind() itself refuses a second listener
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise DuplicateBrokerError(
+                f"a broker (pid {holder or '?'}) already serves the {name} "
+                f"{endpoint}; stop it or choose another endpoint"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._locks.append(fd)
+
+    def _bind_router(self, endpoint, name):
+        sock = self.context.socket(zmq.ROUTER)
+        sock.linger = 1000
+        # Per-frame hard cap; jobs between max_job_size and this get a clear
+        # JobTooLargeError, larger frames cost the sender its connection.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.settings.max_job_size + 65536)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            if exc.errno == errno.EADDRINUSE:
+                raise DuplicateBrokerError(
+                    f"the {name} {endpoint} is already in use; is a broker running?"
+                ) from None
+            raise
+        return sock
+
+    def close(self):
+        self.poller = None
+        for sock in ("monitor", "frontend", "backend"):
+            if hasattr(self, sock):
+                getattr(self, sock).close()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
+
+    def request_stop(self, *_):
+        """Stop taking jobs; finish the ones accepted within the grace period."""
+        if self.stopping_since is None:
+            log.info("broker stopping: finishing accepted jobs (grace %.1fs)",
+                     self.settings.grace)
+            self.stopping_since = time.monotonic()
+
+    def install_signal_handlers(self):
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self):
+        """Serve until stopped; returns once every accepted job is settled."""
+        poll = self.poller.poll
+        frontend, backend, monitor = self.frontend, self.backend, self.monitor
+        while True:
+            events = dict(poll(self._poll_timeout()))
+            if frontend in events:
+                self._drain(frontend, self.handle_client)
+            if backend in events:
+                self._drain(backend, self.handle_worker)
+            if monitor in events:
+                self._handle_monitor()
+            now = time.monotonic()
+            if now >= self._next_expiry:
+                self.expire_jobs(now)
+                self.expire_workers(now)
+                self._next_expiry = now + 0.05
+            if now >= self._next_heartbeat:
+                self.send_heartbeats()
+                self._next_heartbeat = now + self.heartbeat
+            if self.stopping_since is not None and self._drained(now):
+                break
+        self._disconnect_all()
+
+    def _poll_timeout(self):
+        if self._probes_left or self.stopping_since is not None:
+            return 50
+        if any(s.queue for s in self.services.values()):
+            return 50
+        return int(self.heartbeat * 1000)
+
+    def _drain(self, sock, handle):
+        recv = sock.recv_multipart
+        for _ in range(BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except ProtocolError as exc:
+                log.warning("dropped malformed message (%d frames): %s", len(frames), exc)
+
+    # -- clients ----------------------------------------------------------------
+
+    def handle_client(self, frames):
+        msg = protocol.parse_frontend(frames)
+        service = msg.request.service
+        if service.startswith(protocol.MMI_PREFIX):
+            self.frontend.send_multipart(protocol.frontend_plain_reply(msg, [self.mmi(msg)]))
+            return
+        if self.stopping_since is not None:
+            self._fail(msg, protocol.ERR_NO_WORKER,
+                       f"broker at {self.settings.frontend} is shutting down; retry shortly")
+            return
+        size = len(msg.request.data)
+        if size > self.settings.max_job_size:
+            self._fail(msg, protocol.ERR_TOO_LARGE,
+                       f"job of {size} bytes is larger than the broker's "
+                       f"max job size ({self.settings.max_job_size} bytes)")
+            return
+        if not msg.extended:
+            msg.request.job_id = b"mdp-%d" % id(msg)
+        svc = self.services.get(service)
+        if svc is None:
+            svc = self.services[service] = Service(service)
+        job = PendingJob(msg, time.monotonic())
+        if svc.queue or not self._dispatch_to_idle(svc, job):
+            svc.queue.append(job)
+
+    def _fail(self, msg, code, message):
+        reply = protocol.Reply.error(msg.request.job_id, code, message)
+        self.frontend.send_multipart(protocol.frontend_reply(msg, reply))
+        svc = self.services.get(msg.request.service)
+        if svc is not None:
+            svc.failed += 1
+        log.info("job %r for %r failed: %s: %s",
+                 msg.request.job_id, msg.request.service, code, message)
+
+    def mmi(self, msg):
+        service = msg.request.service
+        if service == protocol.MMI_SERVICE:
+            svc = self.services.get(msg.request.data)
+            found = svc is not None and bool(svc.workers)
+            return protocol.MMI_FOUND if found else protocol.MMI_NOT_FOUND
+        if service == protocol.MMI_PING:
+            return str(os.getpid()).encode()
+        if service == protocol.MMI_STATS:
+            return json.dumps(self.stats()).encode()
+        return protocol.MMI_NOT_IMPLEMENTED
+
+    def stats(self):
+        services = {}
+        for svc in self.services.values():
+            busy = sum(1 for w in svc.workers if self.workers[w].job is not None)
+            services[svc.name.decode("utf-8", "replace")] = {
+                "workers": len(svc.workers),
+                "idle": len(svc.workers) - busy,
+                "busy": busy,
+                "queued": len(svc.queue),
+                "done": svc.done,
+                "failed": svc.failed,
+            }
+        return {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "frontend": self.settings.frontend,
+            "backend": self.settings.backend,
+            "stopping": self.stopping_since is not None,
+            "services": services,
+        }
+
+    # -- workers ----------------------------------------------------------------
+
+    def handle_worker(self, frames):
+        msg = protocol.parse_backend(frames)
+        worker = self.workers.get(msg.address)
+        command = msg.command
+        if command == protocol.REPLY:
+            if worker is None:
+                return self._disconnect(msg.address)
+            worker.expiry = time.monotonic() + self.liveness
+            self.handle_reply(worker, msg)
+        elif command == protocol.HEARTBEAT:
+            if worker is None:
+                # MDP: a valid but unexpected command gets DISCONNECT; this is
+                # how workers of a previous broker learn to register again.
+                return self._disconnect(msg.address)
+            worker.expiry = time.monotonic() + self.liveness
+        elif command == protocol.READY:
+            if worker is not None:  # MDP: a worker MUST NOT send a further READY
+                self.delete_worker(worker)
+                return self._disconnect(msg.address)
+            if msg.service.startswith(protocol.MMI_PREFIX):
+                return self._disconnect(msg.address)
+            self.register(msg)
+        elif command == protocol.DISCONNECT:
+            if worker is not None:
+                self.delete_worker(worker, requeue=worker.extended)
+        else:  # REQUEST from a worker: valid MDP, but not a worker's command
+            if worker is not None:
+                self.delete_worker(worker)
+            self._disconnect(msg.address)
+
+    def register(self, msg):
+        svc = self.services.get(msg.service)
+        if svc is None:
+            svc = self.services[msg.service] = Service(msg.service)
+        worker = WorkerRef(msg.address, svc, msg.extended, time.monotonic() + self.liveness)
+        self.workers[msg.address] = worker
+        svc.workers.add(msg.address)
+        log.info("worker %s registered for %r (%s)", msg.address.hex(), msg.service,
+                 "powerhose" if msg.extended else "plain MDP")
+        self.worker_idle(worker)
+
+    def handle_reply(self, worker, msg):
+        job = worker.job
+        if job is None or msg.client != job.msg.address:
+            log.warning("worker %s replied to a job it does not hold; dropped",
+                        msg.address.hex())
+            return
+        client = job.msg
+        svc = worker.service
+        if worker.extended:
+            body = msg.body
+            if len(body) < 3 or body[0] != client.request.job_id:
+                raise ProtocolError("extended REPLY with a wrong job id")
+            if body[1] == protocol.STATUS_OK:
+                svc.done += 1
+            else:
+                svc.failed += 1
+            if client.extended:
+                # Both ends speak the extension: pass the frames through.
+                self.frontend.send_multipart(
+                    [client.address, b"", protocol.EXT_CLIENT, client.request.service, *body])
+            else:
+                reply = protocol.parse_worker_reply(msg)
+                self.frontend.send_multipart(protocol.frontend_reply(client, reply))
+        else:
+            svc.done += 1
+            self.frontend.send_multipart(protocol.frontend_plain_reply(client, msg.body))
+        worker.job = None
+        if self.stopping_since is None or svc.queue:
+            self.worker_idle(worker)
+
+    def worker_idle(self, worker):
+        """A worker is free: give it the oldest live job, or put it in line."""
+        svc = worker.service
+        now = time.monotonic()
+        while svc.queue:
+            job = svc.queue.popleft()
+            if job.deadline is not None and job.deadline <= now:
+                self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job))
+                continue
+            if self._send_job(worker, job, now):
+                return
+            svc.queue.appendleft(job)  # the worker vanished; the job waits
+            return
+        svc.idle.append(worker)
+
+    def _dispatch_to_idle(self, svc, job):
+        now = time.monotonic()
+        idle = svc.idle
+        while idle:
+            worker = idle.popleft()
+            if self._send_job(worker, job, now):
+                return True
+        return False
+
+    def _send_job(self, worker, job, now):
+        req = job.msg.request
+        if job.deadline is not None:
+            req.ttl_ms = job.ttl_ms(now)
+        frames = protocol.backend_request(
+            worker.address, job.msg.address, req, worker.extended, job.msg.body)
+        worker.job = job
+        if self._send_worker(frames, worker):
+            return True
+        worker.job = None
+        return False
+
+    def _send_worker(self, frames, worker=None):
+        """Send to a worker; a vanished worker is deleted and False returned."""
+        try:
+            self.backend.send_multipart(frames, zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            if worker is not None and self.workers.get(worker.address) is worker:
+                log.warning("worker %s is gone (%s)", worker.address.hex(), exc.strerror)
+                job, worker.job = worker.job, None
+                self.delete_worker(worker)
+                if job is not None and frames[3] != protocol.REQUEST:
+                    self._worker_lost(job, worker)
+            return False
+
+    def _disconnect(self, address):
+        try:
+            self.backend.send_multipart(
+                protocol.backend_command(address, protocol.DISCONNECT), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def delete_worker(self, worker, requeue=False):
+        """Forget a worker; its job is requeued (never started) or failed."""
+        self.workers.pop(worker.address, None)
+        svc = worker.service
+        svc.workers.discard(worker.address)
+        try:
+            svc.idle.remove(worker)
+        except ValueError:
+            pass
+        job, worker.job = worker.job, None
+        if job is None:
+            return
+        if requeue:
+            # An extended worker sends DISCONNECT only when idle, so a job we
+            # sent it crossed that DISCONNECT on the wire and never ran.
+            svc.queue.appendleft(job)
+            if svc.idle:
+                self.worker_idle(svc.idle.popleft())
+        else:
+            self._worker_lost(job, worker)
+
+    def _worker_lost(self, job, worker):
+        self._fail(job.msg, protocol.ERR_WORKER_LOST,
+                   f"worker {worker.address.hex()} serving {worker.service.name.decode()!r} "
+                   "died or disconnected while running the job; check the worker's log")
+
+    # -- expiry and heartbeats -------------------------------------------------
+
+    def expire_workers(self, now):
+        for worker in [w for w in self.workers.values() if w.expiry < now]:
+            log.warning("worker %s missed %d heartbeats; expired",
+                        worker.address.hex(), self.settings.liveness)
+            self.delete_worker(worker)
+            self._disconnect(worker.address)
+
+    def expire_jobs(self, now):
+        """Fail queued jobs past their deadline, or waiting for no worker."""
+        no_worker = self.settings.no_worker_timeout
+        for svc in self.services.values():
+            if not svc.queue:
+                continue
+            keep = deque()
+            for job in svc.queue:
+                if job.deadline is not None and job.deadline <= now:
+                    self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job))
+                elif not svc.workers and now - job.received >= no_worker:
+                    self._fail(job.msg, protocol.ERR_NO_WORKER,
+                               f"no worker serves {svc.name.decode()!r} on "
+                               f"{self.settings.backend}; is powerhose-worker running "
+                               "with that --service?")
+                else:
+                    keep.append(job)
+            svc.queue = keep
+
+    def _timeout_message(self, job):
+        return (f"job waited {time.monotonic() - job.received:.2f}s in the queue for "
+                f"{job.msg.request.service.decode()!r} and its deadline passed: "
+                "all workers busy; add workers or raise the timeout")
+
+    def send_heartbeats(self):
+        for worker in list(self.workers.values()):
+            self._send_worker(
+                protocol.backend_command(worker.address, protocol.HEARTBEAT), worker)
+        if self._probes_left:
+            self._probes_left -= 1
+
+    def _handle_monitor(self):
+        while True:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        # A connection closed: find out whose, by probing (ROUTER_MANDATORY
+        # makes a send to a vanished peer fail), now and for a few ticks
+        # while libzmq finishes tearing the pipe down.
+        self._probes_left = 4
+        self.send_heartbeats()
+        self._next_heartbeat = time.monotonic() + 0.05
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def _drained(self, now):
+        busy = any(w.job is not None for w in self.workers.values())
+        queued = any(s.queue for s in self.services.values())
+        if not busy and not queued:
+            return True
+        if now - self.stopping_since < self.settings.grace:
+            return False
+        for svc in self.services.values():
+            for job in svc.queue:
+                self._fail(job.msg, protocol.ERR_NO_WORKER, "broker stopped before the job ran")
+            svc.queue.clear()
+        for worker in list(self.workers.values()):
+            if worker.job is not None:
+                self._fail(worker.job.msg, protocol.ERR_WORKER_LOST,
+                           "broker stopped before the job finished (grace period over)")
+                worker.job = None
+        return True
+
+    def _disconnect_all(self):
+        for address in list(self.workers):
+            self._disconnect(address)
+        self.workers.clear()

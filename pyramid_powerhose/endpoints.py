@@ -1,0 +1,68 @@
+"""Where the sockets live: the private default directory and ipc paths.
+
+Default endpoints are ipc sockets in a per-user directory of mode 0700, so
+no other user can connect to the broker or squat its path.
+"""
+
+import os
+import stat
+import tempfile
+
+IPC = "ipc://"
+
+
+class UnsafeDirectoryError(RuntimeError):
+    """The default socket directory is not ours, or others can write to it."""
+
+
+def runtime_dir() -> str:
+    """The private directory for default sockets, created on first use."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        path = os.path.join(base, "powerhose")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"powerhose-{os.getuid()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise UnsafeDirectoryError(
+            f"{path} is not a directory owned by uid {os.getuid()}; "
+            "remove it or pass --frontend/--backend explicitly"
+        )
+    if info.st_mode & 0o077:
+        raise UnsafeDirectoryError(
+            f"{path} is accessible to other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); chmod 700 it"
+        )
+    return path
+
+
+def default_frontend() -> str:
+    return IPC + os.path.join(runtime_dir(), "frontend.sock")
+
+
+def default_backend() -> str:
+    return IPC + os.path.join(runtime_dir(), "backend.sock")
+
+
+def ipc_path(endpoint: str):
+    """The filesystem path of an ipc endpoint, or None for other transports."""
+    if endpoint.startswith(IPC):
+        return endpoint[len(IPC):]
+    return None
+
+
+def check(endpoint: str, name: str) -> str:
+    """Reject endpoints libzmq would refuse with a cryptic error."""
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise ValueError(
+            f"{name} must be a ZeroMQ endpoint such as ipc:///path/to.sock "
+            f"or tcp://127.0.0.1:5555, got {endpoint!r}"
+        )
+    path = ipc_path(endpoint)
+    if path is not None and len(path.encode()) > 107:
+        raise ValueError(f"{name} ipc path is longer than 107 bytes: {path}")
+    return endpoint

@@ -1,0 +1,343 @@
+"""Frames in, frames out: 7/MDP, 8/MMI and the powerhose extension.
+
+Every module that touches the wire goes through here; nobody else builds
+or parses frames by hand.  Pure functions over lists of ``bytes``: no
+sockets, no I/O.  ``PROTOCOL.rst`` is the prose companion of this file.
+
+The extension in one paragraph: a client that wants job ids, headers,
+deadlines and typed errors speaks ``PHC01`` instead of ``MDPC01`` on the
+frontend; a worker that understands them adds the frame ``powerhose/1``
+to its READY.  The broker translates between the two dialects, so a plain
+MDP client or worker never sees a frame it does not expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# -- 7/MDP -----------------------------------------------------------------
+MDP_CLIENT = b"MDPC01"
+MDP_WORKER = b"MDPW01"
+
+READY = b"\x01"
+REQUEST = b"\x02"
+REPLY = b"\x03"
+HEARTBEAT = b"\x04"
+DISCONNECT = b"\x05"
+WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT}
+
+# -- 8/MMI -----------------------------------------------------------------
+MMI_PREFIX = b"mmi."
+MMI_SERVICE = b"mmi.service"
+MMI_STATS = b"mmi.stats"  # extension: broker statistics as JSON
+MMI_PING = b"mmi.ping"  # extension: the broker's pid
+MMI_FOUND = b"200"
+MMI_NOT_FOUND = b"404"
+MMI_NOT_IMPLEMENTED = b"501"
+
+# -- powerhose extension ----------------------------------------------------
+EXT_CLIENT = b"PHC01"
+EXT_TOKEN = b"powerhose/1"
+STATUS_OK = b"OK"
+STATUS_ERROR = b"ERR"
+
+# Error codes carried in an ERR reply; the client maps each to an exception.
+ERR_EXECUTION = "ExecutionError"
+ERR_TIMEOUT = "TimeoutError"
+ERR_NO_WORKER = "NoWorkerError"
+ERR_WORKER_LOST = "WorkerLostError"
+ERR_TOO_LARGE = "JobTooLargeError"
+ERR_BAD_REQUEST = "ProtocolError"
+
+MAX_SERVICE_LENGTH = 255
+MAX_JOB_ID_LENGTH = 255
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; it is logged and dropped."""
+
+
+@dataclass(slots=True)
+class Request:
+    """A job as it travels: client -> broker -> worker."""
+
+    service: bytes
+    job_id: bytes
+    data: bytes
+    ttl_ms: int = 0  # time left before the client gives up; 0: no deadline
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A result or an error as it travels back: worker -> broker -> client."""
+
+    job_id: bytes
+    ok: bool
+    data: bytes = b""  # the result when ok
+    code: str = ""  # one of the ERR_* codes when not ok
+    message: str = ""
+    exc_type: str = ""  # remote exception type, for ExecutionError
+    traceback: str = ""
+
+    @classmethod
+    def error(cls, job_id, code, message, exc_type="", traceback=""):
+        return cls(job_id, False, b"", code, message, exc_type, traceback)
+
+    def body(self) -> list[bytes]:
+        """The frames after the job id: status and payload."""
+        if self.ok:
+            return [STATUS_OK, self.data]
+        return [
+            STATUS_ERROR,
+            self.code.encode(),
+            self.message.encode("utf-8", "replace"),
+            self.exc_type.encode("utf-8", "replace"),
+            self.traceback.encode("utf-8", "replace"),
+        ]
+
+
+# -- headers: trailing key/value frame pairs --------------------------------
+
+
+def encode_headers(headers) -> list[bytes]:
+    frames = []
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(
+                f"job headers map str to str; got {key!r}: {value!r}"
+            )
+        frames.append(key.encode())
+        frames.append(value.encode())
+    return frames
+
+
+def decode_headers(frames) -> dict[str, str]:
+    if len(frames) % 2:
+        raise ProtocolError("headers must come as key/value frame pairs")
+    try:
+        return {
+            frames[i].decode(): frames[i + 1].decode()
+            for i in range(0, len(frames), 2)
+        }
+    except UnicodeDecodeError:
+        raise ProtocolError("headers must be UTF-8") from None
+
+
+def _decode_ttl(frame: bytes) -> int:
+    if not frame.isdigit() or len(frame) > 12:
+        raise ProtocolError(f"ttl must be decimal milliseconds, got {frame[:20]!r}")
+    return int(frame)
+
+
+def _check_service(service: bytes) -> bytes:
+    if not service or len(service) > MAX_SERVICE_LENGTH:
+        raise ProtocolError("service name must be 1 to 255 bytes")
+    return service
+
+
+def _check_job_id(job_id: bytes) -> bytes:
+    if not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
+        raise ProtocolError("job id must be 1 to 255 bytes")
+    return job_id
+
+
+# -- frontend: client <-> broker --------------------------------------------
+# On the broker's ROUTER every message starts [client_address, b""].
+
+
+def client_request(req: Request) -> list[bytes]:
+    """What our client sends on its DEALER (the empty frame included)."""
+    return [
+        b"",
+        EXT_CLIENT,
+        req.service,
+        req.job_id,
+        str(req.ttl_ms).encode(),
+        req.data,
+        *encode_headers(req.headers),
+    ]
+
+
+def parse_client_reply(frames) -> Reply:
+    """What our client receives on its DEALER: [b"", PHC01, service, id, status, ...]."""
+    if len(frames) < 6 or frames[0] != b"" or frames[1] != EXT_CLIENT:
+        raise ProtocolError("not a PHC01 reply")
+    return parse_reply_body(frames[3], frames[4:])
+
+
+def parse_reply_body(job_id: bytes, frames) -> Reply:
+    status = frames[0]
+    if status == STATUS_OK and len(frames) == 2:
+        return Reply(job_id, True, frames[1])
+    if status == STATUS_ERROR and len(frames) == 5:
+        code, message, exc_type, tb = (
+            f.decode("utf-8", "replace") for f in frames[1:]
+        )
+        return Reply(job_id, False, b"", code, message, exc_type, tb)
+    raise ProtocolError(f"bad reply status {status[:10]!r} or frame count")
+
+
+@dataclass(slots=True)
+class ClientMessage:
+    """A request as the broker sees it arrive on the frontend."""
+
+    address: bytes
+    extended: bool  # PHC01 (ours) or MDPC01 (plain)
+    request: Request
+    body: list  # the plain client's body frames, kept as sent
+
+
+def parse_frontend(frames) -> ClientMessage:
+    """Validate one message from the frontend ROUTER."""
+    if len(frames) < 5 or frames[1] != b"":
+        raise ProtocolError(f"bad frontend envelope ({len(frames)} frames)")
+    address, _, header, service = frames[:4]
+    _check_service(service)
+    if header == MDP_CLIENT:
+        body = frames[4:]
+        data = body[0] if len(body) == 1 else b"".join(body)
+        return ClientMessage(address, False, Request(service, b"", data), body)
+    if header == EXT_CLIENT:
+        if len(frames) < 7:
+            raise ProtocolError("PHC01 request needs job id, ttl and data")
+        job_id = _check_job_id(frames[4])
+        ttl = _decode_ttl(frames[5])
+        headers = decode_headers(frames[7:])
+        req = Request(service, job_id, frames[6], ttl, headers)
+        return ClientMessage(address, True, req, [])
+    raise ProtocolError(f"unknown client header {header[:10]!r}")
+
+
+def frontend_reply(msg: ClientMessage, reply: Reply) -> list[bytes]:
+    """The broker's reply to a client, in that client's dialect."""
+    head = [msg.address, b""]
+    if msg.extended:
+        return [*head, EXT_CLIENT, msg.request.service, reply.job_id, *reply.body()]
+    if reply.ok:
+        return [*head, MDP_CLIENT, msg.request.service, reply.data]
+    # A plain client cannot be told an exception; it gets a readable error body.
+    return [
+        *head,
+        MDP_CLIENT,
+        msg.request.service,
+        STATUS_ERROR,
+        reply.code.encode(),
+        reply.message.encode("utf-8", "replace"),
+    ]
+
+
+def frontend_plain_reply(msg: ClientMessage, body) -> list[bytes]:
+    """A plain worker's (or MMI's) reply body, passed to a client."""
+    if msg.extended:
+        data = body[0] if len(body) == 1 else b"".join(body)
+        return frontend_reply(msg, Reply(msg.request.job_id, True, data))
+    return [msg.address, b"", MDP_CLIENT, msg.request.service, *body]
+
+
+# -- backend: broker <-> worker ----------------------------------------------
+# On the broker's ROUTER every message starts [worker_address, b"", MDPW01, command].
+
+
+@dataclass(slots=True)
+class WorkerMessage:
+    """A command as the broker sees it arrive on the backend."""
+
+    address: bytes
+    command: bytes
+    service: bytes = b""  # READY
+    extended: bool = False  # READY carried the powerhose/1 token
+    client: bytes = b""  # REPLY: the client address frame
+    body: list = field(default_factory=list)  # REPLY: frames after the delimiter
+
+
+def parse_backend(frames) -> WorkerMessage:
+    """Validate one message from the backend ROUTER."""
+    if len(frames) < 4 or frames[1] != b"" or frames[2] != MDP_WORKER:
+        raise ProtocolError(f"bad backend envelope ({len(frames)} frames)")
+    address, command = frames[0], frames[3]
+    if command == READY:
+        if len(frames) not in (5, 6):
+            raise ProtocolError("READY takes a service name")
+        extended = len(frames) == 6 and frames[5] == EXT_TOKEN
+        return WorkerMessage(address, command, _check_service(frames[4]), extended)
+    if command == REPLY:
+        if len(frames) < 7 or frames[5] != b"":
+            raise ProtocolError("REPLY needs client address, empty frame, body")
+        return WorkerMessage(address, command, client=frames[4], body=frames[6:])
+    if command in (HEARTBEAT, DISCONNECT):
+        if len(frames) != 4:
+            raise ProtocolError("HEARTBEAT and DISCONNECT take no body")
+        return WorkerMessage(address, command)
+    raise ProtocolError(f"unknown worker command {command[:4]!r}")
+
+
+def parse_worker_reply(msg: WorkerMessage) -> Reply:
+    """An extended worker's REPLY body: [job_id, status, payload...]."""
+    if len(msg.body) < 3:
+        raise ProtocolError("extended REPLY needs job id, status and payload")
+    return parse_reply_body(msg.body[0], msg.body[1:])
+
+
+def backend_request(address, client, req: Request, extended, body=None):
+    """REQUEST to a worker; extended workers get id, ttl and headers."""
+    head = [address, b"", MDP_WORKER, REQUEST, client, b""]
+    if extended:
+        return [
+            *head,
+            req.job_id,
+            str(req.ttl_ms).encode(),
+            req.data,
+            *encode_headers(req.headers),
+        ]
+    return [*head, *(body if body else [req.data])]
+
+
+def backend_command(address, command) -> list[bytes]:
+    """HEARTBEAT or DISCONNECT to a worker."""
+    return [address, b"", MDP_WORKER, command]
+
+
+# -- worker side (our worker's DEALER) --------------------------------------
+
+
+def worker_ready(service: bytes) -> list[bytes]:
+    return [b"", MDP_WORKER, READY, service, EXT_TOKEN]
+
+
+def worker_command(command: bytes) -> list[bytes]:
+    return [b"", MDP_WORKER, command]
+
+
+def worker_reply(client: bytes, reply: Reply) -> list[bytes]:
+    return [b"", MDP_WORKER, REPLY, client, b"", reply.job_id, *reply.body()]
+
+
+@dataclass(slots=True)
+class BrokerCommand:
+    """A command as our worker sees it arrive from the broker."""
+
+    command: bytes
+    client: bytes = b""
+    request: Request | None = None
+
+
+def parse_broker_command(frames) -> BrokerCommand:
+    """What our worker receives: [b"", MDPW01, command, ...]."""
+    if len(frames) < 3 or frames[0] != b"" or frames[1] != MDP_WORKER:
+        raise ProtocolError("not an MDPW01 command")
+    command = frames[2]
+    if command == REQUEST:
+        if len(frames) < 8 or frames[4] != b"":
+            raise ProtocolError("REQUEST needs client, empty frame, id, ttl, data")
+        req = Request(
+            b"",
+            _check_job_id(frames[5]),
+            frames[7],
+            _decode_ttl(frames[6]),
+            decode_headers(frames[8:]),
+        )
+        return BrokerCommand(command, frames[3], req)
+    if command in (HEARTBEAT, DISCONNECT):
+        return BrokerCommand(command)
+    raise ProtocolError(f"unexpected command {command[:4]!r} from broker")

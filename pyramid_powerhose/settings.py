@@ -1,0 +1,113 @@
+"""Settings, parsed once into one typed object.
+
+The command line, ``get_cluster`` and the Pyramid plugin all build a
+:class:`Settings`; the defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import endpoints
+
+MiB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not allowed; the message names it."""
+
+
+@dataclass
+class Settings:
+    target: str = ""  # worker callable, pkg.module:func or pkg.module.func
+    frontend: str = ""  # default: ipc socket in the private runtime dir
+    backend: str = ""
+    service: str = "default"
+    heartbeat: float = 1.0  # seconds between heartbeats, both ways
+    liveness: int = 3  # heartbeats missed before a peer is dead
+    timeout: float = 5.0  # client: seconds to wait for a result
+    worker_timeout: float = 10.0  # worker: hard limit on one job; 0 disables
+    max_age: float = -1.0  # worker: recycle after this many seconds; -1 never
+    max_age_delta: float = 0.0  # worker: random spread added to max_age
+    broker_timeout: float = 60.0  # worker: exit after this long without a broker
+    no_worker_timeout: float = 1.0  # broker: fail jobs of a service with no worker
+    max_job_size: int = 16 * MiB  # broker and client: largest job data
+    grace: float = 10.0  # broker and worker: seconds to finish jobs on SIGTERM
+    numprocesses: int = 5  # cluster: number of workers
+    params: dict = field(default_factory=dict)  # worker: get_params()
+    logfile: str = "stdout"
+    debug: bool = False
+
+    def __post_init__(self):
+        self.frontend = self.frontend or endpoints.default_frontend()
+        self.backend = self.backend or endpoints.default_backend()
+        try:
+            endpoints.check(self.frontend, "frontend")
+            endpoints.check(self.backend, "backend")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.frontend == self.backend:
+            raise SettingsError("frontend and backend must be different endpoints")
+        if not self.service or len(self.service.encode()) > 255:
+            raise SettingsError("service must be 1 to 255 bytes")
+        if self.service.startswith("mmi."):
+            raise SettingsError("service names starting with 'mmi.' are reserved")
+        _positive(self, "heartbeat", "timeout", "no_worker_timeout", "grace")
+        _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout")
+        if self.liveness < 1:
+            raise SettingsError("liveness must be at least 1")
+        if self.max_age != -1 and self.max_age <= 0:
+            raise SettingsError("max_age must be -1 (never) or positive seconds")
+        if self.max_job_size < 1:
+            raise SettingsError("max_job_size must be a positive number of bytes")
+        if self.numprocesses < 0:
+            raise SettingsError("numprocesses must be 0 or more")
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(settings, *names):
+    for name in names:
+        if not getattr(settings, name) > 0:
+            raise SettingsError(f"{name} must be positive, got {getattr(settings, name)!r}")
+
+
+def _at_least(settings, floor, *names):
+    for name in names:
+        if not getattr(settings, name) >= floor:
+            raise SettingsError(f"{name} must be >= {floor}, got {getattr(settings, name)!r}")
+
+
+def parse_params(text: str) -> dict[str, str]:
+    """``'k:v|k2:v2'`` (the seed's --params syntax) -> ``{'k': 'v', 'k2': 'v2'}``."""
+    params = {}
+    for item in filter(None, (text or "").split("|")):
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise SettingsError(f"params must look like 'key:value|key2:value2', got {item!r}")
+        params[key.strip()] = value
+    return params
+
+
+def format_params(params: dict) -> str:
+    return "|".join(f"{key}:{value}" for key, value in params.items())
+
+
+def parse_heartbeat(value) -> float | None:
+    """Seconds between heartbeats; None for the seed's heartbeat *endpoint*.
+
+    The original Powerhose took ``--heartbeat ipc:///tmp/heartbeat``; MDP
+    heartbeats travel on the backend socket, so an endpoint is accepted and
+    ignored for old circus configurations.
+    """
+    if isinstance(value, str) and "://" in value:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"heartbeat must be seconds (e.g. 1.0), got {value!r}") from None
+    if seconds <= 0:
+        raise SettingsError(f"heartbeat must be positive seconds, got {value!r}")
+    return seconds

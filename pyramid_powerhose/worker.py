@@ -1,0 +1,272 @@
+"""The worker: registers a service with the broker and runs jobs on it.
+
+The main thread owns the socket and runs each job itself, so a job costs no
+thread hand-off.  While a job runs, the main thread lets go of the socket
+and a watchdog thread takes it over to keep heartbeating (so the broker
+can tell a long job from a dead worker) and to enforce ``--timeout``.
+
+Life cycle, in one place each: ``connect`` (READY), ``handle_request``
+(job started, job finished), ``reconnect`` (broker lost), ``retire``
+(max age or SIGTERM: DISCONNECT after the current job, then exit).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+
+import zmq
+
+from . import protocol
+from .job import Job
+from .protocol import ProtocolError, Reply
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NO_BROKER = 2
+EXIT_JOB_TIMEOUT = 3
+
+_params: dict = {}
+
+
+def get_params() -> dict:
+    """The ``--params`` this worker was started with (``'k:v|k2:v2'``)."""
+    return dict(_params)
+
+
+class TargetError(ImportError):
+    """The worker's TARGET cannot be imported or is not callable."""
+
+
+def resolve_target(target: str):
+    """``pkg.module:func`` or ``pkg.module.func`` -> the callable.
+
+    The current directory is importable, as with ``python -m``, so the
+    seed's ``powerhose-worker echo_worker.echo`` works next to echo_worker.py.
+    """
+    if ":" in target:
+        module_name, _, attr = target.partition(":")
+    else:
+        module_name, _, attr = target.rpartition(".")
+    if not module_name or not attr:
+        raise TargetError(f"target must look like pkg.module:func or pkg.module.func, got {target!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TargetError(f"cannot import {module_name!r} for target {target!r}: {exc}") from exc
+    for name in attr.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise TargetError(f"{module_name!r} has no attribute {attr!r} (target {target!r})") from None
+    if not callable(obj):
+        raise TargetError(f"target {target!r} is not callable")
+    return obj
+
+
+class Worker:
+    def __init__(self, target, settings, context=None):
+        self.target = target
+        self.settings = settings
+        self.service = settings.service.encode()
+        self.context = context or zmq.Context.instance()
+        self.heartbeat = settings.heartbeat
+        self.liveness = settings.heartbeat * settings.liveness
+        self.socket = None
+        self.stop_requested = False
+        self.jobs_done = 0
+        self._lock = threading.Lock()  # held by whoever uses the socket
+        self._busy_since = None
+        self._current = None
+        self._client_address = b""
+        self._watchdog_stop = threading.Event()
+        age = settings.max_age
+        if age > 0:
+            age += random.uniform(0, settings.max_age_delta)
+        self.retire_at = time.monotonic() + age if age > 0 else None
+        _params.clear()
+        _params.update(settings.params)
+
+    # -- life cycle -----------------------------------------------------------
+
+    def connect(self):
+        """A new socket and a READY, as MDP asks after any disconnection."""
+        if self.socket is not None:
+            self.socket.close(0)
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.linger = 1000
+        self.socket.connect(self.settings.backend)
+        self.socket.send_multipart(protocol.worker_ready(self.service))
+        now = time.monotonic()
+        self.broker_expiry = now + self.liveness
+        self.next_heartbeat = now + self.heartbeat
+
+    def run(self) -> int:
+        """Serve jobs until retired, stopped, or without a broker too long."""
+        self._lock.acquire()
+        watchdog = threading.Thread(target=self._watchdog, name="powerhose-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            return self._loop()
+        finally:
+            self._watchdog_stop.set()
+            if self.socket is not None:
+                self.socket.close()
+            self._lock.release()
+
+    def _loop(self):
+        log.info("worker pid %d serving %r on %s", os.getpid(), self.settings.service,
+                 self.settings.backend)
+        self.connect()
+        no_broker_since = None
+        backoff = 0.1
+        timeout_ms = int(self.heartbeat * 1000)
+        while True:
+            if self.socket.poll(timeout_ms):
+                frames = self.socket.recv_multipart()
+                now = time.monotonic()
+                self.broker_expiry = now + self.liveness
+                no_broker_since, backoff = None, 0.1
+                try:
+                    command = protocol.parse_broker_command(frames)
+                except ProtocolError as exc:
+                    log.warning("dropped malformed message from broker: %s", exc)
+                    continue
+                if command.command == protocol.REQUEST:
+                    self.handle_request(command)
+                elif command.command == protocol.DISCONNECT:
+                    log.info("broker sent DISCONNECT; registering again")
+                    self.connect()
+            now = time.monotonic()
+            if self.stop_requested or (self.retire_at is not None and now >= self.retire_at):
+                return self.retire()
+            if now >= self.broker_expiry:
+                no_broker_since = no_broker_since or now - self.liveness
+                if now - no_broker_since >= self.settings.broker_timeout:
+                    log.error("no broker at %s for %.0fs; exiting", self.settings.backend,
+                              now - no_broker_since)
+                    return EXIT_NO_BROKER
+                log.warning("broker at %s not answering; reconnecting in %.1fs",
+                            self.settings.backend, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self.connect()
+            elif now >= self.next_heartbeat:
+                self.socket.send_multipart(protocol.worker_command(protocol.HEARTBEAT))
+                self.next_heartbeat = now + self.heartbeat
+
+    def retire(self) -> int:
+        """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
+        reason = "stop requested" if self.stop_requested else "max age reached"
+        log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
+        self.socket.send_multipart(protocol.worker_command(protocol.DISCONNECT))
+        return EXIT_OK
+
+    def request_stop(self, *_):
+        """SIGTERM/SIGINT: finish the current job, then retire."""
+        self.stop_requested = True
+
+    def install_signal_handlers(self):
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def handle_request(self, command):
+        req = command.request
+        deadline = time.monotonic() + req.ttl_ms / 1000.0 if req.ttl_ms else None
+        job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
+        self._current = job
+        self._client_address = command.client
+        self._busy_since = time.monotonic()
+        self._lock.release()  # the watchdog may heartbeat while we work
+        try:
+            reply = self.execute(job)
+        finally:
+            self._lock.acquire()
+            self._busy_since = None
+            self._current = None
+        self.socket.send_multipart(protocol.worker_reply(command.client, reply))
+        self.jobs_done += 1
+        # We could not read the broker's heartbeats while busy.
+        now = time.monotonic()
+        self.broker_expiry = max(self.broker_expiry, now + self.liveness)
+        self.next_heartbeat = now + self.heartbeat
+
+    def execute(self, job) -> Reply:
+        try:
+            result = self.target(job)
+        except Exception as exc:
+            log.info("job %r raised %s: %s", job.id, type(exc).__name__, exc)
+            return Reply.error(job.id, protocol.ERR_EXECUTION,
+                               f"{type(exc).__name__}: {exc}", _type_name(exc),
+                               traceback.format_exc())
+        if isinstance(result, str):
+            result = result.encode("utf-8")
+        elif isinstance(result, (bytearray, memoryview)):
+            result = bytes(result)
+        elif not isinstance(result, bytes):
+            return Reply.error(job.id, protocol.ERR_EXECUTION,
+                               f"target returned {type(result).__name__}; it must return "
+                               "bytes or str", "TypeError")
+        return Reply(job.id, True, result)
+
+    # -- watchdog thread --------------------------------------------------------
+
+    def _watchdog(self):
+        limit = self.settings.worker_timeout
+        tick = min(self.heartbeat / 2, limit / 4 if limit else self.heartbeat, 0.5)
+        last_beat = 0.0
+        while not self._watchdog_stop.wait(tick):
+            started = self._busy_since
+            if started is None:
+                continue
+            now = time.monotonic()
+            if limit and now - started > limit:
+                self._job_timed_out(now - started)
+            if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
+                try:
+                    if self._busy_since is not None:
+                        self.socket.send_multipart(protocol.worker_command(protocol.HEARTBEAT))
+                        last_beat = now
+                finally:
+                    self._lock.release()
+
+    def _job_timed_out(self, elapsed):
+        """Past --timeout: log every stack, tell the client, exit for a restart."""
+        job = self._current
+        job_id = job.id if job is not None else b"?"
+        log.error("job %r on %r exceeded the %.1fs time limit (%.1fs); stacks follow, "
+                  "then the worker exits to be restarted", job_id, self.settings.service,
+                  self.settings.worker_timeout, elapsed)
+        for thread_id, frame in sys._current_frames().items():
+            log.error("thread %s:\n%s", thread_id, "".join(traceback.format_stack(frame)))
+        if self._lock.acquire(timeout=1.0):
+            reply = Reply.error(job_id, protocol.ERR_TIMEOUT,
+                                f"job exceeded the worker's {self.settings.worker_timeout}s "
+                                "time limit (--timeout); the worker was restarted")
+            try:
+                self.socket.send_multipart(protocol.worker_reply(self._client_address, reply))
+                self.socket.send_multipart(protocol.worker_command(protocol.DISCONNECT))
+                self.socket.close(linger=1000)
+            except zmq.ZMQError:
+                pass
+        logging.shutdown()
+        os._exit(EXIT_JOB_TIMEOUT)
+
+
+def _type_name(exc):
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
