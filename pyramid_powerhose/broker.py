@@ -188,7 +188,8 @@ class Broker:
                 self._next_expiry = now + 0.05
             if now >= self._next_heartbeat:
                 self.send_heartbeats()
-                self._next_heartbeat = now + self.heartbeat
+                # 7/MDP peers following the zguide expect one every 2.5 s at most.
+                self._next_heartbeat = now + min(self.heartbeat, 2.5)
             if self.stopping_since is not None and self._drained(now):
                 break
         self._disconnect_all()
