@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from . import endpoints
 
 MiB = 1024 * 1024
+CLUSTER_MODES = ("auto", "spawn", "attach")
 
 
 class SettingsError(ValueError):
@@ -35,6 +36,9 @@ class Settings:
     max_job_size: int = 16 * MiB  # broker and client: largest job data
     grace: float = 10.0  # broker and worker: seconds to finish jobs on SIGTERM
     numprocesses: int = 5  # cluster: number of workers
+    working_dir: str = "."  # cluster: where workers run (and import the target from)
+    cluster: str = "auto"  # plugin: auto | spawn | attach
+    http_errors: bool = True  # plugin: exception views for powerhose errors
     params: dict = field(default_factory=dict)  # worker: get_params()
     logfile: str = "stdout"
     debug: bool = False
@@ -63,6 +67,9 @@ class Settings:
             raise SettingsError("max_job_size must be a positive number of bytes")
         if self.numprocesses < 0:
             raise SettingsError("numprocesses must be 0 or more")
+        if self.cluster not in CLUSTER_MODES:
+            raise SettingsError(f"cluster must be one of {', '.join(CLUSTER_MODES)}, "
+                                f"got {self.cluster!r}")
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
