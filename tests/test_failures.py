@@ -1,0 +1,158 @@
+"""Failures: dead, hung, silent and recycled workers; a restarted broker."""
+
+import signal
+import threading
+import time
+
+import pytest
+
+from pyramid_powerhose import exc
+from tests.conftest import read_log, wait_for
+
+
+def test_worker_killed_mid_job_fails_fast(start_broker, start_worker, wait_workers, client):
+    start_broker()
+    worker = start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    future = client.submit(b"30", timeout=60)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    killed = time.monotonic()
+    worker.kill()
+    with pytest.raises(exc.WorkerLostError, match="died or disconnected"):
+        future.result(timeout=60)
+    assert time.monotonic() - killed < 3  # not the 60 s client timeout
+
+
+def test_silent_worker_is_expired_by_heartbeat(start_broker, start_worker, wait_workers,
+                                               client):
+    start_broker()
+    worker = start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    future = client.submit(b"30", timeout=60)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    stopped = time.monotonic()
+    worker.send_signal(signal.SIGSTOP)  # alive but silent: only heartbeats can tell
+    try:
+        with pytest.raises(exc.WorkerLostError):
+            future.result(timeout=60)
+        assert time.monotonic() - stopped < 5  # liveness is 3 x 0.2 s
+    finally:
+        worker.send_signal(signal.SIGCONT)
+
+
+def test_long_job_keeps_heartbeating(start_broker, start_worker, wait_workers, client):
+    """A job ten times longer than the broker's liveness is not mistaken for death."""
+    start_broker()
+    start_worker("tests.targets:spin")  # holds the GIL the whole time
+    wait_workers(client, 1)
+    assert client.execute(b"2000", timeout=10) == b"done"
+
+
+def test_hung_worker_is_killed_and_others_keep_serving(start_broker, start_worker,
+                                                       wait_workers, client):
+    start_broker()
+    hung = start_worker("tests.targets:hang", "--timeout", "1", service="hang")
+    start_worker()  # another service keeps serving meanwhile
+    wait_workers(client, 1, service="hang")
+    wait_workers(client, 1)
+    future = client.submit(b"", service="hang", timeout=60)
+    started = time.monotonic()
+    while not future.done() and time.monotonic() - started < 10:
+        assert client.execute(b"still here") == b"still here"
+    with pytest.raises(exc.TimeoutError, match="time limit"):
+        future.result(timeout=1)
+    assert time.monotonic() - started < 5
+    assert hung.wait(5) == 3
+    log = read_log(hung)
+    assert "exceeded the 1.0s time limit" in log and "in hang" in log  # every stack logged
+    # A replacement (what a supervisor does) takes over the service.
+    start_worker("tests.targets:echo", service="hang")
+    wait_workers(client, 1, service="hang")
+    assert client.execute(b"back", service="hang") == b"back"
+
+
+def test_broker_restart_workers_reconnect_client_recovers(start_broker, start_worker,
+                                                          wait_workers, client, procs):
+    broker = start_broker()
+    workers = [start_worker() for _ in range(2)]
+    wait_workers(client, 2)
+    assert client.execute(b"before") == b"before"
+    broker.kill()
+    broker.wait()
+    with pytest.raises(exc.TimeoutError):
+        client.execute(b"during", timeout=0.5)
+    start_broker()
+    wait_workers(client, 2, timeout=10)
+    assert client.execute(b"after") == b"after"
+    assert all(worker.poll() is None for worker in workers)
+
+
+def test_max_age_recycling_under_load_loses_no_job(start_broker, start_worker, client,
+                                                   wait_workers):
+    start_broker()
+    args = ("--max-age", "0.5", "--max-age-delta", "0.5")
+    workers = [start_worker("tests.targets:echo", *args) for _ in range(3)]
+    wait_workers(client, 3)
+    stop = threading.Event()
+    failures, done = [], [0]
+
+    def load():
+        while not stop.is_set():
+            try:
+                assert client.execute(b"x", timeout=10) == b"x"
+                done[0] += 1
+            except Exception as error:
+                failures.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    restarts = 0
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:  # a minimal supervisor
+        for i, worker in enumerate(workers):
+            if worker.poll() is not None:
+                assert worker.returncode == 0, read_log(worker)
+                workers[i] = start_worker("tests.targets:echo", *args)
+                restarts += 1
+        time.sleep(0.02)
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    assert failures == []
+    assert restarts >= 3
+    assert done[0] > 100
+
+
+def test_worker_sigterm_finishes_the_current_job(start_broker, start_worker, wait_workers,
+                                                 client):
+    start_broker()
+    worker = start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    future = client.submit(b"1.0", timeout=10)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    worker.send_signal(signal.SIGTERM)
+    assert future.result(timeout=10) == str(worker.pid).encode()
+    assert worker.wait(5) == 0
+    wait_workers(client, 0)
+
+
+def test_broker_sigterm_drains_in_flight_jobs(start_broker, start_worker, wait_workers,
+                                              client):
+    broker = start_broker()
+    start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    future = client.submit(b"1.0", timeout=10)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    broker.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(exc.NoWorkerError, match="shutting down"):
+        client.execute(b"0", timeout=5)  # no new jobs while draining
+    assert future.result(timeout=10).isdigit()  # the accepted one finished
+    assert broker.wait(5) == 0
+
+
+def test_worker_exits_when_no_broker_for_too_long(start_worker):
+    worker = start_worker("tests.targets:echo", "--broker-timeout", "1")
+    assert worker.wait(15) == 2
+    assert "no broker at" in read_log(worker)

@@ -1,0 +1,95 @@
+"""The protocol module on plain lists of bytes: no sockets."""
+
+import pytest
+
+from pyramid_powerhose import protocol as p
+from pyramid_powerhose.protocol import ProtocolError, Reply, Request
+
+
+def test_client_request_round_trips_through_the_broker_parser():
+    req = Request(b"svc", b"7", b"data", 1500, {"a": "1", "é": "ü"})
+    msg = p.parse_frontend([b"client-addr", *p.client_request(req)])
+    assert msg.extended and msg.address == b"client-addr"
+    assert msg.request == req
+
+
+def test_plain_mdp_request_is_recognised_and_multi_frame_body_joined():
+    msg = p.parse_frontend([b"addr", b"", p.MDP_CLIENT, b"echo", b"ab", b"cd"])
+    assert not msg.extended
+    assert msg.request.data == b"abcd" and msg.body == [b"ab", b"cd"]
+
+
+@pytest.mark.parametrize("frames", [
+    [b"addr"],
+    [b"addr", b"", p.MDP_CLIENT, b"echo"],  # no body
+    [b"addr", b"x", p.MDP_CLIENT, b"echo", b"body"],  # no empty delimiter
+    [b"addr", b"", b"MDPC02", b"echo", b"body"],  # unknown header
+    [b"addr", b"", p.MDP_CLIENT, b"", b"body"],  # empty service
+    [b"addr", b"", p.MDP_CLIENT, b"s" * 256, b"body"],  # service too long
+    [b"addr", b"", p.EXT_CLIENT, b"echo", b"1", b"100"],  # no data
+    [b"addr", b"", p.EXT_CLIENT, b"echo", b"1", b"-5", b"d"],  # bad ttl
+    [b"addr", b"", p.EXT_CLIENT, b"echo", b"", b"5", b"d"],  # empty job id
+    [b"addr", b"", p.EXT_CLIENT, b"echo", b"1", b"5", b"d", b"key"],  # odd headers
+    [b"addr", b"", p.EXT_CLIENT, b"echo", b"1", b"5", b"d", b"\xff", b"v"],  # not UTF-8
+])
+def test_malformed_frontend_messages_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_frontend(frames)
+
+
+def test_worker_ready_plain_and_extended():
+    plain = p.parse_backend([b"w", b"", p.MDP_WORKER, p.READY, b"echo"])
+    ext = p.parse_backend([b"w", *p.worker_ready(b"echo")])
+    assert (plain.service, plain.extended) == (b"echo", False)
+    assert (ext.service, ext.extended) == (b"echo", True)
+
+
+@pytest.mark.parametrize("frames", [
+    [b"w", b"", p.MDP_WORKER],
+    [b"w", b"", b"MDPW02", p.READY, b"echo"],
+    [b"w", b"", p.MDP_WORKER, b"\x09"],
+    [b"w", b"", p.MDP_WORKER, p.READY],
+    [b"w", b"", p.MDP_WORKER, p.REPLY, b"client"],
+    [b"w", b"", p.MDP_WORKER, p.REPLY, b"client", b"not-empty", b"body"],
+    [b"w", b"", p.MDP_WORKER, p.HEARTBEAT, b"extra"],
+])
+def test_malformed_backend_messages_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_backend(frames)
+
+
+def test_request_to_extended_and_plain_workers():
+    req = Request(b"svc", b"id9", b"payload", 250, {"k": "v"})
+    ext = p.backend_request(b"w", b"client", req, True)
+    assert ext == [b"w", b"", p.MDP_WORKER, p.REQUEST, b"client", b"",
+                   b"id9", b"250", b"payload", b"k", b"v"]
+    plain = p.backend_request(b"w", b"client", req, False)
+    assert plain == [b"w", b"", p.MDP_WORKER, p.REQUEST, b"client", b"", b"payload"]
+    cmd = p.parse_broker_command(ext[1:])
+    assert cmd.client == b"client" and cmd.request.headers == {"k": "v"}
+    assert (cmd.request.job_id, cmd.request.ttl_ms, cmd.request.data) == (b"id9", 250, b"payload")
+
+
+def test_error_reply_round_trip_keeps_type_and_traceback():
+    reply = Reply.error(b"3", p.ERR_EXECUTION, "ValueError: no", "ValueError", "Traceback...")
+    frames = p.worker_reply(b"client", reply)
+    msg = p.parse_backend([b"w", *frames])
+    assert p.parse_worker_reply(msg) == reply
+
+
+def test_plain_client_sees_errors_as_a_readable_body():
+    msg = p.parse_frontend([b"addr", b"", p.MDP_CLIENT, b"svc", b"x"])
+    frames = p.frontend_reply(msg, Reply.error(b"", p.ERR_NO_WORKER, "no worker"))
+    assert frames == [b"addr", b"", p.MDP_CLIENT, b"svc", b"ERR", b"NoWorkerError", b"no worker"]
+
+
+def test_extended_client_gets_plain_worker_reply_as_one_result():
+    msg = p.parse_frontend([b"addr", *p.client_request(Request(b"svc", b"5", b"x"))])
+    frames = p.frontend_plain_reply(msg, [b"ab", b"c"])
+    reply = p.parse_client_reply(frames[1:])
+    assert (reply.job_id, reply.ok, reply.data) == (b"5", True, b"abc")
+
+
+def test_headers_must_be_str_to_str():
+    with pytest.raises(TypeError):
+        p.encode_headers({"k": 1})
