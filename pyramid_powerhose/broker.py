@@ -336,7 +336,11 @@ class Broker:
         if worker.extended:
             body = msg.body
             if len(body) < 3 or body[0] != client.request.job_id:
-                raise ProtocolError("extended REPLY with a wrong job id")
+                worker.job = None
+                self._fail(client, protocol.ERR_BAD_REQUEST,
+                           f"worker {worker.address.hex()} sent a malformed reply")
+                self.delete_worker(worker)
+                return self._disconnect(worker.address)
             if body[1] == protocol.STATUS_OK:
                 svc.done += 1
             else:

@@ -203,3 +203,26 @@ def test_oversized_frame_costs_the_sender_its_connection_only(start_broker, star
     assert client.execute(b"ok") == b"ok"
     with pytest.raises(exc.JobTooLargeError):
         client.execute(b"y" * 1500)
+
+
+def test_worker_replying_with_a_wrong_job_id_fails_that_job_only(start_broker, endpoints,
+                                                                 client, wait_workers):
+    start_broker()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoints.backend)
+    sock.send_multipart([b"", MDPW01, READY, b"liar", b"powerhose/1"])
+    try:
+        wait_workers(client, 1, service="liar")
+        future = client.submit(b"x", service="liar")
+        assert sock.poll(5000)
+        frames = sock.recv_multipart()
+        assert frames[2] == REQUEST and frames[7] == b"x"
+        sock.send_multipart([b"", MDPW01, REPLY, frames[3], b"", b"not-the-id", b"OK", b"x"])
+        with pytest.raises(exc.ProtocolError, match="malformed reply"):
+            future.result(timeout=5)
+        assert sock.poll(5000) and sock.recv_multipart()[2] == DISCONNECT
+    finally:
+        sock.close()
+        context.term()
