@@ -7,7 +7,10 @@ The command line, ``get_cluster`` and the Pyramid plugin all build a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
+
+from pyramid.settings import asbool, falsey, truthy
 
 from . import endpoints
 
@@ -118,3 +121,124 @@ def parse_heartbeat(value) -> float | None:
     if seconds <= 0:
         raise SettingsError(f"heartbeat must be positive seconds, got {value!r}")
     return seconds
+
+
+# -- the Pyramid plugin's settings ------------------------------------------------
+
+def _text(key, value):
+    if not isinstance(value, str):
+        raise SettingsError(f"{key} must be text, got {value!r}")
+    return value.strip()
+
+
+def _whole(key, value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise SettingsError(f"{key} must be a whole number, got {value!r}") from None
+
+
+def _seconds(key, value):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise SettingsError(f"{key} must be a number of seconds, got {value!r}") from None
+
+
+def _flag(key, value):
+    # asbool() reads any unknown word as false; a typo must not silently
+    # turn a feature off, so only pyramid's own words are accepted.
+    if isinstance(value, bool) or str(value).strip().lower() in truthy | falsey:
+        return asbool(value)
+    raise SettingsError(f"{key} must be true or false, got {value!r}")
+
+
+def _heartbeat(key, value):
+    try:
+        seconds = parse_heartbeat(value.strip() if isinstance(value, str) else value)
+    except SettingsError:
+        raise SettingsError(f"{key} must be a positive number of seconds (e.g. 1.0), "
+                            f"got {value!r}") from None
+    return seconds  # None: an old heartbeat endpoint, ignored
+
+
+# ini name -> (Settings field, converter).  Every Settings field can be set;
+# ``workers`` is the seed's name for ``numprocesses``.
+MAPPING_KEYS = {
+    "target": ("target", _text),
+    "workers": ("numprocesses", _whole),
+    "cluster": ("cluster", _text),
+    "frontend": ("frontend", _text),
+    "backend": ("backend", _text),
+    "service": ("service", _text),
+    "heartbeat": ("heartbeat", _heartbeat),
+    "liveness": ("liveness", _whole),
+    "timeout": ("timeout", _seconds),
+    "worker_timeout": ("worker_timeout", _seconds),
+    "max_age": ("max_age", _seconds),
+    "max_age_delta": ("max_age_delta", _seconds),
+    "broker_timeout": ("broker_timeout", _seconds),
+    "no_worker_timeout": ("no_worker_timeout", _seconds),
+    "max_job_size": ("max_job_size", _whole),
+    "grace": ("grace", _seconds),
+    "working_dir": ("working_dir", _text),
+    "http_errors": ("http_errors", _flag),
+    "logfile": ("logfile", _text),
+    "debug": ("debug", _flag),
+}
+
+
+def settings_from_mapping(mapping, prefix: str = "powerhose.") -> Settings:
+    """One Settings from ``prefix``-ed keys of a mapping (Pyramid settings).
+
+    Keys without the prefix are ignored; an unknown key with it is an
+    error, so a typo is not silently replaced by a default.  ``params.NAME``
+    keys become ``Settings.params``.  Every SettingsError names the key as
+    the user wrote it.
+    """
+    values = {}
+    params = {}
+    for full_key, value in mapping.items():
+        if not isinstance(full_key, str) or not full_key.startswith(prefix):
+            continue
+        key = full_key[len(prefix):]
+        if value is None:
+            continue  # set from Python as "use the default"
+        if key.startswith("params."):
+            name = key[len("params."):]
+            if not name:
+                raise SettingsError(f"{full_key} needs a parameter name, "
+                                    f"e.g. {prefix}params.region")
+            params[name] = _text(full_key, value)
+            continue
+        if key not in MAPPING_KEYS:
+            close = difflib.get_close_matches(key, MAPPING_KEYS, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise SettingsError(
+                f"unknown setting {full_key}; {hint}known: "
+                + ", ".join(prefix + k for k in MAPPING_KEYS) + f", {prefix}params.NAME")
+        field_name, convert = MAPPING_KEYS[key]
+        converted = convert(full_key, value)
+        if converted is not None:
+            values[field_name] = converted
+    if params:
+        values["params"] = params
+    if "cluster" in values:
+        values["cluster"] = values["cluster"].lower()
+    try:
+        return Settings(**values)
+    except SettingsError as exc:
+        raise SettingsError(_name_keys(str(exc), prefix)) from None
+
+
+def _name_keys(message: str, prefix: str) -> str:
+    """Settings' own messages name fields; say the key the user wrote."""
+    keys = {field_name: key for key, (field_name, _) in MAPPING_KEYS.items()}
+    head, sep, rest = message.partition(" ")
+    if head in keys:
+        message = prefix + keys[head] + sep + rest
+    return message.replace(" and backend ", f" and {prefix}backend ", 1)

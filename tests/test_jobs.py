@@ -177,6 +177,7 @@ def test_map_raises_the_first_failure(start_broker, start_worker, wait_workers, 
         client.map([b"a", b"b"])
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_client_in_a_forked_child(cluster, client):
     assert client.execute(b"parent") == b"parent"
     pid = os.fork()
