@@ -1,0 +1,294 @@
+"""``powerhose-bench``: should I use powerhose for this job?
+
+Runs a job in T threads in-process, then through a cluster of W workers,
+and prints both throughputs, the speed-up and the per-job overhead.  With
+``--sweep`` it does so for the built-in GIL-holding job (an HMAC chain) at
+several durations and reports the break-even duration: the shortest job
+for which offloading beats in-process threads.
+
+The seed's rule of thumb was "unless your job takes more than 20 ms, it
+will probably not speed it up"; this tool measures the real figure on the
+machine it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .job import Job
+
+BUILTIN_TARGET = "pyramid_powerhose.bench:hmac_chain"
+SWEEP_MS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 20)
+
+
+def hmac_chain(job):
+    """The built-in GIL-holding job: ``rounds`` chained HMAC-SHA256s of the data.
+
+    ``job.data`` is ``b"<rounds>"`` or ``b"<rounds>:<payload>"``.  Each
+    round is a short C call that keeps the GIL, like most small crypto.
+    """
+    rounds, _, payload = job.data.partition(b":")
+    key = payload or b"powerhose"
+    for _ in range(int(rounds)):
+        key = hmac.digest(key, b"powerhose bench", "sha256")
+    return key
+
+
+def rounds_per_ms(sample_ms=200):
+    """How many HMAC rounds take one millisecond here (single thread)."""
+    rounds = 1000
+    while True:
+        started = time.perf_counter()
+        hmac_chain(Job(b"%d" % rounds))
+        elapsed = (time.perf_counter() - started) * 1000
+        if elapsed >= sample_ms:
+            return rounds / elapsed
+        rounds *= 2
+
+
+@dataclass
+class Result:
+    label: str
+    jobs: int
+    seconds: float
+
+    @property
+    def rate(self):
+        return self.jobs / self.seconds
+
+
+def run_threads(call, data, jobs, threads, progress=None):
+    """Run ``jobs`` calls of ``call(data)`` from ``threads`` threads; seconds taken."""
+    def one(_):
+        result = call(data)
+        if progress is not None:
+            progress.update(1)
+        return result
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(min(jobs, threads * 2))))  # warm-up
+        started = time.perf_counter()
+        results = list(pool.map(one, range(jobs)))
+        return time.perf_counter() - started, results
+
+
+def median_latency(call, data, count):
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call(data)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+@dataclass
+class Comparison:
+    data: bytes
+    local: Result
+    remote: Result
+    overhead_us: float
+
+    @property
+    def speedup(self):
+        return self.remote.rate / self.local.rate
+
+
+def compare(target, client, data, jobs, threads, latency_samples=50, progress=None):
+    """One job, run in-process and through powerhose, side by side."""
+    def local(payload):
+        result = target(Job(payload))
+        return result.encode() if isinstance(result, str) else result
+
+    local_seconds, local_results = run_threads(local, data, jobs, threads, progress)
+    remote_seconds, remote_results = run_threads(client.execute, data, jobs, threads, progress)
+    if remote_results != local_results:
+        raise AssertionError("results through powerhose differ from in-process results")
+    overhead = median_latency(client.execute, data, latency_samples) - \
+        median_latency(local, data, latency_samples)
+    return Comparison(data, Result("in-process", jobs, local_seconds),
+                      Result("powerhose", jobs, remote_seconds), overhead * 1e6)
+
+
+def break_even(points):
+    """The shortest duration where speed-up crosses 1, interpolated on a log scale."""
+    points = sorted(points)
+    if points and points[0][1] >= 1:
+        return points[0][0]
+    for (d0, s0), (d1, s1) in zip(points, points[1:]):
+        if s0 < 1 <= s1:
+            fraction = (1 - s0) / (s1 - s0)
+            return math.exp(math.log(d0) + fraction * (math.log(d1) - math.log(d0)))
+    return None
+
+
+def machine():
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def table(headers, rows):
+    """A plain-text table that is also a reStructuredText simple table."""
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(cells[0], widths)), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells[1:]]
+    return "\n".join([*lines, rule])
+
+
+def _progress(total, quiet):
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the [bench] extra
+        return None
+    return tqdm(total=total, unit="job", file=sys.stderr, leave=False)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="powerhose-bench",
+        description="Compare a job run in threads in-process with the same job "
+                    "run through a powerhose cluster.")
+    parser.add_argument("--target", default=BUILTIN_TARGET,
+                        help="the job callable, pkg.module:func (default: the built-in "
+                        "GIL-holding HMAC chain)")
+    parser.add_argument("--data", help="job data for --target (default for the built-in "
+                        "job: rounds for --duration-ms)")
+    parser.add_argument("--duration-ms", type=float, default=1.0,
+                        help="built-in job: CPU milliseconds per job (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
+                        help="workers (default: the number of cores, %(default)s)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="jobs per measurement (default: about 2 s of work, "
+                        "at least 200)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="built-in job at %s ms; report the break-even duration"
+                        % ", ".join(map(str, SWEEP_MS)))
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="with --sweep: draw speed-up against job duration")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few jobs per measurement (a smoke test, not a benchmark)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    if args.plot and not args.sweep:
+        make_parser().error("--plot needs --sweep")
+    if args.threads < 1 or args.workers < 1:
+        make_parser().error("--threads and --workers must be at least 1")
+    from .cluster import get_cluster
+    from .client import Client
+    from .worker import resolve_target
+
+    target = resolve_target(args.target)
+    builtin = args.target == BUILTIN_TARGET
+    speed = rounds_per_ms() if builtin else None
+    print(f"machine: {machine()}")
+    print(f"{args.threads} threads in-process vs {args.workers} powerhose workers; "
+          f"target {args.target}")
+    cluster = get_cluster(args.target, numprocesses=args.workers, background=True,
+                          working_dir=os.getcwd(), timeout=0)
+    cluster.start()
+    try:
+        with Client(frontend=cluster.frontend, timeout=60) as client:
+            if args.sweep:
+                return _sweep(args, target, client, speed)
+            if builtin:
+                data = (args.data or b"%d" % max(1, round(speed * args.duration_ms)))
+            else:
+                data = (args.data or "").encode()
+            data = data if isinstance(data, bytes) else data.encode()
+            jobs = args.jobs or (20 if args.quick else 200)
+            bar = _progress(jobs * 2, args.quiet)
+            result = compare(target, client, data, jobs, args.threads,
+                             5 if args.quick else 50, bar)
+            if bar is not None:
+                bar.close()
+            _print_one(result)
+            return 0
+    finally:
+        cluster.stop()
+
+
+def _print_one(c):
+    print(table(
+        ["run", "jobs", "total s", "jobs/s"],
+        [[r.label, r.jobs, f"{r.seconds:.3f}", f"{r.rate:.0f}"] for r in (c.local, c.remote)]))
+    print(f"speed-up: {c.speedup:.2f}x   per-job overhead: {c.overhead_us:.0f} us")
+
+
+def _sweep(args, target, client, speed):
+    rows, points = [], []
+    durations = SWEEP_MS[:4] if args.quick else SWEEP_MS
+    budget = 0.2 if args.quick else 2.0  # seconds of single-thread work per run
+    plan = [(ms, args.jobs or max(20 if args.quick else 200, int(budget * 1000 / ms)))
+            for ms in durations]
+    bar = _progress(sum(jobs * 2 for _, jobs in plan), args.quiet)
+    for ms, jobs in plan:
+        data = b"%d" % max(1, round(speed * ms))
+        c = compare(target, client, data, jobs, args.threads, 5 if args.quick else 30, bar)
+        points.append((ms, c.speedup))
+        rows.append([f"{ms:g}", jobs, f"{c.local.rate:.0f}", f"{c.remote.rate:.0f}",
+                     f"{c.speedup:.2f}x", f"{c.overhead_us:.0f}"])
+    if bar is not None:
+        bar.close()
+    print(table(["job ms", "jobs", "in-process jobs/s", "powerhose jobs/s", "speed-up",
+                 "overhead us"], rows))
+    even = break_even(points)
+    if even is None:
+        print("break-even: not reached in this sweep")
+    else:
+        print(f"break-even: {even:.2f} ms (offloading wins for jobs longer than this)")
+    if args.plot:
+        _plot(points, even, args)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(points, even, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+              label=f"{args.workers} workers vs {args.threads} threads")
+    axes.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    if even is not None:
+        axes.axvline(even, color="tab:red", linestyle=":",
+                     label=f"break-even {even:.2f} ms")
+    axes.set_xscale("log")
+    axes.set_xlabel("CPU time per job (ms, GIL held)")
+    axes.set_ylabel("speed-up (powerhose / in-process)")
+    axes.set_title("powerhose-bench --sweep")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
