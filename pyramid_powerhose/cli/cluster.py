@@ -1,0 +1,81 @@
+"""``powerhose TARGET``: a broker and workers under Circus, in the foreground.
+
+The quick start: ``powerhose echo_worker.echo`` next to ``echo_worker.py``.
+Ctrl-C or SIGTERM stops everything and exits 0.
+"""
+
+import argparse
+import signal
+import sys
+
+from .. import logs
+from ..cluster import ClusterError, get_cluster
+from . import (add_endpoint_options, add_logging_options, add_worker_options, default,
+               parse_or_exit, settings_from)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="powerhose",
+        description="Run a powerhose broker and workers calling TARGET(job), under Circus, "
+        "until Ctrl-C.")
+    parser.add_argument("target", help="the callable: pkg.module:func or pkg.module.func, "
+                        "importable from the current directory")
+    parser.add_argument("--numprocesses", type=int, default=default("numprocesses"),
+                        help="number of workers (default %(default)s)")
+    add_endpoint_options(parser)
+    add_worker_options(parser)
+    add_logging_options(parser)
+    return parser
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    parser = make_parser()
+    args, settings = parse_or_exit(parser, lambda a: settings_from(
+        a, target=a.target, numprocesses=a.numprocesses), argv)
+    logs.configure(settings.logfile, settings.debug)
+    cluster = get_cluster(settings=settings, background=False)
+    # Until serve_forever() takes over, SIGTERM interrupts the start like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        cluster.launch()
+    except ClusterError as exc:
+        print(f"powerhose: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report(cluster)
+    try:
+        cluster.serve_forever()
+    except ClusterError as exc:
+        print(f"powerhose: {exc}", file=sys.stderr)
+        return 1
+    print("powerhose: stopped", flush=True)
+    return 0
+
+
+def report(cluster):
+    """What runs where, for the user who just started it."""
+    pids = cluster.pids()
+    settings = cluster.settings
+    lines = [
+        f"broker pid {pids['broker'][0]}: clients connect to {cluster.frontend}, "
+        f"workers to {cluster.backend}",
+        f"{len(pids['workers'])} workers running {settings.target} for service "
+        f"{settings.service!r} in {settings.working_dir}",
+        f"circus pid {pids['circus']}, control endpoint {cluster.endpoint} "
+        f"(e.g. circusctl --endpoint {cluster.endpoint} incr workers)",
+        "press Ctrl-C to stop",
+    ]
+    for line in lines:
+        print(f"powerhose: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

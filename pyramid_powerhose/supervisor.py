@@ -1,0 +1,117 @@
+"""The process that runs circus for a cluster and ends it with its owner.
+
+Circus's threaded arbiter does not work on Python 3.9+ (circus issue 1147)
+and circus installs process-wide signal handlers, so a cluster's arbiter
+runs here, in a child process of its own, never in the application.
+
+A cluster belongs to the process that started it.  That process holds the
+write end of this one's stdin and never writes to it, so end-of-file means
+the owner is gone, even killed by SIGKILL (the kernel closes its files).
+Then the arbiter stops its watchers, and a few seconds later whatever is
+still alive is killed: no broker or worker outlives its owner.  Circus
+starts each process in its own session, so no signal to a process group
+could reach them all; they are found as this process's children instead.
+
+Run as ``python -m pyramid_powerhose.supervisor CONFIG.json``; the file is
+written by :mod:`pyramid_powerhose.cluster`.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+
+import psutil
+from circus import logger as circus_logger
+from circus.arbiter import Arbiter
+from circus.exc import ConflictError
+from circus.util import configure_logger
+from circus.watcher import Watcher
+
+
+def load_arbiter(config):
+    watchers = [Watcher.load_from_config(dict(watcher)) for watcher in config["watchers"]]
+    # No multicast discovery (circus would bind udp 0.0.0.0:12027) and no
+    # statistics process: a cluster only needs its control endpoint.
+    return Arbiter(watchers, config["endpoint"], config["pubsub_endpoint"],
+                   check_delay=config["check_delay"], multicast_endpoint=None,
+                   statsd=False, proc_name="powerhose-circus")
+
+
+def tolerate_busy_arbiter(arbiter):
+    """Skip a periodic check that finds circus busy, instead of logging a traceback.
+
+    Circus runs its check every ``check_delay`` even while an exclusive
+    command (stopping the broker, circusctl decr) runs; the next check,
+    after the command, does the work.
+    """
+    check = arbiter.manage_watchers
+
+    def manage_watchers():
+        try:
+            return check()
+        except ConflictError:
+            return None
+
+    arbiter.manage_watchers = manage_watchers  # read by the controller when it starts
+
+
+def watch_owner(arbiter, grace, run_dir, owner_gone):
+    """Block until the owner closes our stdin, then stop everything."""
+    while True:
+        try:
+            if not os.read(0, 4096):
+                break
+        except InterruptedError:
+            continue
+        except OSError:
+            break
+    owner_gone.set()
+    circus_logger.warning("the process that owns this cluster is gone; stopping")
+    arbiter.loop.add_callback(arbiter.stop)
+    time.sleep(grace)
+    circus_logger.error("watchers still running %.0fs after their owner left; killing them",
+                        grace)
+    kill_children()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logging.shutdown()
+    os._exit(1)
+
+
+def kill_children():
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        config = json.load(f)
+    configure_logger(circus_logger, config["loglevel"], "-")
+    arbiter = load_arbiter(config)
+    tolerate_busy_arbiter(arbiter)
+    owner_gone = threading.Event()
+    threading.Thread(target=watch_owner, name="powerhose-owner",
+                     args=(arbiter, config["owner_grace"], config["run_dir"], owner_gone),
+                     daemon=True).start()
+    try:
+        arbiter.start()
+    except BaseException:
+        # As circusd does: never leave watchers behind on an unexpected error.
+        arbiter.loop.run_sync(arbiter._emergency_stop)
+        raise
+    finally:
+        kill_children()
+        if owner_gone.is_set():
+            shutil.rmtree(config["run_dir"], ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
