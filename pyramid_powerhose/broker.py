@@ -30,15 +30,22 @@ log = logging.getLogger(__name__)
 # other: batches cut poll() calls under load and keep both sides served.
 BATCH = 64
 
+# A busy worker is handed a second job (credit > 1) only for services whose
+# recent jobs average less than this: behind such jobs a waiting job waits
+# little, while behind a long one it could wait although another worker
+# frees up first.
+PREFETCH_BELOW = 0.1  # seconds
+
 
 class PendingJob:
     """A client's request, queued or in flight."""
 
-    __slots__ = ("msg", "received", "deadline")
+    __slots__ = ("msg", "received", "deadline", "sent")
 
     def __init__(self, msg, now):
         self.msg = msg
         self.received = now
+        self.sent = now
         ttl = msg.request.ttl_ms
         self.deadline = now + ttl / 1000.0 if ttl else None
 
@@ -49,30 +56,55 @@ class PendingJob:
 
 
 class WorkerRef:
-    """What the broker knows of one connected worker."""
+    """What the broker knows of one connected worker.
 
-    __slots__ = ("address", "service", "extended", "job", "expiry")
+    ``jobs`` are the jobs sent to it and not yet answered, oldest (running)
+    first; ``credit`` is how many it accepts at once (1 for plain MDP).
+    """
 
-    def __init__(self, address, service, extended, expiry):
+    __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
+                 "vanished", "last_reply")
+
+    def __init__(self, address, service, extended, credit, expiry):
         self.address = address
         self.service = service
         self.extended = extended
-        self.job = None
+        self.credit = credit
+        self.jobs = deque()
         self.expiry = expiry
+        self.spare = False  # listed in service.spare
+        self.vanished = False  # a send to it failed: its connection is gone
+        self.last_reply = 0.0
 
 
 class Service:
-    """One service: its workers, the idle ones in LRU order, its queue."""
+    """One service: its workers, the idle ones in LRU order, its queue.
 
-    __slots__ = ("name", "workers", "idle", "queue", "done", "failed")
+    ``spare`` lists busy workers that accept one more job (credit > 1):
+    they are used only when no worker is idle.
+    """
+
+    __slots__ = ("name", "workers", "idle", "spare", "queue", "done", "failed", "job_time")
 
     def __init__(self, name):
         self.name = name
         self.workers = set()
         self.idle = deque()  # left: idle the longest
+        self.spare = deque()
         self.queue = deque()
         self.done = 0
         self.failed = 0
+        self.job_time = None  # moving average of job run times, seconds
+
+    def ran(self, seconds):
+        average = self.job_time
+        self.job_time = seconds if average is None else average + 0.2 * (seconds - average)
+
+    def capacity(self, worker):
+        """Jobs ``worker`` may hold now: its credit when jobs are short, else 1."""
+        if self.job_time is not None and self.job_time < PREFETCH_BELOW:
+            return worker.credit
+        return 1
 
 
 class Broker:
@@ -86,6 +118,7 @@ class Broker:
         self.started = time.time()
         self.stopping_since = None
         self._locks = []
+        self._vanished = []
         self._probes_left = 0
         self._next_heartbeat = 0.0
         self._next_expiry = 0.0
@@ -181,6 +214,8 @@ class Broker:
                 self._drain(backend, self.handle_worker)
             if monitor in events:
                 self._handle_monitor()
+            if self._vanished:
+                self._bury_vanished()
             now = time.monotonic()
             if now >= self._next_expiry:
                 self.expire_jobs(now)
@@ -237,7 +272,7 @@ class Broker:
         if svc is None:
             svc = self.services[service] = Service(service)
         job = PendingJob(msg, time.monotonic())
-        if svc.queue or not self._dispatch_to_idle(svc, job):
+        if svc.queue or not self._dispatch(svc, job):
             svc.queue.append(job)
 
     def _fail(self, msg, code, message):
@@ -264,7 +299,7 @@ class Broker:
     def stats(self):
         services = {}
         for svc in self.services.values():
-            busy = sum(1 for w in svc.workers if self.workers[w].job is not None)
+            busy = sum(1 for w in svc.workers if self.workers[w].jobs)
             services[svc.name.decode("utf-8", "replace")] = {
                 "workers": len(svc.workers),
                 "idle": len(svc.workers) - busy,
@@ -272,6 +307,7 @@ class Broker:
                 "queued": len(svc.queue),
                 "done": svc.done,
                 "failed": svc.failed,
+                "job_ms": None if svc.job_time is None else round(svc.job_time * 1000, 3),
             }
         return {
             "pid": os.getpid(),
@@ -318,25 +354,29 @@ class Broker:
         svc = self.services.get(msg.service)
         if svc is None:
             svc = self.services[msg.service] = Service(msg.service)
-        worker = WorkerRef(msg.address, svc, msg.extended, time.monotonic() + self.liveness)
+        worker = WorkerRef(msg.address, svc, msg.extended, msg.credit,
+                           time.monotonic() + self.liveness)
         self.workers[msg.address] = worker
         svc.workers.add(msg.address)
-        log.info("worker %s registered for %r (%s)", msg.address.hex(), msg.service,
-                 "powerhose" if msg.extended else "plain MDP")
-        self.worker_idle(worker)
+        log.info("worker %s registered for %r (%s, credit %d)", msg.address.hex(),
+                 msg.service, "powerhose" if msg.extended else "plain MDP", msg.credit)
+        self.worker_ready(worker)
 
     def handle_reply(self, worker, msg):
-        job = worker.job
-        if job is None or msg.client != job.msg.address:
+        if not worker.jobs or msg.client != worker.jobs[0].msg.address:
             log.warning("worker %s replied to a job it does not hold; dropped",
                         msg.address.hex())
             return
+        # A worker runs its jobs in the order it got them: this is the oldest.
+        job = worker.jobs.popleft()
         client = job.msg
         svc = worker.service
+        now = time.monotonic()
+        svc.ran(now - max(job.sent, worker.last_reply))
+        worker.last_reply = now
         if worker.extended:
             body = msg.body
             if len(body) < 3 or body[0] != client.request.job_id:
-                worker.job = None
                 self._fail(client, protocol.ERR_BAD_REQUEST,
                            f"worker {worker.address.hex()} sent a malformed reply")
                 self.delete_worker(worker)
@@ -355,61 +395,107 @@ class Broker:
         else:
             svc.done += 1
             self.frontend.send_multipart(protocol.frontend_plain_reply(client, msg.body))
-        worker.job = None
-        if self.stopping_since is None or svc.queue:
-            self.worker_idle(worker)
+        self.worker_ready(worker)
 
-    def worker_idle(self, worker):
-        """A worker is free: give it the oldest live job, or put it in line."""
+    def worker_ready(self, worker):
+        """A worker has room: give it the oldest live jobs, or put it in line."""
+        if worker.vanished:
+            return
         svc = worker.service
+        queue = svc.queue
         now = time.monotonic()
-        while svc.queue:
-            job = svc.queue.popleft()
+        room = svc.capacity(worker)
+        while queue and len(worker.jobs) < room:
+            job = queue.popleft()
             if job.deadline is not None and job.deadline <= now:
                 self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job))
-                continue
-            if self._send_job(worker, job, now):
+            elif not self._send_job(worker, job, now):
+                queue.appendleft(job)  # the worker vanished; the job waits
                 return
-            svc.queue.appendleft(job)  # the worker vanished; the job waits
+        if self.stopping_since is not None and not queue:
             return
-        svc.idle.append(worker)
+        if not worker.jobs:
+            svc.idle.append(worker)
+        else:
+            self._list_spare(worker)
 
-    def _dispatch_to_idle(self, svc, job):
+    def _dispatch(self, svc, job):
+        """Send a new job to the LRU idle worker, else to a busy one with credit left."""
         now = time.monotonic()
         idle = svc.idle
         while idle:
             worker = idle.popleft()
             if self._send_job(worker, job, now):
+                self._list_spare(worker)
+                return True
+        spare = svc.spare
+        while spare:
+            worker = spare.popleft()
+            worker.spare = False
+            if worker.vanished or self.workers.get(worker.address) is not worker or \
+                    not 0 < len(worker.jobs) < svc.capacity(worker):
+                continue  # went idle or away since it was listed, or jobs got long
+            if self._send_job(worker, job, now):
+                self._list_spare(worker)
                 return True
         return False
 
+    def _list_spare(self, worker):
+        if len(worker.jobs) < worker.service.capacity(worker) and not worker.spare:
+            worker.spare = True
+            worker.service.spare.append(worker)
+
     def _send_job(self, worker, job, now):
+        """Send a job; False (and the worker forgotten) if it vanished."""
         req = job.msg.request
+        job.sent = now
         if job.deadline is not None:
             req.ttl_ms = job.ttl_ms(now)
         frames = protocol.backend_request(
             worker.address, job.msg.address, req, worker.extended, job.msg.body)
-        worker.job = job
         if self._send_worker(frames, worker):
+            worker.jobs.append(job)
             return True
-        worker.job = None
         return False
 
-    def _send_worker(self, frames, worker=None):
-        """Send to a worker; a vanished worker is deleted and False returned."""
+    def _send_worker(self, frames, worker):
+        """Send to a worker; False if its connection is gone.
+
+        Such a worker gets nothing more; what happens to its jobs is decided
+        once everything it sent has been read (see _bury_vanished).
+        """
         try:
             self.backend.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
-            if worker is not None and self.workers.get(worker.address) is worker:
-                log.warning("worker %s is gone (%s)", worker.address.hex(), exc.strerror)
-                job, worker.job = worker.job, None
-                self.delete_worker(worker)
-                if job is not None and frames[3] != protocol.REQUEST:
-                    self._worker_lost(job, worker)
+            if not worker.vanished and self.workers.get(worker.address) is worker:
+                log.debug("worker %s unreachable (%s)", worker.address.hex(), exc.strerror)
+                worker.vanished = True
+                try:
+                    worker.service.idle.remove(worker)
+                except ValueError:
+                    pass
+                self._vanished.append(worker)
             return False
+
+    def _bury_vanished(self):
+        """Forget workers whose connection closed, after reading their last words.
+
+        libzmq drops a closed peer's route before the application has read
+        what that peer sent: a worker that left cleanly has a DISCONNECT
+        waiting (its prefetched jobs are requeued); one that died has not
+        (its jobs fail with WorkerLostError).
+        """
+        while self.backend.get(zmq.EVENTS) & zmq.POLLIN:
+            self._drain(self.backend, self.handle_worker)
+        vanished, self._vanished = self._vanished, []
+        for worker in vanished:
+            if self.workers.get(worker.address) is worker:
+                log.warning("worker %s is gone without a word: its connection closed",
+                            worker.address.hex())
+                self.delete_worker(worker)
 
     def _disconnect(self, address):
         try:
@@ -419,7 +505,7 @@ class Broker:
             pass
 
     def delete_worker(self, worker, requeue=False):
-        """Forget a worker; its job is requeued (never started) or failed."""
+        """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
         svc = worker.service
         svc.workers.discard(worker.address)
@@ -427,17 +513,19 @@ class Broker:
             svc.idle.remove(worker)
         except ValueError:
             pass
-        job, worker.job = worker.job, None
-        if job is None:
+        jobs, worker.jobs = worker.jobs, deque()
+        if not jobs:
             return
         if requeue:
-            # An extended worker sends DISCONNECT only when idle, so a job we
-            # sent it crossed that DISCONNECT on the wire and never ran.
-            svc.queue.appendleft(job)
-            if svc.idle:
-                self.worker_idle(svc.idle.popleft())
+            # An extended worker sends DISCONNECT only once it has answered
+            # every job it started, so the jobs we still count crossed that
+            # DISCONNECT on the wire and never ran.
+            svc.queue.extendleft(reversed(jobs))
+            while svc.queue and svc.idle:
+                self.worker_ready(svc.idle.popleft())
         else:
-            self._worker_lost(job, worker)
+            for job in jobs:
+                self._worker_lost(job, worker)
 
     def _worker_lost(self, job, worker):
         self._fail(job.msg, protocol.ERR_WORKER_LOST,
@@ -479,8 +567,9 @@ class Broker:
 
     def send_heartbeats(self):
         for worker in list(self.workers.values()):
-            self._send_worker(
-                protocol.backend_command(worker.address, protocol.HEARTBEAT), worker)
+            if self.workers.get(worker.address) is worker:
+                self._send_worker(
+                    protocol.backend_command(worker.address, protocol.HEARTBEAT), worker)
         if self._probes_left:
             self._probes_left -= 1
 
@@ -500,7 +589,7 @@ class Broker:
     # -- shutdown -------------------------------------------------------------------
 
     def _drained(self, now):
-        busy = any(w.job is not None for w in self.workers.values())
+        busy = any(w.jobs for w in self.workers.values())
         queued = any(s.queue for s in self.services.values())
         if not busy and not queued:
             return True
@@ -511,10 +600,10 @@ class Broker:
                 self._fail(job.msg, protocol.ERR_NO_WORKER, "broker stopped before the job ran")
             svc.queue.clear()
         for worker in list(self.workers.values()):
-            if worker.job is not None:
-                self._fail(worker.job.msg, protocol.ERR_WORKER_LOST,
+            for job in worker.jobs:
+                self._fail(job.msg, protocol.ERR_WORKER_LOST,
                            "broker stopped before the job finished (grace period over)")
-                worker.job = None
+            worker.jobs.clear()
         return True
 
     def _disconnect_all(self):

@@ -128,7 +128,8 @@ def worker_command(settings, logfile=None) -> list[str]:
             "--timeout", repr(settings.worker_timeout),
             "--max-age", repr(settings.max_age),
             "--max-age-delta", repr(settings.max_age_delta),
-            "--broker-timeout", repr(settings.broker_timeout)]
+            "--broker-timeout", repr(settings.broker_timeout),
+            "--prefetch", str(settings.prefetch)]
     if settings.params:
         argv += ["--params", format_params(settings.params)]
     return argv + _logging_options(settings, logfile)

@@ -51,6 +51,7 @@ ERR_BAD_REQUEST = "ProtocolError"
 
 MAX_SERVICE_LENGTH = 255
 MAX_JOB_ID_LENGTH = 255
+MAX_CREDIT = 64  # jobs a worker may hold at once (one running, the rest waiting)
 
 
 class ProtocolError(ValueError):
@@ -247,6 +248,7 @@ class WorkerMessage:
     command: bytes
     service: bytes = b""  # READY
     extended: bool = False  # READY carried the powerhose/1 token
+    credit: int = 1  # READY: jobs the worker accepts at once
     client: bytes = b""  # REPLY: the client address frame
     body: list = field(default_factory=list)  # REPLY: frames after the delimiter
 
@@ -257,10 +259,17 @@ def parse_backend(frames) -> WorkerMessage:
         raise ProtocolError(f"bad backend envelope ({len(frames)} frames)")
     address, command = frames[0], frames[3]
     if command == READY:
-        if len(frames) not in (5, 6):
-            raise ProtocolError("READY takes a service name")
-        extended = len(frames) == 6 and frames[5] == EXT_TOKEN
-        return WorkerMessage(address, command, _check_service(frames[4]), extended)
+        if len(frames) == 5:
+            return WorkerMessage(address, command, _check_service(frames[4]))
+        if not 6 <= len(frames) <= 7 or frames[5] != EXT_TOKEN:
+            raise ProtocolError("READY takes a service name, then optionally "
+                                "powerhose/1 and a credit")
+        credit = 1
+        if len(frames) == 7:
+            if not frames[6].isdigit() or not 1 <= int(frames[6]) <= MAX_CREDIT:
+                raise ProtocolError(f"credit must be 1 to {MAX_CREDIT}")
+            credit = int(frames[6])
+        return WorkerMessage(address, command, _check_service(frames[4]), True, credit)
     if command == REPLY:
         if len(frames) < 7 or frames[5] != b"":
             raise ProtocolError("REPLY needs client address, empty frame, body")
@@ -301,8 +310,11 @@ def backend_command(address, command) -> list[bytes]:
 # -- worker side (our worker's DEALER) --------------------------------------
 
 
-def worker_ready(service: bytes) -> list[bytes]:
-    return [b"", MDP_WORKER, READY, service, EXT_TOKEN]
+def worker_ready(service: bytes, credit: int = 1) -> list[bytes]:
+    frames = [b"", MDP_WORKER, READY, service, EXT_TOKEN]
+    if credit != 1:
+        frames.append(b"%d" % credit)
+    return frames
 
 
 def worker_command(command: bytes) -> list[bytes]:

@@ -35,6 +35,7 @@ class Settings:
     max_age: float = -1.0  # worker: recycle after this many seconds; -1 never
     max_age_delta: float = 0.0  # worker: random spread added to max_age
     broker_timeout: float = 60.0  # worker: exit after this long without a broker
+    prefetch: int = 2  # worker: jobs the broker may hand it at once (1: one at a time)
     no_worker_timeout: float = 1.0  # broker: fail jobs of a service with no worker
     max_job_size: int = 16 * MiB  # broker and client: largest job data
     grace: float = 10.0  # broker and worker: seconds to finish jobs on SIGTERM
@@ -64,6 +65,8 @@ class Settings:
         _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
+        if not 1 <= self.prefetch <= 64:
+            raise SettingsError(f"prefetch must be 1 to 64, got {self.prefetch!r}")
         if self.max_age != -1 and self.max_age <= 0:
             raise SettingsError("max_age must be -1 (never) or positive seconds")
         if self.max_job_size < 1:
@@ -182,6 +185,7 @@ MAPPING_KEYS = {
     "max_age": ("max_age", _seconds),
     "max_age_delta": ("max_age_delta", _seconds),
     "broker_timeout": ("broker_timeout", _seconds),
+    "prefetch": ("prefetch", _whole),
     "no_worker_timeout": ("no_worker_timeout", _seconds),
     "max_job_size": ("max_job_size", _whole),
     "grace": ("grace", _seconds),

@@ -89,6 +89,7 @@ class Worker:
         self._busy_since = None
         self._current = None
         self._client_address = b""
+        self.backlog_since = None  # when the requests now in our socket may have arrived
         self._watchdog_stop = threading.Event()
         age = settings.max_age
         if age > 0:
@@ -106,7 +107,7 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
         self.socket.connect(self.settings.backend)
-        self.socket.send_multipart(protocol.worker_ready(self.service))
+        self.socket.send_multipart(protocol.worker_ready(self.service, self.settings.prefetch))
         now = time.monotonic()
         self.broker_expiry = now + self.liveness
         self.next_heartbeat = now + self.heartbeat
@@ -122,6 +123,9 @@ class Worker:
             self._watchdog_stop.set()
             if self.socket is not None:
                 self.socket.close()
+                # Wait (up to the linger) for our last REPLY and DISCONNECT to
+                # leave: the broker requeues prefetched jobs only on DISCONNECT.
+                self.context.term()
             self._lock.release()
 
     def _loop(self):
@@ -184,7 +188,20 @@ class Worker:
 
     def handle_request(self, command):
         req = command.request
-        deadline = time.monotonic() + req.ttl_ms / 1000.0 if req.ttl_ms else None
+        now = time.monotonic()
+        # A prefetched request waited in our socket while we ran the previous
+        # job, at most since that job started: count that against its ttl.
+        waited = now - self.backlog_since if self.backlog_since is not None else 0.0
+        self.backlog_since = now
+        deadline = now + req.ttl_ms / 1000.0 - waited if req.ttl_ms else None
+        if deadline is not None and deadline <= now:
+            log.info("job %r waited %.3fs behind another job, past its deadline; not run",
+                     req.job_id, waited)
+            reply = Reply.error(req.job_id, protocol.ERR_TIMEOUT,
+                                f"job waited {waited:.2f}s in the worker behind another job "
+                                "and its deadline passed; it was not run")
+            self.socket.send_multipart(protocol.worker_reply(command.client, reply))
+            return
         job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
         self._current = job
         self._client_address = command.client
@@ -198,6 +215,8 @@ class Worker:
             self._current = None
         self.socket.send_multipart(protocol.worker_reply(command.client, reply))
         self.jobs_done += 1
+        if not self.socket.poll(0):
+            self.backlog_since = None  # what comes next did not queue behind this job
         # We could not read the broker's heartbeats while busy.
         now = time.monotonic()
         self.broker_expiry = max(self.broker_expiry, now + self.liveness)
@@ -259,6 +278,7 @@ class Worker:
                 self.socket.send_multipart(protocol.worker_reply(self._client_address, reply))
                 self.socket.send_multipart(protocol.worker_command(protocol.DISCONNECT))
                 self.socket.close(linger=1000)
+                self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
                 pass
         logging.shutdown()

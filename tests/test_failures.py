@@ -156,3 +156,22 @@ def test_worker_exits_when_no_broker_for_too_long(start_worker):
     worker = start_worker("tests.targets:echo", "--broker-timeout", "1")
     assert worker.wait(15) == 2
     assert "no broker at" in read_log(worker)
+
+
+def test_worker_killed_with_a_prefetched_job_fails_both_fast(start_broker, start_worker,
+                                                             wait_workers, client):
+    start_broker()
+    worker = start_worker("tests.targets:sleep", "--prefetch", "2")
+    wait_workers(client, 1)
+    client.map([b"0"] * 5)  # short jobs: the broker prefetches
+    running = client.submit(b"30", timeout=60)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    waiting = client.submit(b"0", timeout=60)
+    wait_for(lambda: client.stats()["services"]["default"]["queued"] == 0, what="prefetch")
+    time.sleep(0.1)
+    killed = time.monotonic()
+    worker.kill()
+    for future in (running, waiting):
+        with pytest.raises(exc.WorkerLostError):
+            future.result(timeout=60)
+    assert time.monotonic() - killed < 3

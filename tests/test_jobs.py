@@ -253,3 +253,47 @@ def test_params_reach_the_worker(start_broker, start_worker, wait_workers, clien
     start_worker("tests.targets:params", "--params", "db:sqlite://x|mode:fast")
     wait_workers(client, 1)
     assert client.execute(b"") == b"db=sqlite://x|mode=fast"
+
+
+@pytest.mark.parametrize("prefetch, queued", [("1", 1), ("2", 0)])
+def test_prefetch_hands_a_busy_worker_its_next_job(start_broker, start_worker, wait_workers,
+                                                   client, prefetch, queued):
+    start_broker()
+    start_worker("tests.targets:sleep", "--prefetch", prefetch)
+    wait_workers(client, 1)
+    client.map([b"0"] * 5)  # the broker prefetches only where jobs are short
+    first = client.submit(b"0.6")
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    second = client.submit(b"0")
+    time.sleep(0.2)
+    assert client.stats()["services"]["default"]["queued"] == queued
+    assert first.result(5) == second.result(5)  # same worker, in order
+
+
+def test_no_prefetch_behind_long_jobs(start_broker, start_worker, wait_workers, client):
+    start_broker()
+    start_worker("tests.targets:sleep", "--prefetch", "2")
+    wait_workers(client, 1)
+    client.map([b"0.3"] * 2)  # the service's jobs are long now
+    first = client.submit(b"0.6")
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    second = client.submit(b"0")
+    time.sleep(0.2)
+    assert client.stats()["services"]["default"]["queued"] == 1  # waits at the broker
+    assert first.result(5) == second.result(5)
+
+
+def test_prefetched_job_past_its_deadline_is_not_run(start_broker, start_worker,
+                                                     wait_workers, client):
+    start_broker()
+    start_worker("tests.targets:sleep", "--prefetch", "2")
+    wait_workers(client, 1)
+    client.map([b"0"] * 5)
+    busy = client.submit(b"1.0", timeout=10)
+    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    with pytest.raises(exc.TimeoutError):
+        client.execute(b"0", timeout=0.3)  # handed to the busy worker, then too late
+    assert busy.result().isdigit()
+    stats = wait_for(lambda: (s := client.stats()["services"]["default"])["failed"] == 1 and s,
+                     what="the worker reported the expired job")
+    assert stats["done"] == 6  # the five warm-up jobs and the long one: not the expired one

@@ -93,3 +93,13 @@ def test_extended_client_gets_plain_worker_reply_as_one_result():
 def test_headers_must_be_str_to_str():
     with pytest.raises(TypeError):
         p.encode_headers({"k": 1})
+
+
+def test_ready_credit_is_negotiated():
+    assert p.parse_backend([b"w", *p.worker_ready(b"svc")]).credit == 1
+    assert p.parse_backend([b"w", *p.worker_ready(b"svc", 2)]).credit == 2
+    for bad in (b"0", b"65", b"x", b""):
+        with pytest.raises(ProtocolError):
+            p.parse_backend([b"w", b"", p.MDP_WORKER, p.READY, b"svc", p.EXT_TOKEN, bad])
+    with pytest.raises(ProtocolError):
+        p.parse_backend([b"w", b"", p.MDP_WORKER, p.READY, b"svc", b"other/1"])

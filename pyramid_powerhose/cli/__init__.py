@@ -47,6 +47,10 @@ def add_worker_options(parser):
     parser.add_argument("--max-age-delta", type=float, default=default("max_age_delta"),
                         help="random spread in seconds added to --max-age so workers "
                         "do not all restart at once (default %(default)s)")
+    parser.add_argument("--prefetch", type=int, default=default("prefetch"),
+                        help="jobs the broker may hand this worker at once: one runs, "
+                        "the others wait in its socket so it never idles between "
+                        "short jobs; 1 for long or uneven jobs (default %(default)s)")
     parser.add_argument("--params", default="",
                         help="'key:value|key2:value2', read back by "
                         "pyramid_powerhose.get_params()")
@@ -56,7 +60,7 @@ def settings_from(args, **extra) -> Settings:
     """One Settings from parsed arguments; SettingsError names what is wrong."""
     values = dict(extra)
     for name in ("frontend", "backend", "service", "logfile", "debug",
-                 "max_age", "max_age_delta"):
+                 "max_age", "max_age_delta", "prefetch"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if getattr(args, "heartbeat", None) is not None:
