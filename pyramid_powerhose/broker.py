@@ -20,7 +20,7 @@ from collections import deque
 
 import zmq
 
-from . import endpoints, protocol
+from . import endpoints, multipart, protocol
 from .exc import DuplicateBrokerError
 from .protocol import ProtocolError
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Per poll, how many messages are read from one socket before looking at the
 # other: batches cut poll() calls under load and keep both sides served.
 BATCH = 64
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: zmq's enums cost a call each
 
 # A busy worker is handed a second job (credit > 1) only for services whose
 # recent jobs average less than this: behind such jobs a waiting job waits
@@ -237,16 +238,19 @@ class Broker:
         return int(self.heartbeat * 1000)
 
     def _drain(self, sock, handle):
-        recv = sock.recv_multipart
         for _ in range(BATCH):
             try:
-                frames = recv(zmq.NOBLOCK)
+                frames = multipart.recv(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
                 handle(frames)
             except ProtocolError as exc:
                 log.warning("dropped malformed message (%d frames): %s", len(frames), exc)
+            # Ask rather than recv until EAGAIN: pyzmq's zmq.Again costs more
+            # than a message, and most wake-ups bring just one.
+            if not sock.get(EVENTS) & POLLIN:
+                return
 
     # -- clients ----------------------------------------------------------------
 
@@ -254,7 +258,7 @@ class Broker:
         msg = protocol.parse_frontend(frames)
         service = msg.request.service
         if service.startswith(protocol.MMI_PREFIX):
-            self.frontend.send_multipart(protocol.frontend_plain_reply(msg, [self.mmi(msg)]))
+            multipart.send(self.frontend, protocol.frontend_plain_reply(msg, [self.mmi(msg)]))
             return
         if self.stopping_since is not None:
             self._fail(msg, protocol.ERR_NO_WORKER,
@@ -277,7 +281,7 @@ class Broker:
 
     def _fail(self, msg, code, message):
         reply = protocol.Reply.error(msg.request.job_id, code, message)
-        self.frontend.send_multipart(protocol.frontend_reply(msg, reply))
+        multipart.send(self.frontend, protocol.frontend_reply(msg, reply))
         svc = self.services.get(msg.request.service)
         if svc is not None:
             svc.failed += 1
@@ -387,14 +391,14 @@ class Broker:
                 svc.failed += 1
             if client.extended:
                 # Both ends speak the extension: pass the frames through.
-                self.frontend.send_multipart(
-                    [client.address, b"", protocol.EXT_CLIENT, client.request.service, *body])
+                multipart.send(self.frontend, [client.address, b"", protocol.EXT_CLIENT,
+                                               client.request.service, *body])
             else:
                 reply = protocol.parse_worker_reply(msg)
-                self.frontend.send_multipart(protocol.frontend_reply(client, reply))
+                multipart.send(self.frontend, protocol.frontend_reply(client, reply))
         else:
             svc.done += 1
-            self.frontend.send_multipart(protocol.frontend_plain_reply(client, msg.body))
+            multipart.send(self.frontend, protocol.frontend_plain_reply(client, msg.body))
         self.worker_ready(worker)
 
     def worker_ready(self, worker):
@@ -465,7 +469,7 @@ class Broker:
         once everything it sent has been read (see _bury_vanished).
         """
         try:
-            self.backend.send_multipart(frames, zmq.NOBLOCK)
+            multipart.send(self.backend, frames, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
@@ -499,8 +503,8 @@ class Broker:
 
     def _disconnect(self, address):
         try:
-            self.backend.send_multipart(
-                protocol.backend_command(address, protocol.DISCONNECT), zmq.NOBLOCK)
+            multipart.send(self.backend, protocol.backend_command(address, protocol.DISCONNECT),
+                           zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -576,7 +580,7 @@ class Broker:
     def _handle_monitor(self):
         while True:
             try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
+                multipart.recv(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
         # A connection closed: find out whose, by probing (ROUTER_MANDATORY

@@ -20,7 +20,7 @@ import weakref
 
 import zmq
 
-from . import exc, protocol
+from . import exc, multipart, protocol
 from .job import Job, to_bytes
 from .protocol import ProtocolError, Request
 from .settings import Settings
@@ -147,7 +147,7 @@ class Client:
     def _send(self, sock, req, deadline, timeout):
         frames = protocol.client_request(req)
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            multipart.send(sock, frames, zmq.NOBLOCK)
             return
         except zmq.Again:
             pass
@@ -159,7 +159,7 @@ class Client:
                     f"could not reach a broker at {self.frontend} within {timeout}s; "
                     "is powerhose-broker running?")
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                multipart.send(sock, frames, zmq.NOBLOCK)
                 return
             except zmq.Again:
                 continue
@@ -167,13 +167,12 @@ class Client:
     def _receive(self, sock, wanted, deadline, req, timeout):
         """The next reply for one of ``wanted`` job ids; late ones are dropped."""
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000):
+            frames = multipart.recv_within(sock, int((deadline - time.monotonic()) * 1000))
+            if frames is None:
                 raise exc.TimeoutError(
                     f"job {req.job_id.decode()} on {req.service.decode()!r} got no result "
                     f"within {timeout}s from the broker at {self.frontend}; "
                     "are the workers overloaded or hung?")
-            frames = sock.recv_multipart()
             try:
                 reply = protocol.parse_client_reply(frames)
             except ProtocolError as error:

@@ -24,7 +24,7 @@ import traceback
 
 import zmq
 
-from . import protocol
+from . import multipart, protocol
 from .job import Job
 from .protocol import ProtocolError, Reply
 
@@ -107,7 +107,7 @@ class Worker:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
         self.socket.connect(self.settings.backend)
-        self.socket.send_multipart(protocol.worker_ready(self.service, self.settings.prefetch))
+        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))
         now = time.monotonic()
         self.broker_expiry = now + self.liveness
         self.next_heartbeat = now + self.heartbeat
@@ -136,8 +136,8 @@ class Worker:
         backoff = 0.1
         timeout_ms = int(self.heartbeat * 1000)
         while True:
-            if self.socket.poll(timeout_ms):
-                frames = self.socket.recv_multipart()
+            frames = multipart.recv_within(self.socket, timeout_ms)
+            if frames is not None:
                 now = time.monotonic()
                 self.broker_expiry = now + self.liveness
                 no_broker_since, backoff = None, 0.1
@@ -166,14 +166,14 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 self.connect()
             elif now >= self.next_heartbeat:
-                self.socket.send_multipart(protocol.worker_command(protocol.HEARTBEAT))
+                multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
                 self.next_heartbeat = now + self.heartbeat
 
     def retire(self) -> int:
         """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
         reason = "stop requested" if self.stop_requested else "max age reached"
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
-        self.socket.send_multipart(protocol.worker_command(protocol.DISCONNECT))
+        multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
         return EXIT_OK
 
     def request_stop(self, *_):
@@ -200,7 +200,7 @@ class Worker:
             reply = Reply.error(req.job_id, protocol.ERR_TIMEOUT,
                                 f"job waited {waited:.2f}s in the worker behind another job "
                                 "and its deadline passed; it was not run")
-            self.socket.send_multipart(protocol.worker_reply(command.client, reply))
+            multipart.send(self.socket, protocol.worker_reply(command.client, reply))
             return
         job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
         self._current = job
@@ -213,9 +213,9 @@ class Worker:
             self._lock.acquire()
             self._busy_since = None
             self._current = None
-        self.socket.send_multipart(protocol.worker_reply(command.client, reply))
+        multipart.send(self.socket, protocol.worker_reply(command.client, reply))
         self.jobs_done += 1
-        if not self.socket.poll(0):
+        if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             self.backlog_since = None  # what comes next did not queue behind this job
         # We could not read the broker's heartbeats while busy.
         now = time.monotonic()
@@ -256,7 +256,7 @@ class Worker:
             if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
                 try:
                     if self._busy_since is not None:
-                        self.socket.send_multipart(protocol.worker_command(protocol.HEARTBEAT))
+                        multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
                         last_beat = now
                 finally:
                     self._lock.release()
@@ -275,8 +275,8 @@ class Worker:
                                 f"job exceeded the worker's {self.settings.worker_timeout}s "
                                 "time limit (--timeout); the worker was restarted")
             try:
-                self.socket.send_multipart(protocol.worker_reply(self._client_address, reply))
-                self.socket.send_multipart(protocol.worker_command(protocol.DISCONNECT))
+                multipart.send(self.socket, protocol.worker_reply(self._client_address, reply))
+                multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
                 self.socket.close(linger=1000)
                 self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
