@@ -243,8 +243,8 @@ def _print_one(c):
 def _sweep(args, target, client, speed):
     rows, points = [], []
     durations = SWEEP_MS[:4] if args.quick else SWEEP_MS
-    budget = 0.2 if args.quick else 2.0  # seconds of single-thread work per run
-    plan = [(ms, args.jobs or max(20 if args.quick else 200, int(budget * 1000 / ms)))
+    budget = 2.0  # seconds of single-thread work per measurement
+    plan = [(ms, args.jobs or (20 if args.quick else max(200, int(budget * 1000 / ms))))
             for ms in durations]
     bar = _progress(sum(jobs * 2 for _, jobs in plan), args.quiet)
     for ms, jobs in plan:

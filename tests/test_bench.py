@@ -1,0 +1,63 @@
+"""powerhose-bench in quick mode: the report's shape and correct results."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO, command
+
+
+def run_bench(*args, tmp_dir):
+    env = dict(os.environ, XDG_RUNTIME_DIR=tmp_dir, PYTHONPATH=REPO)
+    result = subprocess.run(command("powerhose-bench") + ["--quick", "--quiet", *args],
+                            capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def no_cluster_left(tmp_dir):
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return tmp_dir not in out
+
+
+def test_one_job_report(run_dir):
+    out = run_bench("--workers", "2", "--threads", "2", "--duration-ms", "0.5",
+                    tmp_dir=run_dir)
+    assert out.startswith("machine: ")
+    rows = re.findall(r"^(in-process|powerhose)\s+(\d+)\s+([\d.]+)\s+(\d+)\s*$", out, re.M)
+    assert [r[0] for r in rows] == ["in-process", "powerhose"]
+    assert all(int(r[1]) == 20 for r in rows)  # --quick: 20 jobs each
+    assert re.search(r"^speed-up: [\d.]+x   per-job overhead: -?\d+ us$", out, re.M)
+    assert no_cluster_left(run_dir)
+
+
+def test_own_target_and_data(run_dir):
+    out = run_bench("--target", "tests.targets:echo", "--data", "hello", "--workers", "1",
+                    tmp_dir=run_dir)
+    assert "target tests.targets:echo" in out and "speed-up:" in out
+
+
+def test_sweep_with_plot(run_dir):
+    plot = os.path.join(run_dir, "sweep.png")
+    out = run_bench("--sweep", "--workers", "2", "--plot", plot, tmp_dir=run_dir)
+    rows = re.findall(r"^([\d.]+)\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+-?\d+\s*$", out, re.M)
+    assert [r[0] for r in rows] == ["0.05", "0.1", "0.25", "0.5"]
+    assert re.search(r"^break-even: ([\d.]+ ms \(offloading wins|not reached)", out, re.M)
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert no_cluster_left(run_dir)
+
+
+def test_break_even_interpolation():
+    from pyramid_powerhose.bench import break_even
+    assert break_even([(0.1, 0.5), (1.0, 1.5)]) == \
+        __import__("pytest").approx(10 ** (-1 + 0.5), rel=1e-6)
+    assert break_even([(0.1, 1.2), (1.0, 2.0)]) == 0.1
+    assert break_even([(0.1, 0.2), (1.0, 0.9)]) is None
+
+
+def test_bench_script_is_the_same_command():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--sweep" in result.stdout
