@@ -113,21 +113,9 @@ class Client:
     # -- jobs -----------------------------------------------------------------
 
     def _request(self, data, headers, service, timeout):
-        if isinstance(data, Job):
-            headers = {**data.headers, **(headers or {})}
-            data = data.data
-        data = to_bytes(data)
-        if len(data) > self.settings.max_job_size:
-            raise exc.JobTooLargeError(
-                f"job of {len(data)} bytes is larger than the max job size "
-                f"({self.settings.max_job_size} bytes)")
-        if timeout is None:
-            timeout = self.timeout
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        data, headers, timeout = check_job(self.settings, data, headers, timeout)
         service = service or self.service
-        req = Request(service.encode(), b"", data, max(1, int(timeout * 1000)), headers or {})
-        protocol.encode_headers(req.headers)  # type-check headers before sending
+        req = Request(service.encode(), b"", data, max(1, int(timeout * 1000)), headers)
         return req, timeout
 
     def execute(self, data, timeout=None, headers=None, service=None) -> bytes:
@@ -290,6 +278,28 @@ class Client:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def check_job(settings, data, headers, timeout):
+    """A job's data, headers and timeout, checked before anything is sent.
+
+    ``data`` may be a Job, whose headers ``headers`` extends.
+    """
+    if isinstance(data, Job):
+        headers = {**data.headers, **(headers or {})}
+        data = data.data
+    data = to_bytes(data)
+    if len(data) > settings.max_job_size:
+        raise exc.JobTooLargeError(
+            f"job of {len(data)} bytes is larger than the max job size "
+            f"({settings.max_job_size} bytes)")
+    if timeout is None:
+        timeout = settings.timeout
+    if not timeout > 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    headers = dict(headers or {})
+    protocol.encode_headers(headers)  # str to str, or TypeError now
+    return data, headers, timeout
 
 
 def _result(reply):

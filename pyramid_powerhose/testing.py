@@ -24,13 +24,14 @@ import contextlib
 import itertools
 import threading
 import time
-import traceback
 
-from . import protocol, worker
-from .exc import ExecutionError, JobTooLargeError, NoWorkerError
-from .job import Job, to_bytes
+from . import worker
+from .client import check_job
+from .exc import NoWorkerError
+from .exc import from_reply as exc_from_reply
+from .job import Job
 from .plugin import IClientFactory
-from .worker import resolve_target
+from .worker import resolve_target, run_target
 
 
 def includeme(config):
@@ -83,20 +84,11 @@ class DummyClient:
         target = self.target_for(job.service)
         with self._lock:
             self.jobs.append(job)
-        try:
-            with _worker_params(self.settings.params):
-                result = target(job)
-        except Exception as exc:
-            raise ExecutionError(f"{type(exc).__name__}: {exc}", _type_name(exc),
-                                 traceback.format_exc()) from exc
-        if isinstance(result, str):
-            return result.encode("utf-8")
-        if isinstance(result, (bytearray, memoryview)):
-            return bytes(result)
-        if not isinstance(result, bytes):
-            raise ExecutionError(f"target returned {type(result).__name__}; it must return "
-                                 "bytes or str", "TypeError")
-        return result
+        with _worker_params(self.settings.params):
+            reply = run_target(target, job)
+        if reply.ok:
+            return reply.data
+        raise exc_from_reply(reply)
 
     def submit(self, data, timeout=None, headers=None, service=None):
         """Run the job now; returns a Future that is already done."""
@@ -118,19 +110,7 @@ class DummyClient:
 
     def _job(self, data, timeout, headers, service):
         """The Job a worker would see, checked as the real client checks it."""
-        if isinstance(data, Job):
-            headers = {**data.headers, **(headers or {})}
-            data = data.data
-        data = to_bytes(data)
-        if len(data) > self.settings.max_job_size:
-            raise JobTooLargeError(f"job of {len(data)} bytes is larger than the max job "
-                                   f"size ({self.settings.max_job_size} bytes)")
-        if timeout is None:
-            timeout = self.settings.timeout
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
-        headers = dict(headers or {})
-        protocol.encode_headers(headers)  # the real client's type check
+        data, headers, timeout = check_job(self.settings, data, headers, timeout)
         return Job(data, headers, id=b"%x" % next(self._ids),
                    deadline=time.monotonic() + timeout,
                    service=service or self.settings.service)
@@ -148,9 +128,3 @@ def _worker_params(params):
         worker._params.clear()
         worker._params.update(saved)
 
-
-def _type_name(exc):
-    cls = type(exc)
-    if cls.__module__ in ("builtins", "__main__"):
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"

@@ -223,22 +223,7 @@ class Worker:
         self.next_heartbeat = now + self.heartbeat
 
     def execute(self, job) -> Reply:
-        try:
-            result = self.target(job)
-        except Exception as exc:
-            log.info("job %r raised %s: %s", job.id, type(exc).__name__, exc)
-            return Reply.error(job.id, protocol.ERR_EXECUTION,
-                               f"{type(exc).__name__}: {exc}", _type_name(exc),
-                               traceback.format_exc())
-        if isinstance(result, str):
-            result = result.encode("utf-8")
-        elif isinstance(result, (bytearray, memoryview)):
-            result = bytes(result)
-        elif not isinstance(result, bytes):
-            return Reply.error(job.id, protocol.ERR_EXECUTION,
-                               f"target returned {type(result).__name__}; it must return "
-                               "bytes or str", "TypeError")
-        return Reply(job.id, True, result)
+        return run_target(self.target, job)
 
     # -- watchdog thread --------------------------------------------------------
 
@@ -283,6 +268,30 @@ class Worker:
                 pass
         logging.shutdown()
         os._exit(EXIT_JOB_TIMEOUT)
+
+
+def run_target(target, job) -> Reply:
+    """Call a target on a job: its result, or the error a client will raise.
+
+    A str result is sent as UTF-8; any other non-bytes result, like an
+    exception, is an ExecutionError carrying the type and the traceback.
+    """
+    try:
+        result = target(job)
+    except Exception as exc:
+        log.info("job %r raised %s: %s", job.id, type(exc).__name__, exc)
+        return Reply.error(job.id, protocol.ERR_EXECUTION,
+                           f"{type(exc).__name__}: {exc}", _type_name(exc),
+                           traceback.format_exc())
+    if isinstance(result, str):
+        result = result.encode("utf-8")
+    elif isinstance(result, (bytearray, memoryview)):
+        result = bytes(result)
+    elif not isinstance(result, bytes):
+        return Reply.error(job.id, protocol.ERR_EXECUTION,
+                           f"target returned {type(result).__name__}; it must return "
+                           "bytes or str", "TypeError")
+    return Reply(job.id, True, result)
 
 
 def _type_name(exc):
