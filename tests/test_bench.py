@@ -61,3 +61,14 @@ def test_bench_script_is_the_same_command():
     result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench.py"), "--help"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--sweep" in result.stdout
+
+
+def test_builtin_job_is_a_real_hmac_chain():
+    import hmac
+
+    from pyramid_powerhose import Job
+    from pyramid_powerhose.bench import hmac_chain
+    key = b"k" * 100  # longer than a block: hashed first, as RFC 2104 says
+    for _ in range(3):
+        key = hmac.digest(key, b"powerhose bench", "sha256")
+    assert hmac_chain(Job(b"3:" + b"k" * 100)) == key
