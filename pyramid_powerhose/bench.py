@@ -20,8 +20,8 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .job import Job
@@ -78,30 +78,43 @@ class Result:
 
 
 def run_threads(call, data, jobs, threads, progress=None):
-    """Run ``jobs`` calls of ``call(data)`` from ``threads`` threads; seconds taken."""
-    def one(_):
-        result = call(data)
-        if progress is not None:
-            progress.update(1)
-        return result
+    """``jobs`` calls of ``call(data)`` from ``threads`` threads looping, as a
+    server's threads would; returns the seconds taken and the results."""
+    shares = [jobs // threads + (i < jobs % threads) for i in range(threads)]
+    results = [None] * threads
+    start = threading.Barrier(threads + 1)
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(min(jobs, threads * 2))))  # warm-up
-        started = time.perf_counter()
-        results = list(pool.map(one, range(jobs)))
-        return time.perf_counter() - started, results
+    def loop(i):
+        call(data)  # warm-up: connections, caches
+        start.wait()
+        out = []
+        for _ in range(shares[i]):
+            out.append(call(data))
+            if progress is not None:
+                progress.update(1)
+        results[i] = out
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    started = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - started, [r for out in results for r in out]
 
 
 def overhead(local, remote, data, count):
-    """Median extra latency of ``remote`` over ``local``, timed in alternation."""
-    differences = []
+    """Median job time, and median extra latency of ``remote``, timed in alternation."""
+    durations, differences = [], []
     for _ in range(count):
         started = time.perf_counter()
         local(data)
         middle = time.perf_counter()
         remote(data)
+        durations.append(middle - started)
         differences.append((time.perf_counter() - middle) - (middle - started))
-    return statistics.median(differences)
+    return statistics.median(durations), statistics.median(differences)
 
 
 @dataclass
@@ -109,6 +122,7 @@ class Comparison:
     data: bytes
     local: Result
     remote: Result
+    job_ms: float  # one job's duration, measured in-process
     overhead_us: float
 
     @property
@@ -126,9 +140,9 @@ def compare(target, client, data, jobs, threads, latency_samples=50, progress=No
     remote_seconds, remote_results = run_threads(client.execute, data, jobs, threads, progress)
     if remote_results != local_results:
         raise AssertionError("results through powerhose differ from in-process results")
-    extra = overhead(local, client.execute, data, latency_samples)
+    duration, extra = overhead(local, client.execute, data, latency_samples)
     return Comparison(data, Result("in-process", jobs, local_seconds),
-                      Result("powerhose", jobs, remote_seconds), extra * 1e6)
+                      Result("powerhose", jobs, remote_seconds), duration * 1000, extra * 1e6)
 
 
 def break_even(points):
@@ -256,7 +270,8 @@ def _print_one(c):
     print(table(
         ["run", "jobs", "total s", "jobs/s"],
         [[r.label, r.jobs, f"{r.seconds:.3f}", f"{r.rate:.0f}"] for r in (c.local, c.remote)]))
-    print(f"speed-up: {c.speedup:.2f}x   per-job overhead: {c.overhead_us:.0f} us")
+    print(f"speed-up: {c.speedup:.2f}x   job: {c.job_ms:.3f} ms   "
+          f"per-job overhead: {c.overhead_us:.0f} us")
 
 
 def _sweep(args, target, client, speed):
@@ -273,13 +288,13 @@ def _sweep(args, target, client, speed):
                                5 if args.quick else 30, bar) for _ in range(rounds)),
                       key=lambda c: c.speedup)
         c = runs[len(runs) // 2]  # the median round
-        points.append((ms, c.speedup))
-        rows.append([f"{ms:g}", jobs, f"{c.local.rate:.0f}", f"{c.remote.rate:.0f}",
-                     f"{c.speedup:.2f}x", f"{c.overhead_us:.0f}"])
+        points.append((c.job_ms, c.speedup))
+        rows.append([f"{ms:g}", f"{c.job_ms:.3f}", jobs, f"{c.local.rate:.0f}",
+                     f"{c.remote.rate:.0f}", f"{c.speedup:.2f}x", f"{c.overhead_us:.0f}"])
     if bar is not None:
         bar.close()
-    print(table(["job ms", "jobs", "in-process jobs/s", "powerhose jobs/s", "speed-up",
-                 "overhead us"], rows))
+    print(table(["job ms", "measured ms", "jobs", "in-process jobs/s", "powerhose jobs/s",
+                 "speed-up", "overhead us"], rows))
     print(f"(median of {rounds} rounds per job size)")
     even = break_even(points)
     if even is None:

@@ -28,7 +28,8 @@ def test_one_job_report(run_dir):
     rows = re.findall(r"^(in-process|powerhose)\s+(\d+)\s+([\d.]+)\s+(\d+)\s*$", out, re.M)
     assert [r[0] for r in rows] == ["in-process", "powerhose"]
     assert all(int(r[1]) == 20 for r in rows)  # --quick: 20 jobs each
-    assert re.search(r"^speed-up: [\d.]+x   per-job overhead: -?\d+ us$", out, re.M)
+    assert re.search(r"^speed-up: [\d.]+x   job: [\d.]+ ms   per-job overhead: -?\d+ us$",
+                     out, re.M)
     assert no_cluster_left(run_dir)
 
 
@@ -41,7 +42,8 @@ def test_own_target_and_data(run_dir):
 def test_sweep_with_plot(run_dir):
     plot = os.path.join(run_dir, "sweep.png")
     out = run_bench("--sweep", "--workers", "2", "--plot", plot, tmp_dir=run_dir)
-    rows = re.findall(r"^([\d.]+)\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+-?\d+\s*$", out, re.M)
+    rows = re.findall(r"^([\d.]+)\s+[\d.]+\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+-?\d+\s*$",
+                      out, re.M)
     assert [r[0] for r in rows] == ["0.05", "0.1", "0.25", "0.5"]
     assert re.search(r"^break-even: ([\d.]+ ms \(offloading wins|not reached)", out, re.M)
     with open(plot, "rb") as f:
