@@ -53,6 +53,7 @@ REPO = os.path.dirname(_HERE)
 sys.path.insert(0, REPO)
 
 from demo_app import assertion  # noqa: E402
+from pyramid_powerhose.bench import cpu_model  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 INI = os.path.join(REPO, "demo_app", "development.ini")
@@ -273,15 +274,7 @@ def percentile(samples, fraction):
 
 
 def machine():
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        model = platform.processor() or "?"
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load1, load5, _ = os.getloadavg()
     return [

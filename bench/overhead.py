@@ -48,6 +48,7 @@ import time
 import zmq
 
 from pyramid_powerhose import Client
+from pyramid_powerhose.bench import cpu_model
 from pyramid_powerhose.settings import Settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,15 +281,7 @@ def run_rounds(latency, throughput, rounds, count, tput_count, warmup, progress)
 
 
 def machine():
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return [
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),

@@ -157,18 +157,24 @@ def break_even(points):
     return None
 
 
-def machine():
-    model = platform.processor() or "unknown CPU"
+def cpu_model():
+    """The CPU's name, as benchmark reports must say what they ran on."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
+    return platform.processor() or "unknown CPU"
+
+
+def machine():
+    import zmq
+
+    return (f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}, pyzmq {zmq.__version__} "
+            f"(libzmq {zmq.zmq_version()}), {time.strftime('%Y-%m-%d %H:%M %Z')}")
 
 
 def table(headers, rows):
