@@ -111,7 +111,8 @@ class Service:
 class Broker:
     def __init__(self, settings, context=None):
         self.settings = settings
-        self.context = context or zmq.Context.instance()
+        self._own_context = context is None
+        self.context = context or zmq.Context()
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, WorkerRef] = {}
         self.heartbeat = settings.heartbeat
@@ -182,10 +183,17 @@ class Broker:
         return sock
 
     def close(self):
+        """Close the sockets, once the last replies have left (up to 1 s)."""
         self.poller = None
+        if hasattr(self, "backend"):
+            self.backend.disable_monitor()
         for sock in ("monitor", "frontend", "backend"):
             if hasattr(self, sock):
                 getattr(self, sock).close()
+        if self._own_context:
+            # Without term() a process exiting right after a final reply
+            # can take that reply with it.
+            self.context.term()
         for fd in self._locks:
             os.close(fd)
         self._locks = []
