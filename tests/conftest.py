@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import pytest
 
 from pyramid_powerhose import Client
@@ -71,6 +72,33 @@ class Processes:
                 proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def alive(process) -> bool:
+    """Running and not a zombie (this VM's init reaps orphans late)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def all_gone(processes) -> bool:
+    return not any(alive(process) for process in processes)
+
+
+def mentioning(*needles):
+    """Live processes whose command line mentions one of ``needles`` (private paths)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(needle in cmdline for needle in needles) and alive(process):
+            found.append(process)
+    return found
+
+
+def live_children():
+    """Pids of this process's live descendants."""
+    return {proc.pid for proc in psutil.Process().children(recursive=True) if alive(proc)}
 
 
 def read_log(proc):

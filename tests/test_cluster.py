@@ -15,7 +15,7 @@ from pyramid_powerhose import Client, exc, get_cluster
 from pyramid_powerhose.cluster import ClusterError, broker_command, worker_command
 from pyramid_powerhose.settings import Settings
 
-from .conftest import REPO, command, read_log, wait_for
+from .conftest import REPO, alive, command, mentioning, read_log, wait_for
 
 HEARTBEAT = 0.2
 
@@ -42,23 +42,6 @@ def tree(pid):
     """A process and all its descendants (psutil objects survive pid reuse)."""
     root = psutil.Process(pid)
     return [root] + root.children(recursive=True)
-
-
-def alive(process):
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def mentioning(*needles):
-    """Processes whose command line mentions one of ``needles`` (private paths)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if any(needle in cmdline for needle in needles) and alive(process):
-            found.append(process)
-    return found
 
 
 def kill(processes, run_dir):

@@ -18,21 +18,9 @@ from pyramid_powerhose.exc import NoWorkerError, TimeoutError
 from pyramid_powerhose.plugin import get_powerhose
 from pyramid_powerhose.settings import Settings
 
-from .conftest import REPO, wait_for
+from .conftest import REPO, all_gone, live_children, wait_for
 
 HEARTBEAT = "0.2"
-
-
-def live_children():
-    """This process's live descendants (zombies left by others do not count)."""
-    found = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
-    return found
 
 
 def job_view(request):
@@ -342,7 +330,6 @@ def test_spawn_starts_a_cluster_with_the_app_and_stops_it(make_app, client):
 
     powerhose.close()
     assert powerhose.cluster is None
-    wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                             for p in processes), timeout=20, what="the cluster to stop")
+    wait_for(lambda: all_gone(processes), timeout=20, what="the cluster to stop")
     assert client.ping(timeout=0.3) is None
     assert live_children() <= before

@@ -4,7 +4,6 @@ import os
 import socket
 import threading
 
-import psutil
 import pytest
 import webtest
 from pyramid.config import Configurator
@@ -14,18 +13,7 @@ from pyramid_powerhose.exc import ExecutionError, JobTooLargeError, NoWorkerErro
 from pyramid_powerhose.job import Job
 from pyramid_powerhose.plugin import get_powerhose
 from pyramid_powerhose.testing import DummyClient
-
-
-def live_children():
-    """This process's live descendants (zombies left by others do not count)."""
-    found = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
-    return found
+from tests.conftest import live_children
 
 
 def where(job):

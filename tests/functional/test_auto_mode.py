@@ -14,7 +14,7 @@ import urllib.request
 
 import psutil
 
-from ..conftest import REPO, read_log, wait_for
+from ..conftest import REPO, all_gone, read_log, wait_for
 
 SERVER = r"""
 import logging, sys
@@ -94,16 +94,6 @@ def brokers(procs_list, run_dir):
                 and run_dir in cmdline:
             found.append(proc)
     return found
-
-
-def all_gone(processes):
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
 
 
 def test_three_servers_share_one_broker_and_it_dies_with_its_spawner(procs, endpoints):

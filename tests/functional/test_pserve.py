@@ -25,7 +25,7 @@ from pyramid.paster import get_app
 
 from demo_app import assertion, tokens
 from pyramid_powerhose.plugin import get_powerhose
-from tests.conftest import REPO, command, read_log, wait_for
+from tests.conftest import REPO, all_gone, command, mentioning, read_log, wait_for
 
 DEMO = os.path.join(REPO, "demo_app")
 DEMO_SECRET = "DEMO-SECRET-public-never-use-in-production"  # as in the ini files
@@ -64,25 +64,6 @@ def family(pid):
         return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-
-
-def mentioning(text):
-    """Processes whose command line names ``text`` (our private run dir)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(text in arg for arg in proc.info["cmdline"] or ()):
-            found.append(proc)
-    return found
-
-
-def gone(processes):
-    for proc in processes:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            pass
-    return True
 
 
 @contextlib.contextmanager
@@ -153,7 +134,7 @@ def test_pserve_development_ini(procs, endpoints, leftovers, stop_signal):
 
     os.kill(pserve.pid, stop_signal)
     pserve.wait(30)
-    wait_for(lambda: gone(cluster) and not mentioning(endpoints.dir), timeout=30,
+    wait_for(lambda: all_gone(cluster) and not mentioning(endpoints.dir), timeout=30,
              interval=0.2, what="the cluster to stop with pserve")
     with pytest.raises(OSError):
         http(base + "/__heartbeat__")
@@ -215,5 +196,5 @@ def test_circus_ini_with_production_ini(procs, endpoints, leftovers, client, wai
             circusd.wait(30)
         except subprocess.TimeoutExpired:
             pass
-    wait_for(lambda: gone(leftovers) and not mentioning(endpoints.dir), timeout=30,
+    wait_for(lambda: all_gone(leftovers) and not mentioning(endpoints.dir), timeout=30,
              interval=0.2, what="circusd to stop its broker and workers")

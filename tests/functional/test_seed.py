@@ -13,7 +13,7 @@ import pytest
 
 from pyramid_powerhose import Client
 
-from ..conftest import BIN, REPO, command, read_log, wait_for
+from ..conftest import BIN, REPO, alive, command, read_log, wait_for
 
 EXAMPLES = os.path.join(REPO, "examples")
 
@@ -26,13 +26,6 @@ def seed_dir(run_dir):
 
 def descendants(proc):
     return psutil.Process(proc.pid).children(recursive=True)
-
-
-def alive(process):
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def serve_and_stop(proc, frontend, workers, sig):
