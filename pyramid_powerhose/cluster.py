@@ -114,6 +114,7 @@ def broker_command(settings, logfile=None) -> list[str]:
     argv = [python(), "-m", "pyramid_powerhose.cli.broker",
             "--frontend", settings.frontend, "--backend", settings.backend,
             "--heartbeat", repr(settings.heartbeat),
+            "--liveness", str(settings.liveness),
             "--grace", repr(settings.grace),
             "--no-worker-timeout", repr(settings.no_worker_timeout),
             "--max-job-size", str(settings.max_job_size)]
@@ -124,6 +125,7 @@ def worker_command(settings, logfile=None) -> list[str]:
     """``powerhose-worker TARGET`` for ``settings``, run by this interpreter."""
     argv = [python(), "-m", "pyramid_powerhose.cli.worker", settings.target,
             "--backend", settings.backend, "--heartbeat", repr(settings.heartbeat),
+            "--liveness", str(settings.liveness),
             "--service", settings.service,
             "--timeout", repr(settings.worker_timeout),
             "--max-age", repr(settings.max_age),

@@ -247,7 +247,7 @@ def test_interpreter_exit_stops_the_cluster(procs, endpoints):
 
 def test_settings_map_onto_the_command_lines(endpoints):
     base = Settings(frontend=endpoints.frontend, backend=endpoints.backend, numprocesses=3,
-                    grace=4.0)
+                    grace=4.0, liveness=5)
     cluster = get_cluster("tests.targets:echo", settings=base, timeout=7,
                           heartbeat="ipc:///tmp/heartbeat", worker_params="a:b|c:d",
                           max_age=30, max_age_delta=5, service="echo", debug=True)
@@ -271,6 +271,8 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert float(option(worker, "--max-age")) == 30
     assert float(option(worker, "--max-age-delta")) == 5
     assert float(option(worker, "--heartbeat")) == Settings.heartbeat
+    assert option(worker, "--liveness") == "5"
+    assert option(broker_command(settings), "--liveness") == "5"
     assert "--debug" in worker
     broker = broker_command(settings)
     assert option(broker, "--frontend") == endpoints.frontend

@@ -26,6 +26,9 @@ def add_endpoint_options(parser, frontend=True):
                         help="seconds between heartbeats (default %(default)s); an "
                         "endpoint such as ipc:///tmp/heartbeat is accepted and ignored, "
                         "for the original Powerhose's circus files")
+    parser.add_argument("--liveness", type=int, default=default("liveness"),
+                        help="heartbeats missed before the other side counts as gone "
+                        "(default %(default)s)")
 
 
 def add_logging_options(parser):
@@ -60,7 +63,7 @@ def settings_from(args, **extra) -> Settings:
     """One Settings from parsed arguments; SettingsError names what is wrong."""
     values = dict(extra)
     for name in ("frontend", "backend", "service", "logfile", "debug",
-                 "max_age", "max_age_delta", "prefetch"):
+                 "max_age", "max_age_delta", "prefetch", "liveness"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if getattr(args, "heartbeat", None) is not None:
