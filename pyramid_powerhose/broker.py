@@ -124,6 +124,7 @@ class Broker:
         self._probes_left = 0
         self._next_heartbeat = 0.0
         self._next_expiry = 0.0
+        self._parent = os.getppid() if settings.exit_with_parent else None
 
     # -- life cycle -----------------------------------------------------------
 
@@ -230,6 +231,10 @@ class Broker:
                 self.expire_jobs(now)
                 self.expire_workers(now)
                 self._next_expiry = now + 0.05
+                if self._parent is not None and os.getppid() != self._parent:
+                    log.warning("parent process %d is gone", self._parent)
+                    self._parent = None
+                    self.request_stop()
             if now >= self._next_heartbeat:
                 self.send_heartbeats()
                 # 7/MDP peers following the zguide expect one every 2.5 s at most.

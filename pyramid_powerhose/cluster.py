@@ -138,7 +138,8 @@ def worker_command(settings, logfile=None) -> list[str]:
 
 
 def _logging_options(settings, logfile):
-    options = ["--logfile", logfile or settings.logfile]
+    # Under our supervisor: if it is killed, circus cannot stop its children.
+    options = ["--exit-with-parent", "--logfile", logfile or settings.logfile]
     if settings.debug:
         options.append("--debug")
     return options

@@ -44,6 +44,7 @@ class Settings:
     cluster: str = "auto"  # plugin: auto | spawn | attach
     http_errors: bool = True  # plugin: exception views for powerhose errors
     params: dict = field(default_factory=dict)  # worker: get_params()
+    exit_with_parent: bool = False  # broker, worker: stop when the supervisor dies
     logfile: str = "stdout"
     debug: bool = False
 

@@ -95,6 +95,7 @@ class Worker:
         if age > 0:
             age += random.uniform(0, settings.max_age_delta)
         self.retire_at = time.monotonic() + age if age > 0 else None
+        self.parent = os.getppid() if settings.exit_with_parent else None
         _params.clear()
         _params.update(settings.params)
 
@@ -152,6 +153,10 @@ class Worker:
                     log.info("broker sent DISCONNECT; registering again")
                     self.connect()
             now = time.monotonic()
+            if self.parent is not None and os.getppid() != self.parent:
+                log.warning("parent process %d is gone; stopping", self.parent)
+                self.parent = None
+                self.stop_requested = True
             if self.stop_requested or (self.retire_at is not None and now >= self.retire_at):
                 return self.retire()
             if now >= self.broker_expiry:

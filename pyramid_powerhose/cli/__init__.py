@@ -35,6 +35,10 @@ def add_logging_options(parser):
     parser.add_argument("--logfile", default=default("logfile"),
                         help="'stdout', 'stderr' or a file path (default %(default)s)")
     parser.add_argument("--debug", action="store_true", help="log every job")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="stop (as on SIGTERM) if the parent process dies: for "
+                        "supervisors such as the cluster's circus, so that nothing "
+                        "outlives them")
 
 
 def add_worker_options(parser):
@@ -63,7 +67,7 @@ def settings_from(args, **extra) -> Settings:
     """One Settings from parsed arguments; SettingsError names what is wrong."""
     values = dict(extra)
     for name in ("frontend", "backend", "service", "logfile", "debug",
-                 "max_age", "max_age_delta", "prefetch", "liveness"):
+                 "max_age", "max_age_delta", "prefetch", "liveness", "exit_with_parent"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if getattr(args, "heartbeat", None) is not None:
