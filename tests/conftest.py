@@ -166,6 +166,12 @@ def worker_count(client, service="default"):
     return stats["services"].get(service, {}).get("workers", 0)
 
 
+def wait_busy(client, count=1, service="default"):
+    """Until ``count`` workers of ``service`` run a job (the broker's stats say so)."""
+    wait_for(lambda: client.stats()["services"][service]["busy"] == count,
+             what=f"{count} busy workers for {service!r}")
+
+
 @pytest.fixture
 def wait_workers():
     def wait(client, count, service="default", timeout=10.0):

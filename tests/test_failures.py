@@ -7,7 +7,7 @@ import time
 import pytest
 
 from pyramid_powerhose import exc
-from tests.conftest import read_log, wait_for
+from tests.conftest import read_log, wait_busy, wait_for
 
 
 def test_worker_killed_mid_job_fails_fast(start_broker, start_worker, wait_workers, client):
@@ -15,7 +15,7 @@ def test_worker_killed_mid_job_fails_fast(start_broker, start_worker, wait_worke
     worker = start_worker("tests.targets:sleep")
     wait_workers(client, 1)
     future = client.submit(b"30", timeout=60)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    wait_busy(client)
     killed = time.monotonic()
     worker.kill()
     with pytest.raises(exc.WorkerLostError, match="died or disconnected"):
@@ -29,7 +29,7 @@ def test_silent_worker_is_expired_by_heartbeat(start_broker, start_worker, wait_
     worker = start_worker("tests.targets:sleep")
     wait_workers(client, 1)
     future = client.submit(b"30", timeout=60)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    wait_busy(client)
     stopped = time.monotonic()
     worker.send_signal(signal.SIGSTOP)  # alive but silent: only heartbeats can tell
     try:
@@ -130,7 +130,7 @@ def test_worker_sigterm_finishes_the_current_job(start_broker, start_worker, wai
     worker = start_worker("tests.targets:sleep")
     wait_workers(client, 1)
     future = client.submit(b"1.0", timeout=10)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    wait_busy(client)
     worker.send_signal(signal.SIGTERM)
     assert future.result(timeout=10) == str(worker.pid).encode()
     assert worker.wait(5) == 0
@@ -143,7 +143,7 @@ def test_broker_sigterm_drains_in_flight_jobs(start_broker, start_worker, wait_w
     start_worker("tests.targets:sleep")
     wait_workers(client, 1)
     future = client.submit(b"1.0", timeout=10)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    wait_busy(client)
     broker.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     with pytest.raises(exc.NoWorkerError, match="shutting down"):
@@ -165,7 +165,7 @@ def test_worker_killed_with_a_prefetched_job_fails_both_fast(start_broker, start
     wait_workers(client, 1)
     client.map([b"0"] * 5)  # short jobs: the broker prefetches
     running = client.submit(b"30", timeout=60)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="job running")
+    wait_busy(client)
     waiting = client.submit(b"0", timeout=60)
     wait_for(lambda: client.stats()["services"]["default"]["queued"] == 0, what="prefetch")
     time.sleep(0.1)

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import pytest
 
 from pyramid_powerhose import Client, Job, exc
-from tests.conftest import wait_for
+from tests.conftest import wait_busy, wait_for
 
 
 def test_echo_str_and_bytes(cluster, client):
@@ -263,7 +263,7 @@ def test_prefetch_hands_a_busy_worker_its_next_job(start_broker, start_worker, w
     wait_workers(client, 1)
     client.map([b"0"] * 5)  # the broker prefetches only where jobs are short
     first = client.submit(b"0.6")
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    wait_busy(client)
     second = client.submit(b"0")
     time.sleep(0.2)
     assert client.stats()["services"]["default"]["queued"] == queued
@@ -276,7 +276,7 @@ def test_no_prefetch_behind_long_jobs(start_broker, start_worker, wait_workers, 
     wait_workers(client, 1)
     client.map([b"0.3"] * 2)  # the service's jobs are long now
     first = client.submit(b"0.6")
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    wait_busy(client)
     second = client.submit(b"0")
     time.sleep(0.2)
     assert client.stats()["services"]["default"]["queued"] == 1  # waits at the broker
@@ -290,7 +290,7 @@ def test_prefetched_job_past_its_deadline_is_not_run(start_broker, start_worker,
     wait_workers(client, 1)
     client.map([b"0"] * 5)
     busy = client.submit(b"1.0", timeout=10)
-    wait_for(lambda: client.stats()["services"]["default"]["busy"] == 1, what="busy")
+    wait_busy(client)
     with pytest.raises(exc.TimeoutError):
         client.execute(b"0", timeout=0.3)  # handed to the busy worker, then too late
     assert busy.result().isdigit()
