@@ -50,9 +50,10 @@ class _Channel:
     def __init__(self, context, frontend):
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
-        # Queue requests only on a live connection: with the broker down, a
-        # send waits (up to the job's timeout) instead of piling up stale jobs.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Not ZMQ_IMMEDIATE: with it, libzmq throws away the replies a socket
+        # has received but not yet read when the connection drops, e.g. the
+        # last replies of a broker that finished its jobs and stopped.  Jobs
+        # queued while no broker is up are discarded on timeout (_retire).
         sock.connect(frontend)
         self.socket = sock
         self.ids = itertools.count(1)
@@ -60,6 +61,9 @@ class _Channel:
 
     def next_id(self):
         return b"%x" % next(self.ids)
+
+    def close(self):
+        self.socket.close(0)
 
 
 class Client:
@@ -110,6 +114,20 @@ class Client:
             self._channels.add(channel)
         return channel
 
+    def _retire(self, channel):
+        """Replace a thread's socket after a timeout.
+
+        The timed-out job may still sit in the socket's queue (no broker
+        was up); closing the socket drops it, so a broker that comes back
+        never runs jobs whose callers gave up, and their late replies have
+        nowhere to go.
+        """
+        if getattr(self._local, "channel", None) is channel:
+            del self._local.channel
+        with self._lock:
+            self._channels.discard(channel)
+        channel.close()
+
     # -- jobs -----------------------------------------------------------------
 
     def _request(self, data, headers, service, timeout):
@@ -127,10 +145,17 @@ class Client:
         req, timeout = self._request(data, headers, service, timeout)
         channel = self._channel()
         req.job_id = channel.next_id()
+        return _result(self._run(channel, req, timeout))
+
+    def _run(self, channel, req, timeout):
+        """Send one request on ``channel`` and wait for its reply."""
         deadline = time.monotonic() + timeout
-        self._send(channel.socket, req, deadline, timeout)
-        reply = self._receive(channel.socket, {req.job_id}, deadline, req, timeout)
-        return _result(reply)
+        try:
+            self._send(channel.socket, req, deadline, timeout)
+            return self._receive(channel.socket, {req.job_id}, deadline, req, timeout)
+        except exc.TimeoutError:
+            self._retire(channel)
+            raise
 
     def _send(self, sock, req, deadline, timeout):
         frames = protocol.client_request(req)
@@ -144,8 +169,8 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLOUT):
                 raise exc.TimeoutError(
-                    f"could not reach a broker at {self.frontend} within {timeout}s; "
-                    "is powerhose-broker running?")
+                    f"could not queue the job for the broker at {self.frontend} "
+                    f"within {timeout}s; is powerhose-broker running?")
             try:
                 multipart.send(sock, frames, zmq.NOBLOCK)
                 return
@@ -160,7 +185,7 @@ class Client:
                 raise exc.TimeoutError(
                     f"job {req.job_id.decode()} on {req.service.decode()!r} got no result "
                     f"within {timeout}s from the broker at {self.frontend}; "
-                    "are the workers overloaded or hung?")
+                    "is powerhose-broker running, and are its workers overloaded or hung?")
             try:
                 reply = protocol.parse_client_reply(frames)
             except ProtocolError as error:
@@ -223,6 +248,8 @@ class Client:
                 continue
             index = pending.pop(reply.job_id)[0]
             results[index] = reply
+        if any(isinstance(outcome, exc.TimeoutError) for outcome in results):
+            self._retire(channel)
         values = []
         for outcome in results:
             if isinstance(outcome, Exception):
@@ -236,9 +263,7 @@ class Client:
         req = Request(service, b"", body, max(1, int(timeout * 1000)))
         channel = self._channel()
         req.job_id = channel.next_id()
-        deadline = time.monotonic() + timeout
-        self._send(channel.socket, req, deadline, timeout)
-        return _result(self._receive(channel.socket, {req.job_id}, deadline, req, timeout))
+        return _result(self._run(channel, req, timeout))
 
     def ping(self, timeout=1.0):
         """The broker's pid, or None if no broker answers within ``timeout``."""
@@ -269,7 +294,7 @@ class Client:
         with self._lock:
             channels = list(self._channels)
         for channel in channels:
-            channel.socket.close(0)
+            channel.close()
         self._local = threading.local()
         self._context.destroy(linger=0)
 

@@ -47,3 +47,10 @@ def spin(job):
     while time.perf_counter() < end:
         pass
     return b"done"
+
+
+def record(job):
+    """Appends the data to the file named by the ``log`` param, echoes it."""
+    with open(get_params()["log"], "ab") as f:
+        f.write(job.data + b"\n")
+    return job.data

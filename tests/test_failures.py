@@ -1,12 +1,14 @@
 """Failures: dead, hung, silent and recycled workers; a restarted broker."""
 
+import os
 import signal
 import threading
 import time
 
 import pytest
 
-from pyramid_powerhose import exc
+from pyramid_powerhose import Client, exc, multipart, protocol
+from pyramid_powerhose.protocol import Request
 from tests.conftest import read_log, wait_busy, wait_for
 
 
@@ -150,6 +152,44 @@ def test_broker_sigterm_drains_in_flight_jobs(start_broker, start_worker, wait_w
         client.execute(b"0", timeout=5)  # no new jobs while draining
     assert future.result(timeout=10).isdigit()  # the accepted one finished
     assert broker.wait(5) == 0
+
+
+def test_a_reply_read_after_the_broker_stopped_is_not_lost(start_broker, start_worker,
+                                                          wait_workers, client):
+    """The reply sits unread in the client's socket when the broker's connection closes.
+
+    Steps the client's own per-thread socket by hand, so that nothing reads
+    until the broker is gone (with ZMQ_IMMEDIATE, libzmq dropped the reply).
+    """
+    broker = start_broker()
+    start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    channel = client._channel()
+    req = Request(b"default", channel.next_id(), b"0.5", 10_000)
+    multipart.send(channel.socket, protocol.client_request(req))
+    wait_busy(client)
+    assert multipart.recv_within(channel.socket, 0) is None  # nothing yet
+    broker.send_signal(signal.SIGTERM)
+    assert broker.wait(10) == 0  # the job finished, its reply went out, then the connection closed
+    time.sleep(0.5)  # time for the client's I/O thread to see the connection go
+    reply = client._receive(channel.socket, {req.job_id}, time.monotonic() + 1, req, 1)
+    assert reply.ok and reply.data.isdigit()
+
+
+def test_jobs_that_timed_out_without_a_broker_never_run(start_broker, start_worker,
+                                                        wait_workers, endpoints, run_dir):
+    seen = os.path.join(run_dir, "seen")
+    with Client(frontend=endpoints.frontend) as client:
+        for n in range(3):
+            with pytest.raises(exc.TimeoutError):
+                client.execute(b"stale-%d" % n, timeout=0.2)
+        start_broker()
+        start_worker("tests.targets:record", "--params", f"log:{seen}")
+        wait_workers(client, 1)
+        assert client.execute(b"fresh") == b"fresh"
+        time.sleep(0.5)  # a stale job would have come right behind
+    with open(seen, "rb") as f:
+        assert f.read() == b"fresh\n"
 
 
 def test_worker_exits_when_no_broker_for_too_long(start_worker):

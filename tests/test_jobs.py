@@ -213,7 +213,7 @@ def test_ping_without_broker_returns_none(endpoints):
 
 def test_execute_without_broker_times_out_with_a_clear_message(endpoints):
     with Client(frontend=endpoints.frontend) as client:
-        with pytest.raises(exc.TimeoutError, match="could not reach a broker"):
+        with pytest.raises(exc.TimeoutError, match="is powerhose-broker running"):
             client.execute(b"x", timeout=0.3)
 
 
