@@ -145,6 +145,24 @@ def compare(target, client, data, jobs, threads, latency_samples=50, progress=No
                       Result("powerhose", jobs, remote_seconds), duration * 1000, extra * 1e6)
 
 
+BUDGET_MS = 2000.0  # single-thread work per measurement, by default
+
+
+def jobs_for(ms):
+    """Jobs for about BUDGET_MS of work at ``ms`` each: at least 200, at most 20,000."""
+    return min(20_000, max(200, int(BUDGET_MS / max(ms, 1e-3))))
+
+
+def job_ms(target, data, samples=5):
+    """One call's duration in milliseconds, the median of a few (to size the run)."""
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        target(Job(data))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
 def break_even(points):
     """The shortest duration where speed-up crosses 1, interpolated on a log scale."""
     points = sorted(points)
@@ -213,8 +231,8 @@ def make_parser():
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="workers (default: the number of cores, %(default)s)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="jobs per measurement (default: about 2 s of work, "
-                        "at least 200)")
+                        help="jobs per measurement (default: about 2 s of single-thread "
+                        "work, 200 to 20,000 jobs)")
     parser.add_argument("--sweep", action="store_true",
                         help="built-in job at %s ms; report the break-even duration"
                         % ", ".join(map(str, SWEEP_MS)))
@@ -257,7 +275,7 @@ def main(argv=None):
             else:
                 data = (args.data or "").encode()
             data = data if isinstance(data, bytes) else data.encode()
-            jobs = args.jobs or (20 if args.quick else 200)
+            jobs = args.jobs or (20 if args.quick else jobs_for(job_ms(target, data)))
             rounds = args.rounds or 1
             bar = _progress(jobs * 2 * rounds, args.quiet)
             runs = sorted((compare(target, client, data, jobs, args.threads,
@@ -283,9 +301,7 @@ def _print_one(c):
 def _sweep(args, target, client, speed):
     rows, points = [], []
     durations = SWEEP_MS[:4] if args.quick else SWEEP_MS
-    budget = 2.0  # seconds of single-thread work per measurement
-    plan = [(ms, args.jobs or (20 if args.quick else max(200, int(budget * 1000 / ms))))
-            for ms in durations]
+    plan = [(ms, args.jobs or (20 if args.quick else jobs_for(ms))) for ms in durations]
     rounds = args.rounds or (1 if args.quick else 3)
     bar = _progress(sum(jobs * 2 * rounds for _, jobs in plan), args.quiet)
     for ms, jobs in plan:
