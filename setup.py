@@ -1,3 +1,23 @@
-from setuptools import setup
+"""Metadata lives in setup.cfg; this file only declares the native broker.
 
-setup()
+The broker's message loop is also written in C++ (``native/broker.cpp``,
+the ``pyramid_powerhose._nbroker`` module) against the system libzmq
+(Debian: libzmq3-dev).  It is optional: without a C++ compiler or libzmq's
+headers the build skips it and ``powerhose-broker`` runs the Python loop
+(``pyramid_powerhose/broker.py``), which behaves the same, more slowly.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "pyramid_powerhose._nbroker",
+            sources=["native/broker.cpp"],
+            libraries=["zmq"],
+            language="c++",
+            extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra"],
+            optional=True,
+        ),
+    ],
+)

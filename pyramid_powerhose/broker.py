@@ -10,7 +10,6 @@ idle workers in least-recently-used order and its queue of jobs) and
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -36,6 +35,11 @@ EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: zmq's enums cost a ca
 # little, while behind a long one it could wait although another worker
 # frees up first.
 PREFETCH_BELOW = 0.1  # seconds
+
+
+def _name(service: bytes) -> str:
+    """A service name for a message: clients may send any bytes."""
+    return service.decode("utf-8", "replace")
 
 
 class PendingJob:
@@ -149,22 +153,12 @@ class Broker:
         )
 
     def _lock(self, name, endpoint):
-        path = endpoints.ipc_path(endpoint)
-        if path is None:
-            return  # tcp: bind() itself refuses a second listener
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise DuplicateBrokerError(
-                f"a broker (pid {holder or '?'}) already serves the {name} "
-                f"{endpoint}; stop it or choose another endpoint"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._locks.append(fd)
+            fd = endpoints.lock(endpoint, name)
+        except endpoints.EndpointTaken as exc:
+            raise DuplicateBrokerError(str(exc)) from None
+        if fd is not None:
+            self._locks.append(fd)
 
     def _bind_router(self, endpoint, name):
         sock = self.context.socket(zmq.ROUTER)
@@ -362,10 +356,6 @@ class Broker:
         elif command == protocol.DISCONNECT:
             if worker is not None:
                 self.delete_worker(worker, requeue=worker.extended)
-        else:  # REQUEST from a worker: valid MDP, but not a worker's command
-            if worker is not None:
-                self.delete_worker(worker)
-            self._disconnect(msg.address)
 
     def register(self, msg):
         svc = self.services.get(msg.service)
@@ -393,7 +383,7 @@ class Broker:
         worker.last_reply = now
         if worker.extended:
             body = msg.body
-            if len(body) < 3 or body[0] != client.request.job_id:
+            if not protocol.reply_frames_ok(body) or body[0] != client.request.job_id:
                 self._fail(client, protocol.ERR_BAD_REQUEST,
                            f"worker {worker.address.hex()} sent a malformed reply")
                 self.delete_worker(worker)
@@ -546,7 +536,7 @@ class Broker:
 
     def _worker_lost(self, job, worker):
         self._fail(job.msg, protocol.ERR_WORKER_LOST,
-                   f"worker {worker.address.hex()} serving {worker.service.name.decode()!r} "
+                   f"worker {worker.address.hex()} serving {_name(worker.service.name)!r} "
                    "died or disconnected while running the job; check the worker's log")
 
     # -- expiry and heartbeats -------------------------------------------------
@@ -570,7 +560,7 @@ class Broker:
                     self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job))
                 elif not svc.workers and now - job.received >= no_worker:
                     self._fail(job.msg, protocol.ERR_NO_WORKER,
-                               f"no worker serves {svc.name.decode()!r} on "
+                               f"no worker serves {_name(svc.name)!r} on "
                                f"{self.settings.backend}; is powerhose-worker running "
                                "with that --service?")
                 else:
@@ -579,7 +569,7 @@ class Broker:
 
     def _timeout_message(self, job):
         return (f"job waited {time.monotonic() - job.received:.2f}s in the queue for "
-                f"{job.msg.request.service.decode()!r} and its deadline passed: "
+                f"{_name(job.msg.request.service)!r} and its deadline passed: "
                 "all workers busy; add workers or raise the timeout")
 
     def send_heartbeats(self):

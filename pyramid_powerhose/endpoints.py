@@ -4,6 +4,7 @@ Default endpoints are ipc sockets in a per-user directory of mode 0700, so
 no other user can connect to the broker or squat its path.
 """
 
+import fcntl
 import os
 import stat
 import tempfile
@@ -66,3 +67,33 @@ def check(endpoint: str, name: str) -> str:
     if path is not None and len(path.encode()) > 107:
         raise ValueError(f"{name} ipc path is longer than 107 bytes: {path}")
     return endpoint
+
+
+class EndpointTaken(RuntimeError):
+    """Another broker holds the lock of an ipc endpoint; the message says which."""
+
+
+def lock(endpoint: str, name: str):
+    """Take the lock file next to an ipc endpoint's socket: one broker per endpoint.
+
+    Returns the open lock fd (held until closed or the process exits), or
+    None for other transports, where bind() itself refuses a second
+    listener.  The lock file holds the pid, for the message a second
+    broker prints.
+    """
+    path = ipc_path(endpoint)
+    if path is None:
+        return None
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise EndpointTaken(
+            f"a broker (pid {holder or '?'}) already serves the {name} "
+            f"{endpoint}; stop it or choose another endpoint"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

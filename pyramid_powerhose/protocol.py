@@ -167,6 +167,14 @@ def parse_client_reply(frames) -> Reply:
     return parse_reply_body(frames[3], frames[4:])
 
 
+def reply_frames_ok(frames) -> bool:
+    """Whether an extended REPLY body is [job id, OK, result] or
+    [job id, ERR, code, message, type, traceback]."""
+    count = len(frames)
+    return count >= 2 and ((frames[1] == STATUS_OK and count == 3) or
+                           (frames[1] == STATUS_ERROR and count == 6))
+
+
 def parse_reply_body(job_id: bytes, frames) -> Reply:
     status = frames[0]
     if status == STATUS_OK and len(frames) == 2:

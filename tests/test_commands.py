@@ -10,6 +10,9 @@ import pytest
 from pyramid_powerhose import Client, endpoints as endpoints_module
 from tests.conftest import command, read_log, wait_for
 
+# Every test here runs against both broker engines (C++ and Python).
+pytestmark = pytest.mark.usefixtures("broker_engine")
+
 
 def run(argv, **kwargs):
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, **kwargs)
@@ -35,7 +38,7 @@ def test_second_broker_on_a_live_tcp_frontend_exits_1(start_broker, run_dir):
     second = run(command("powerhose-broker") + [
         "--frontend", frontend, "--backend", f"ipc://{run_dir}/other.sock"])
     assert second.returncode == 1
-    assert "already in use" in second.stderr
+    assert f"the frontend {frontend} is already in use" in second.stderr
 
 
 def test_check_prints_the_pid_or_says_none(start_broker, endpoints):

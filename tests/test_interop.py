@@ -10,6 +10,9 @@ import zmq
 from pyramid_powerhose import exc
 from tests.conftest import read_log
 
+# Every test here runs against both broker engines (C++ and Python).
+pytestmark = pytest.mark.usefixtures("broker_engine")
+
 # From 7/MDP, nothing else: headers and one-byte commands.
 MDPC01, MDPW01 = b"MDPC01", b"MDPW01"
 READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT = b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"
@@ -205,8 +208,15 @@ def test_oversized_frame_costs_the_sender_its_connection_only(start_broker, star
         client.execute(b"y" * 1500)
 
 
-def test_worker_replying_with_a_wrong_job_id_fails_that_job_only(start_broker, endpoints,
-                                                                 client, wait_workers):
+@pytest.mark.parametrize("body", [
+    [b"not-the-id", b"OK", b"x"],  # someone else's job
+    [b"ID", b"MAYBE", b"x"],  # unknown status
+    [b"ID", b"OK", b"x", b"extra"],
+    [b"ID", b"ERR", b"ExecutionError", b"too few frames"],
+], ids=["wrong-id", "bad-status", "ok-extra-frame", "err-short"])
+@pytest.mark.parametrize("plain_client", [False, True], ids=["our-client", "plain-client"])
+def test_a_malformed_worker_reply_fails_that_job_and_costs_the_worker_its_place(
+        start_broker, endpoints, client, wait_workers, req_socket, body, plain_client):
     start_broker()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
@@ -215,14 +225,44 @@ def test_worker_replying_with_a_wrong_job_id_fails_that_job_only(start_broker, e
     sock.send_multipart([b"", MDPW01, READY, b"liar", b"powerhose/1"])
     try:
         wait_workers(client, 1, service="liar")
-        future = client.submit(b"x", service="liar")
+        if plain_client:
+            req_socket.send_multipart([MDPC01, b"liar", b"x"])
+        else:
+            future = client.submit(b"x", service="liar")
         assert sock.poll(5000)
         frames = sock.recv_multipart()
         assert frames[2] == REQUEST and frames[7] == b"x"
-        sock.send_multipart([b"", MDPW01, REPLY, frames[3], b"", b"not-the-id", b"OK", b"x"])
-        with pytest.raises(exc.ProtocolError, match="malformed reply"):
-            future.result(timeout=5)
+        body = [frames[5] if f == b"ID" else f for f in body]
+        sock.send_multipart([b"", MDPW01, REPLY, frames[3], b"", *body])
+        if plain_client:
+            reply = req_socket.recv_multipart()  # at once, not at a timeout
+            assert reply[:4] == [MDPC01, b"liar", b"ERR", b"ProtocolError"]
+            assert b"malformed reply" in reply[4]
+        else:
+            with pytest.raises(exc.ProtocolError, match="malformed reply"):
+                future.result(timeout=5)
         assert sock.poll(5000) and sock.recv_multipart()[2] == DISCONNECT
+        wait_workers(client, 0, service="liar")
     finally:
         sock.close()
         context.term()
+
+
+def test_a_job_for_a_service_name_that_is_not_utf8_expires_cleanly(start_broker, endpoints,
+                                                                    client):
+    """Messages about the job name its service with replacement characters."""
+    broker = start_broker("--no-worker-timeout", "5")
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoints.frontend)
+    try:
+        sock.send_multipart([b"", b"PHC01", b"\xff\xfe", b"1", b"200", b"x"])
+        assert sock.poll(5000)
+        reply = sock.recv_multipart()
+        assert reply[4:6] == [b"ERR", b"TimeoutError"]
+        assert "'\ufffd\ufffd'" in reply[6].decode()
+    finally:
+        sock.close()
+        context.term()
+    assert client.ping() == broker.pid  # still serving
