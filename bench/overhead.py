@@ -23,7 +23,7 @@ noisy machine only side-by-side numbers mean anything.  Every zmq variant
 uses ipc endpoints in a private temp dir; every process is started in its
 own process group and killed at the end, even on Ctrl-C or error.
 
-    python bench/overhead.py            # full run, about a minute
+    python bench/overhead.py            # full run, 25 short rounds, about a minute and a half
     python bench/overhead.py --quick    # smoke run, a few seconds
     python bench/overhead.py --rst      # the tables as RST, for README.rst
 """
@@ -387,9 +387,9 @@ def report(args, lat, tput, rst):
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Round trip and throughput of powerhose next to its floors.")
-    parser.add_argument("--rounds", type=int, default=9,
+    parser.add_argument("--rounds", type=int, default=25,
                         help="interleaved rounds per variant (default %(default)s)")
-    parser.add_argument("--count", type=int, default=3000,
+    parser.add_argument("--count", type=int, default=1000,
                         help="round trips per variant per round; the throughput runs "
                         "make twice as many (default %(default)s)")
     parser.add_argument("--quick", action="store_true",
