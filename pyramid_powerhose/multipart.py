@@ -4,13 +4,26 @@
 and ``recv_multipart`` calls ``getsockopt(zmq.RCVMORE)`` after every frame;
 each builds an enum member, which costs more than libzmq's own work on a
 small frame (on a 2-core VM, an 8-frame ``send_multipart`` took 35 us, the
-same sends with an int flag 7 us).  A job crosses four multipart sends and
-four receives of 6 to 9 frames, so the broker, the worker and the client
-send and receive through here: the same libzmq calls, with plain ints.
+same sends with an int flag 7 us).  And every frame pyzmq sends or
+receives releases and retakes the GIL: a dozen hand-offs per job between
+the threads of a web server.  A job crosses four multipart sends and four
+receives of 6 to 9 frames, so the broker, the worker and the client send
+and receive through here.
+
+Where the native module ``_nmultipart`` (``native/multipart.cpp``) is
+built, a message is one call that holds the GIL except while it waits;
+otherwise the same libzmq calls go through pyzmq with plain int flags.
+Both behave alike: a NOBLOCK send that cannot queue raises ``zmq.Again``
+before anything is queued, a closed socket raises ``zmq.ZMQError``.
 """
 
 import zmq
 from zmq.backend import Socket as _BackendSocket
+
+try:
+    from . import _nmultipart
+except ImportError:  # built without a compiler
+    _nmultipart = None
 
 SNDMORE = int(zmq.SNDMORE)
 RCVTIMEO = int(zmq.RCVTIMEO)
@@ -21,12 +34,30 @@ RCVTIMEO = int(zmq.RCVTIMEO)
 _send_frame = _BackendSocket.send
 
 
-def send(sock, frames, flags=0):
-    """``sock.send_multipart(frames, flags)`` for a list of bytes.
+def _native_available() -> bool:
+    if _nmultipart is None:
+        return False
+    try:
+        from zmq.backend.cython import _zmq
+    except ImportError:  # pyzmq's cffi backend (PyPy)
+        return False
+    return _nmultipart.init(_zmq.__file__)
 
-    As there, a NOBLOCK send that cannot queue raises on the first frame,
-    before anything is queued.
-    """
+
+NATIVE = _native_available()
+
+
+def _error(exc: OSError) -> zmq.ZMQError:
+    if exc.errno == zmq.EAGAIN:
+        return zmq.Again()
+    return zmq.ZMQError(exc.errno)
+
+
+# -- through pyzmq, a call per frame ------------------------------------------
+
+
+def send_python(sock, frames, flags=0):
+    """``sock.send_multipart(frames, flags)`` for a list of bytes."""
     flags = int(flags)
     more = flags | SNDMORE
     for frame in frames[:-1]:
@@ -34,7 +65,7 @@ def send(sock, frames, flags=0):
     _send_frame(sock, frames[-1], flags)
 
 
-def recv(sock, flags=0):
+def recv_python(sock, flags=0):
     """``sock.recv_multipart(flags)``: the frames of one message, as bytes."""
     frame = sock.recv(flags, copy=False)  # a Frame knows whether more follow
     frames = [frame.bytes]
@@ -44,16 +75,49 @@ def recv(sock, flags=0):
     return frames
 
 
-def recv_within(sock, timeout_ms):
-    """The frames of the next message, or None if none comes within ``timeout_ms``.
-
-    A recv that waits (RCVTIMEO) makes fewer system calls than poll + recv:
-    zmq_poll checks the socket before it sleeps and again after.  At 0 it
-    only takes a message already there.
-    """
+def recv_within_python(sock, timeout_ms):
+    """The next message's frames, or None if none comes within ``timeout_ms``
+    (0: only one already there)."""
     # RCVTIMEO is a C int of milliseconds; -1 would mean forever.
     sock.setsockopt(RCVTIMEO, min(max(0, timeout_ms), 2**31 - 1))
     try:
-        return recv(sock)
+        return recv_python(sock)
     except zmq.Again:
         return None
+
+
+# -- through _nmultipart, a call per message ------------------------------------
+
+
+def send_native(sock, frames, flags=0):
+    """send_python in one call: the GIL is released only to wait for room."""
+    try:
+        _nmultipart.send(sock.underlying, list(frames), int(flags))
+    except OSError as exc:
+        raise _error(exc) from None
+
+
+def recv_native(sock, flags=0):
+    """recv_python in one call: the GIL is released only to wait."""
+    try:
+        frames = _nmultipart.recv(sock.underlying, 0 if int(flags) & zmq.NOBLOCK else -1)
+    except OSError as exc:
+        raise _error(exc) from None
+    if frames is None:
+        raise zmq.Again()
+    return frames
+
+
+def recv_within_native(sock, timeout_ms):
+    """recv_within_python in one call: the GIL is released only to wait."""
+    try:
+        return _nmultipart.recv(sock.underlying, min(max(0, timeout_ms), 2**31 - 1))
+    except OSError as exc:
+        raise _error(exc) from None
+
+
+# What the rest of the package calls.
+if NATIVE:
+    send, recv, recv_within = send_native, recv_native, recv_within_native
+else:
+    send, recv, recv_within = send_python, recv_python, recv_within_python
