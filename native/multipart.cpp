@@ -54,9 +54,13 @@ struct Libzmq {
 Libzmq zmq;
 bool ready = false;
 
-// A failed call: (errno,) for multipart.py to raise as pyzmq would.
+// A failed call: OSError(errno) for multipart.py to raise as pyzmq would.
 PyObject* failure(int err) {
-    PyErr_SetObject(PyExc_OSError, Py_BuildValue("(is)", err, "libzmq error"));
+    PyObject* args = Py_BuildValue("(is)", err, "libzmq error");
+    if (args != nullptr) {
+        PyErr_SetObject(PyExc_OSError, args);
+        Py_DECREF(args);
+    }
     return nullptr;
 }
 
