@@ -1,6 +1,5 @@
 """multipart.py: the native (one call per message) and pyzmq paths, on real sockets."""
 
-import os
 import threading
 import time
 
@@ -8,6 +7,7 @@ import pytest
 import zmq
 
 from pyramid_powerhose import multipart
+from tests.conftest import missing
 
 IMPLEMENTATIONS = {
     "native": (multipart.send_native, multipart.recv_native, multipart.recv_within_native),
@@ -17,18 +17,14 @@ IMPLEMENTATIONS = {
 
 def test_the_native_path_is_used_where_the_readme_set_up_ran():
     if not multipart.NATIVE:
-        if os.environ.get("CI"):
-            pytest.fail("pyramid_powerhose._nmultipart was not built or found no libzmq")
-        pytest.skip("the native multipart module is not built (needs g++ at install)")
+        missing("pyramid_powerhose._nmultipart was not built (needs g++) or found no libzmq")
     assert multipart.send is multipart.send_native
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def impl(request):
     if request.param == "native" and not multipart.NATIVE:
-        if os.environ.get("CI"):
-            pytest.fail("the native multipart module is not available in CI")
-        pytest.skip("the native multipart module is not built")
+        missing("the native multipart module is not built (needs g++ at install)")
     return IMPLEMENTATIONS[request.param]
 
 
