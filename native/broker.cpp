@@ -23,6 +23,7 @@
 #include <zmq.h>
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -930,26 +931,49 @@ class Broker {
     // -- the loop -------------------------------------------------------------------
 
     // Serves until stopped; returns once every accepted job is settled.
+    //
+    // The loop polls the sockets' ZMQ_FDs itself rather than calling
+    // zmq_poll.  Each question to a socket (ZMQ_EVENTS, or a receive that
+    // finds nothing) costs a getpid and a poll system call inside libzmq,
+    // and zmq_poll asks every socket twice per wake-up (before sleeping
+    // and after); here only a socket whose descriptor fired, or that was
+    // used since it was last asked (a send or receive may take its
+    // wake-up signal), is asked.
     void run() {
-        zmq_pollitem_t items[4] = {
-            {frontend_, 0, ZMQ_POLLIN, 0},
-            {backend_, 0, ZMQ_POLLIN, 0},
-            {monitor_, 0, ZMQ_POLLIN, 0},
-            {nullptr, signals_.wake_fd(), ZMQ_POLLIN, 0},
-        };
+        void* const sockets[3] = {frontend_, backend_, monitor_};
+        pollfd fds[4];
+        for (int i = 0; i < 3; ++i) {
+            size_t size = sizeof fds[i].fd;
+            if (zmq_getsockopt(sockets[i], ZMQ_FD, &fds[i].fd, &size) != 0)
+                throw ZmqFatal{zmq_errno()};
+            fds[i].events = POLLIN;
+            fds[i].revents = 0;
+        }
+        fds[3] = {signals_.wake_fd(), POLLIN, 0};
+        for (bool& stale : stale_) stale = true;
         for (;;) {
-            if (zmq_poll(items, 4, poll_timeout()) < 0) {
-                if (zmq_errno() != EINTR) throw ZmqFatal{zmq_errno()};
-                for (auto& item : items) item.revents = 0;
+            unsigned ready = 0;
+            for (int i = 0; i < 3; ++i) {
+                if (!stale_[i]) continue;
+                stale_[i] = false;
+                if (events(sockets[i]) & ZMQ_POLLIN) ready |= 1u << i;
             }
-            if (items[3].revents & ZMQ_POLLIN) signals_.drain();
+            if (ready == 0) {
+                // Every socket was asked since it was last used: any new
+                // message now makes its descriptor readable.
+                int rc = ::poll(fds, 4, static_cast<int>(poll_timeout()));
+                if (rc < 0 && errno != EINTR) throw ZmqFatal{errno};
+                for (int i = 0; rc > 0 && i < 3; ++i)
+                    if (fds[i].revents) stale_[i] = true;
+                if (rc > 0 && (fds[3].revents & POLLIN)) signals_.drain();
+            }
             if (g_stop_requested) {
                 g_stop_requested = 0;
                 request_stop();
             }
-            if (items[0].revents & ZMQ_POLLIN) drain(frontend_, &Broker::handle_client);
-            if (items[1].revents & ZMQ_POLLIN) drain(backend_, &Broker::handle_worker);
-            if (items[2].revents & ZMQ_POLLIN) handle_monitor();
+            if (ready & 1u) drain(frontend_, &Broker::handle_client);
+            if (ready & 2u) drain(backend_, &Broker::handle_worker);
+            if (ready & 4u) handle_monitor();
             if (!vanished_.empty()) bury_vanished();
             double now = monotonic();
             if (now >= next_expiry_) {
@@ -993,7 +1017,10 @@ class Broker {
             release_input();
             // Asking is cheaper than a recv that fails, and most wake-ups
             // bring a single message.
-            if (!(events(sock) & ZMQ_POLLIN)) return;
+            if (!(events(sock) & ZMQ_POLLIN)) {
+                stale_[index_of(sock)] = false;  // asked after its last use
+                return;
+            }
         }
     }
 
@@ -1593,6 +1620,7 @@ class Broker {
     }
 
     void handle_monitor() {
+        stale_[2] = true;
         for (;;) {
             if (zmq_msg_recv(monitor_event_.get(), monitor_, ZMQ_DONTWAIT) < 0) {
                 int err = zmq_errno();
@@ -1742,6 +1770,11 @@ class Broker {
         if (zmq_setsockopt(sock, option, &value, sizeof value) != 0) throw ZmqFatal{zmq_errno()};
     }
 
+    // 0, 1, 2: the frontend, the backend, the monitor (run()'s order).
+    size_t index_of(void* sock) const {
+        return sock == frontend_ ? 0 : sock == backend_ ? 1 : 2;
+    }
+
     static int events(void* sock) {
         for (;;) {
             int events = 0;
@@ -1753,6 +1786,7 @@ class Broker {
 
     // Reads one whole message into in_[0..nin_); false when none is waiting.
     bool recv_message(void* sock) {
+        stale_[index_of(sock)] = true;
         nin_ = 0;
         for (;;) {
             if (nin_ == in_.size()) in_.emplace_back();
@@ -1798,6 +1832,7 @@ class Broker {
     // Sends the listed frames as one message; 0, or the errno of a first
     // frame that could not be queued (then nothing was sent, as with pyzmq).
     int flush(void* sock, int flags) {
+        stale_[index_of(sock)] = true;
         const size_t n = out_.size();
         for (size_t i = 0; i < n; ++i) {
             const Part& part = out_[i];
@@ -1845,6 +1880,8 @@ class Broker {
     void* frontend_ = nullptr;
     void* backend_ = nullptr;
     void* monitor_ = nullptr;
+    // Whether a socket was used since run() last asked its ZMQ_EVENTS.
+    bool stale_[3] = {true, true, true};
 
     size_t queued_ = 0;  // jobs in all service queues
     std::vector<std::unique_ptr<Service>> service_list_;  // in creation order, like the dict
