@@ -131,7 +131,8 @@ def worker_command(settings, logfile=None) -> list[str]:
             "--max-age", repr(settings.max_age),
             "--max-age-delta", repr(settings.max_age_delta),
             "--broker-timeout", repr(settings.broker_timeout),
-            "--prefetch", str(settings.prefetch)]
+            "--prefetch", str(settings.prefetch),
+            "--nice", str(settings.nice)]
     if settings.params:
         argv += ["--params", format_params(settings.params)]
     return argv + _logging_options(settings, logfile)

@@ -36,6 +36,7 @@ class Settings:
     max_age_delta: float = 0.0  # worker: random spread added to max_age
     broker_timeout: float = 60.0  # worker: exit after this long without a broker
     prefetch: int = 2  # worker: jobs the broker may hand it at once (1: one at a time)
+    nice: int = 5  # worker: lowers its CPU priority so broker and web threads run first
     no_worker_timeout: float = 1.0  # broker: fail jobs of a service with no worker
     max_job_size: int = 16 * MiB  # broker and client: largest job data
     grace: float = 10.0  # broker and worker: seconds to finish jobs on SIGTERM
@@ -68,6 +69,8 @@ class Settings:
             raise SettingsError("liveness must be at least 1")
         if not 1 <= self.prefetch <= 64:
             raise SettingsError(f"prefetch must be 1 to 64, got {self.prefetch!r}")
+        if not 0 <= self.nice <= 19:
+            raise SettingsError(f"nice must be 0 (keep the priority) to 19, got {self.nice!r}")
         if self.max_age != -1 and self.max_age <= 0:
             raise SettingsError("max_age must be -1 (never) or positive seconds")
         if self.max_job_size < 1:
@@ -187,6 +190,7 @@ MAPPING_KEYS = {
     "max_age_delta": ("max_age_delta", _seconds),
     "broker_timeout": ("broker_timeout", _seconds),
     "prefetch": ("prefetch", _whole),
+    "nice": ("nice", _whole),
     "no_worker_timeout": ("no_worker_timeout", _seconds),
     "max_job_size": ("max_job_size", _whole),
     "grace": ("grace", _seconds),

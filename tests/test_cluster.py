@@ -69,6 +69,11 @@ def test_start_execute_stop_leaves_nothing(clusters, client):
     assert len(pids["workers"]) == 2
     processes = tree(pids["circus"])
     assert {p.pid for p in processes} >= {pids["circus"], *pids["broker"], *pids["workers"]}
+    # Workers give way to the broker and the web threads; the broker keeps our priority.
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids["workers"]] == \
+        [min(19, ours + Settings.nice)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, pids["broker"][0]) == ours
     run_dir = cluster.run_dir
     assert os.stat(run_dir).st_mode & 0o077 == 0  # private: circus's socket lives there
 
@@ -247,7 +252,7 @@ def test_interpreter_exit_stops_the_cluster(procs, endpoints):
 
 def test_settings_map_onto_the_command_lines(endpoints):
     base = Settings(frontend=endpoints.frontend, backend=endpoints.backend, numprocesses=3,
-                    grace=4.0, liveness=5)
+                    grace=4.0, liveness=5, nice=9)
     cluster = get_cluster("tests.targets:echo", settings=base, timeout=7,
                           heartbeat="ipc:///tmp/heartbeat", worker_params="a:b|c:d",
                           max_age=30, max_age_delta=5, service="echo", debug=True)
@@ -272,6 +277,7 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert float(option(worker, "--max-age-delta")) == 5
     assert float(option(worker, "--heartbeat")) == Settings.heartbeat
     assert option(worker, "--liveness") == "5"
+    assert option(worker, "--nice") == "9"
     assert option(broker_command(settings), "--liveness") == "5"
     assert "--debug" in worker
     broker = broker_command(settings)

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from pyramid_powerhose import Client, endpoints as endpoints_module
+from pyramid_powerhose.settings import Settings
 from tests.conftest import command, read_log, wait_for
 
 # Every test here runs against both broker engines (C++ and Python).
@@ -72,6 +73,25 @@ def test_bad_worker_params_exit_2(endpoints):
     result = run(command("powerhose-worker") + [
         "tests.targets:echo", "--backend", endpoints.backend, "--params", "novalue"])
     assert result.returncode == 2 and "key:value" in result.stderr
+
+
+@pytest.mark.parametrize("args, added", [([], Settings.nice), (["--nice", "0"], 0),
+                                         (["--nice", "11"], 11)])
+def test_worker_lowers_its_priority_by_nice(start_broker, start_worker, wait_workers, client,
+                                            args, added):
+    start_broker()
+    worker = start_worker("tests.targets:echo", *args)
+    wait_workers(client, 1)
+    assert client.execute(b"still serving") == b"still serving"
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, ours + added)
+
+
+@pytest.mark.parametrize("value", ["20", "-1"])
+def test_bad_worker_nice_exits_2(endpoints, value):
+    result = run(command("powerhose-worker") + [
+        "tests.targets:echo", "--backend", endpoints.backend, "--nice", value])
+    assert result.returncode == 2 and "nice must be 0 (keep the priority) to 19" in result.stderr
 
 
 def test_unimportable_target_exits_1_naming_it(endpoints):

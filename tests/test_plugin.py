@@ -107,6 +107,8 @@ def test_every_setting_is_read(endpoints):
         "powerhose.max_age": "600",
         "powerhose.max_age_delta": "60",
         "powerhose.broker_timeout": "20",
+        "powerhose.prefetch": "3",
+        "powerhose.nice": "0",
         "powerhose.no_worker_timeout": "2",
         "powerhose.max_job_size": "1024",
         "powerhose.grace": "3",
@@ -120,7 +122,8 @@ def test_every_setting_is_read(endpoints):
     assert settings == Settings(
         target="tests.targets:echo", frontend=endpoints.frontend, backend=endpoints.backend,
         service="resize", heartbeat=0.5, liveness=4, timeout=2.5, worker_timeout=30.0,
-        max_age=600.0, max_age_delta=60.0, broker_timeout=20.0, no_worker_timeout=2.0,
+        max_age=600.0, max_age_delta=60.0, broker_timeout=20.0, prefetch=3, nice=0,
+        no_worker_timeout=2.0,
         max_job_size=1024, grace=3.0, numprocesses=3, working_dir="/srv/app",
         cluster="attach", http_errors=False, params={"region": "eu", "key": "a:b|c"},
         logfile="stderr", debug=True)

@@ -58,6 +58,11 @@ def add_worker_options(parser):
                         help="jobs the broker may hand this worker at once: one runs, "
                         "the others wait in its socket so it never idles between "
                         "short jobs; 1 for long or uneven jobs (default %(default)s)")
+    parser.add_argument("--nice", type=int, default=default("nice"),
+                        help="add this to the worker's niceness (0 to 19): a busy worker "
+                        "then gives way at once to the broker and the web server's "
+                        "threads, which need a core for microseconds at a time; 0 keeps "
+                        "the priority it was started with (default %(default)s)")
     parser.add_argument("--params", default="",
                         help="'key:value|key2:value2', read back by "
                         "pyramid_powerhose.get_params()")
@@ -67,7 +72,8 @@ def settings_from(args, **extra) -> Settings:
     """One Settings from parsed arguments; SettingsError names what is wrong."""
     values = dict(extra)
     for name in ("frontend", "backend", "service", "logfile", "debug",
-                 "max_age", "max_age_delta", "prefetch", "liveness", "exit_with_parent"):
+                 "max_age", "max_age_delta", "prefetch", "nice", "liveness",
+                 "exit_with_parent"):
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if getattr(args, "heartbeat", None) is not None:

@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import logs
@@ -37,6 +38,11 @@ def main(argv=None):
         log.error("%s", exc)
         print(f"powerhose-worker: {exc}", file=sys.stderr)
         return 1
+    if settings.nice:
+        # Jobs are the batch work of the machine; the broker and the web
+        # server's threads wake for microseconds at a time and should get a
+        # core at once rather than wait for a running job's time slice.
+        os.nice(settings.nice)
     worker = Worker(target, settings)
     worker.install_signal_handlers()
     return worker.run()
