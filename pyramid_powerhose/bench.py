@@ -305,6 +305,8 @@ def _sweep(args, target, client, speed):
     rounds = args.rounds or (1 if args.quick else 3)
     bar = _progress(sum(jobs * 2 * rounds for _, jobs in plan), args.quiet)
     for ms, jobs in plan:
+        if not args.quick:  # again: a virtual machine's speed drifts within minutes
+            speed = rounds_per_ms()
         data = b"%d" % max(1, round(speed * ms))
         runs = sorted((compare(target, client, data, jobs, args.threads,
                                5 if args.quick else 30, bar) for _ in range(rounds)),
