@@ -218,14 +218,17 @@ class Worker:
             self._lock.acquire()
             self._busy_since = None
             self._current = None
-        multipart.send(self.socket, protocol.worker_reply(command.client, reply))
-        self.jobs_done += 1
+        # The bookkeeping comes before the reply: once it is sent, our I/O
+        # thread must run to pass it on, often on this core, and every
+        # microsecond we keep the core delays the client.
         if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             self.backlog_since = None  # what comes next did not queue behind this job
         # We could not read the broker's heartbeats while busy.
         now = time.monotonic()
         self.broker_expiry = max(self.broker_expiry, now + self.liveness)
         self.next_heartbeat = now + self.heartbeat
+        self.jobs_done += 1
+        multipart.send(self.socket, protocol.worker_reply(command.client, reply))
 
     def execute(self, job) -> Reply:
         return run_target(self.target, job)
