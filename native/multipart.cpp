@@ -5,7 +5,8 @@
 // a web server with many threads each release lets another thread take
 // the GIL, so one job costs a dozen GIL hand-offs (futex calls, task
 // switches).  Here the frames of one message are sent or received with the
-// GIL held; it is released only to wait for a message that has not come.
+// GIL held; it is released only around a send that waits for room and a
+// receive that may wait (one with a timeout other than 0).
 //
 // The sockets stay pyzmq's.  libzmq is not linked: init() looks its
 // functions up in the library pyzmq's backend was loaded with, so both

@@ -98,7 +98,7 @@ def send_native(sock, frames, flags=0):
 
 
 def recv_native(sock, flags=0):
-    """recv_python in one call: the GIL is released only to wait."""
+    """recv_python in one call: the GIL is released only if it may wait."""
     try:
         frames = _nmultipart.recv(sock.underlying, 0 if int(flags) & zmq.NOBLOCK else -1)
     except OSError as exc:
@@ -109,7 +109,8 @@ def recv_native(sock, flags=0):
 
 
 def recv_within_native(sock, timeout_ms):
-    """recv_within_python in one call: the GIL is released only to wait."""
+    """recv_within_python in one call: the GIL is released while it may wait
+    (one blocking receive under RCVTIMEO), unless ``timeout_ms`` is 0."""
     try:
         return _nmultipart.recv(sock.underlying, min(max(0, timeout_ms), 2**31 - 1))
     except OSError as exc:
