@@ -153,10 +153,7 @@ class Broker:
         )
 
     def _lock(self, name, endpoint):
-        try:
-            fd = endpoints.lock(endpoint, name)
-        except endpoints.EndpointTaken as exc:
-            raise DuplicateBrokerError(str(exc)) from None
+        fd = endpoints.lock(endpoint, name)
         if fd is not None:
             self._locks.append(fd)
 

@@ -9,6 +9,8 @@ import os
 import stat
 import tempfile
 
+from .exc import DuplicateBrokerError
+
 IPC = "ipc://"
 
 
@@ -69,17 +71,13 @@ def check(endpoint: str, name: str) -> str:
     return endpoint
 
 
-class EndpointTaken(RuntimeError):
-    """Another broker holds the lock of an ipc endpoint; the message says which."""
-
-
 def lock(endpoint: str, name: str):
     """Take the lock file next to an ipc endpoint's socket: one broker per endpoint.
 
     Returns the open lock fd (held until closed or the process exits), or
     None for other transports, where bind() itself refuses a second
-    listener.  The lock file holds the pid, for the message a second
-    broker prints.
+    listener.  The lock file holds the pid, for the DuplicateBrokerError
+    a second broker prints.
     """
     path = ipc_path(endpoint)
     if path is None:
@@ -90,7 +88,7 @@ def lock(endpoint: str, name: str):
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise EndpointTaken(
+        raise DuplicateBrokerError(
             f"a broker (pid {holder or '?'}) already serves the {name} "
             f"{endpoint}; stop it or choose another endpoint"
         ) from None

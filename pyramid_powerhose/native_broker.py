@@ -56,10 +56,7 @@ def serve(settings, log_fd: int) -> None:
     locks = []
     try:
         for name, endpoint in (("frontend", settings.frontend), ("backend", settings.backend)):
-            try:
-                fd = endpoints.lock(endpoint, name)
-            except endpoints.EndpointTaken as exc:
-                raise DuplicateBrokerError(str(exc)) from None
+            fd = endpoints.lock(endpoint, name)
             if fd is not None:
                 locks.append(fd)
         parent = os.getppid() if settings.exit_with_parent else 0
