@@ -1,10 +1,12 @@
 // cpp_worker: a powerhose/1 worker in C++ (README.rst; PROTOCOL.rst is the spec).
 //
-// The main thread owns the one DEALER socket: it registers, heartbeats,
-// watches the broker's liveness and reconnects.  Each job runs in a thread
-// of its own, so heartbeats keep flowing while it computes; the job thread
-// never touches the socket and tells the main thread it is done through a
-// self-pipe, which the signal handler uses too.
+// Two threads.  The main thread owns the one DEALER socket: it registers,
+// heartbeats, watches the broker's liveness, reconnects and handles signals.
+// The job thread, started once with the worker, runs the jobs the main
+// thread hands it (a mutex and a condition variable), one at a time, so
+// heartbeats keep flowing while a job computes; it never touches the socket
+// and tells the main thread a job is done through a self-pipe, which the
+// signal handler uses too.
 
 #include <cxxabi.h>
 #include <fcntl.h>
@@ -17,6 +19,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -24,11 +27,13 @@
 #include <iomanip>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <typeinfo>
+#include <utility>
 
 #include "jobs.hpp"
 #include "protocol.hpp"
@@ -221,13 +226,12 @@ void drain_wake_pipe() {
     }
 }
 
-// -- a job running in its own thread ------------------------------------------------
+// -- a job, and the thread that runs jobs -------------------------------------------
 
 struct RunningJob {
     std::string client;
     jobs::Job job;
     Clock::time_point started;
-    std::thread thread;
     std::atomic<bool> done{false};
     // Written by the job thread before `done`, read by the main thread after it.
     bool ok = false;
@@ -247,6 +251,7 @@ struct RunningJob {
             fail(mdp::ERR_EXECUTION, "the job threw an object that is not a std::exception",
                  type ? demangle(type->name()) : "unknown");
         }
+        // The main thread may free us once `done` is set: touch no member after it.
         done.store(true, std::memory_order_release);
         ssize_t ignored = write(wake_pipe[1], "j", 1);
         (void)ignored;
@@ -260,6 +265,60 @@ struct RunningJob {
     }
 };
 
+// One thread for the worker's life, running each job the main thread hands it.
+class JobThread {
+public:
+    JobThread() {
+        // Signals go to the main thread, whose poll the handler wakes up.
+        sigset_t blocked, previous;
+        sigemptyset(&blocked);
+        sigaddset(&blocked, SIGTERM);
+        sigaddset(&blocked, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &blocked, &previous);
+        thread_ = std::thread([this] { loop(); });
+        pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+    }
+
+    // Lets a job handed over finish, then joins the thread.
+    ~JobThread() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            quit_ = true;
+        }
+        wake_.notify_one();
+        thread_.join();
+    }
+
+    // The job must outlive its run, i.e. stay alive until its `done` is set.
+    void start(RunningJob* job) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            next_ = job;
+        }
+        wake_.notify_one();
+    }
+
+private:
+    void loop() {
+        while (true) {
+            RunningJob* job;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [this] { return next_ || quit_; });
+                if (!next_) return;  // quitting, and no job left to run
+                job = std::exchange(next_, nullptr);
+            }
+            job->run();
+        }
+    }
+
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    RunningJob* next_ = nullptr;  // the job handed over, under mutex_
+    bool quit_ = false;           // under mutex_
+    std::thread thread_;
+};
+
 // -- the worker -----------------------------------------------------------------------
 
 class Worker {
@@ -270,8 +329,8 @@ public:
         if (!context_) throw std::runtime_error("zmq_ctx_new failed");
     }
 
+    // job_thread_, destroyed after this body, joins the job thread.
     ~Worker() {
-        if (running_ && running_->thread.joinable()) running_->thread.join();
         close_socket(0);
         zmq_ctx_term(context_);
     }
@@ -445,21 +504,12 @@ private:
         if (options_.verbose)
             log("INFO", "job ", printable(job.id), " started: ", job.name, ", ", job.data.size(),
                 " bytes, ttl ", request.ttl_ms, "ms");
-
-        // Signals go to the main thread, whose poll the handler wakes up.
-        sigset_t blocked, previous;
-        sigemptyset(&blocked);
-        sigaddset(&blocked, SIGTERM);
-        sigaddset(&blocked, SIGINT);
-        pthread_sigmask(SIG_BLOCK, &blocked, &previous);
-        RunningJob* raw = running.get();
-        running->thread = std::thread([raw] { raw->run(); });
-        pthread_sigmask(SIG_SETMASK, &previous, nullptr);
         running_ = std::move(running);
+        job_thread_.start(running_.get());
     }
 
+    // Called once running_->done is seen set: the job thread is done with it.
     void finish_job() {
-        running_->thread.join();
         std::unique_ptr<RunningJob> done = std::move(running_);
         const jobs::Job& job = done->job;
         auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - done->started);
@@ -502,6 +552,8 @@ private:
     milliseconds backoff_ = FIRST_BACKOFF;
     std::unique_ptr<RunningJob> running_;
     unsigned long jobs_done_ = 0;
+    // Declared after running_, so destroyed (joined) before the job it may run.
+    JobThread job_thread_;
 };
 
 }  // namespace
