@@ -32,6 +32,8 @@ struct zmq_msg_t {
     alignas(8) unsigned char bytes[64];
 };
 constexpr int ZMQ_DONTWAIT = 1;
+constexpr int ZMQ_EVENTS = 15;
+constexpr int ZMQ_POLLIN = 1;
 constexpr int ZMQ_RCVTIMEO = 27;
 constexpr int ZMQ_SNDMORE = 2;
 
@@ -44,6 +46,7 @@ struct Libzmq {
     size_t (*msg_size)(const zmq_msg_t*);
     int (*msg_more)(const zmq_msg_t*);
     int (*setsockopt)(void*, int, const void*, size_t);
+    int (*getsockopt)(void*, int, void*, size_t*);
     int (*errno_)();
 };
 Libzmq zmq;
@@ -78,6 +81,7 @@ PyObject* init(PyObject*, PyObject* args) {
     find(zmq.msg_size, "zmq_msg_size");
     find(zmq.msg_more, "zmq_msg_more");
     find(zmq.setsockopt, "zmq_setsockopt");
+    find(zmq.getsockopt, "zmq_getsockopt");
     find(zmq.errno_, "zmq_errno");
     ready = ok;  // the handle stays open: pyzmq holds the library anyway
     return PyBool_FromLong(ok);
@@ -92,12 +96,13 @@ void* socket_of(PyObject* address) {
 // as pyzmq's send_multipart does.  Without it, the first frame waits
 // (without the GIL) for room; libzmq takes the rest of a message once its
 // first frame is in.
-PyObject* send(PyObject*, PyObject* args) {
-    PyObject *address, *frames;
-    int flags;
-    if (!PyArg_ParseTuple(args, "OO!i:send", &address, &PyList_Type, &frames, &flags))
-        return nullptr;
-    void* sock = socket_of(address);
+PyObject* send(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[1]))
+        return PyErr_Format(PyExc_TypeError, "send(socket_address, frames: list, flags: int)");
+    PyObject* frames = args[1];
+    long flags = PyLong_AsLong(args[2]);
+    if (flags == -1 && PyErr_Occurred()) return nullptr;
+    void* sock = socket_of(args[0]);
     if (sock == nullptr && PyErr_Occurred()) return nullptr;
     Py_ssize_t count = PyList_GET_SIZE(frames);
     if (count == 0) return PyErr_Format(PyExc_ValueError, "a message needs a frame");
@@ -144,11 +149,12 @@ double now_ms() {
 // five system calls in all.  A try first, or zmq_poll then a receive,
 // costs twice as many (each asks the mailbox again, with a poll and a
 // getpid), and a job waits for two receives.
-PyObject* recv(PyObject*, PyObject* args) {
-    PyObject* address;
-    long timeout_ms;
-    if (!PyArg_ParseTuple(args, "Ol:recv", &address, &timeout_ms)) return nullptr;
-    void* sock = socket_of(address);
+PyObject* recv(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+    if (nargs != 2)
+        return PyErr_Format(PyExc_TypeError, "recv(socket_address, timeout_ms: int)");
+    long timeout_ms = PyLong_AsLong(args[1]);
+    if (timeout_ms == -1 && PyErr_Occurred()) return nullptr;
+    void* sock = socket_of(args[0]);
     if (sock == nullptr && PyErr_Occurred()) return nullptr;
     zmq_msg_t msg;
     zmq.msg_init(&msg);
@@ -217,13 +223,29 @@ PyObject* recv(PyObject*, PyObject* args) {
     return frames;
 }
 
+// readable(socket_address): whether a message is waiting (ZMQ_EVENTS).
+PyObject* readable(PyObject*, PyObject* address) {
+    void* sock = socket_of(address);
+    if (sock == nullptr && PyErr_Occurred()) return nullptr;
+    int events = 0;
+    size_t size = sizeof events;
+    while (zmq.getsockopt(sock, ZMQ_EVENTS, &events, &size) != 0) {
+        int err = zmq.errno_();
+        if (err != EINTR) return failure(err);
+        if (PyErr_CheckSignals() < 0) return nullptr;
+    }
+    return PyBool_FromLong(events & ZMQ_POLLIN);
+}
+
 PyMethodDef methods[] = {
     {"init", init, METH_VARARGS,
      "init(path): look libzmq up in the library at path (pyzmq's backend); True if found."},
-    {"send", send, METH_VARARGS,
+    {"send", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(send)), METH_FASTCALL,
      "send(socket_address, frames, flags): send the frames (bytes) of one message."},
-    {"recv", recv, METH_VARARGS,
+    {"recv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(recv)), METH_FASTCALL,
      "recv(socket_address, timeout_ms): the next message's frames, or None on timeout."},
+    {"readable", readable, METH_O,
+     "readable(socket_address): whether a message is waiting to be received."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_nmultipart",

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 # Per poll, how many messages are read from one socket before looking at the
 # other: batches cut poll() calls under load and keep both sides served.
 BATCH = 64
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: zmq's enums cost a call each
 
 # A busy worker is handed a second job (credit > 1) only for services whose
 # recent jobs average less than this: behind such jobs a waiting job waits
@@ -244,7 +243,7 @@ class Broker:
     def _drain(self, sock, handle):
         for _ in range(BATCH):
             try:
-                frames = multipart.recv(sock, zmq.NOBLOCK)
+                frames = multipart.recv(sock, multipart.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -253,7 +252,7 @@ class Broker:
                 log.warning("dropped malformed message (%d frames): %s", len(frames), exc)
             # Ask rather than recv until EAGAIN: pyzmq's zmq.Again costs more
             # than a message, and most wake-ups bring just one.
-            if not sock.get(EVENTS) & POLLIN:
+            if not multipart.readable(sock):
                 return
 
     # -- clients ----------------------------------------------------------------
@@ -469,7 +468,7 @@ class Broker:
         once everything it sent has been read (see _bury_vanished).
         """
         try:
-            multipart.send(self.backend, frames, zmq.NOBLOCK)
+            multipart.send(self.backend, frames, multipart.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
@@ -492,7 +491,7 @@ class Broker:
         waiting (its prefetched jobs are requeued); one that died has not
         (its jobs fail with WorkerLostError).
         """
-        while self.backend.get(zmq.EVENTS) & zmq.POLLIN:
+        while multipart.readable(self.backend):
             self._drain(self.backend, self.handle_worker)
         vanished, self._vanished = self._vanished, []
         for worker in vanished:
@@ -504,7 +503,7 @@ class Broker:
     def _disconnect(self, address):
         try:
             multipart.send(self.backend, protocol.backend_command(address, protocol.DISCONNECT),
-                           zmq.NOBLOCK)
+                           multipart.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -580,7 +579,7 @@ class Broker:
     def _handle_monitor(self):
         while True:
             try:
-                multipart.recv(self.monitor, zmq.NOBLOCK)
+                multipart.recv(self.monitor, multipart.NOBLOCK)
             except zmq.Again:
                 break
         # A connection closed: find out whose, by probing (ROUTER_MANDATORY

@@ -160,7 +160,7 @@ class Client:
     def _send(self, sock, req, deadline, timeout):
         frames = protocol.client_request(req)
         try:
-            multipart.send(sock, frames, zmq.NOBLOCK)
+            multipart.send(sock, frames, multipart.NOBLOCK)
             return
         except zmq.Again:
             pass
@@ -172,7 +172,7 @@ class Client:
                     f"could not queue the job for the broker at {self.frontend} "
                     f"within {timeout}s; is powerhose-broker running?")
             try:
-                multipart.send(sock, frames, zmq.NOBLOCK)
+                multipart.send(sock, frames, multipart.NOBLOCK)
                 return
             except zmq.Again:
                 continue
@@ -322,8 +322,11 @@ def check_job(settings, data, headers, timeout):
         timeout = settings.timeout
     if not timeout > 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
-    headers = dict(headers or {})
-    protocol.encode_headers(headers)  # str to str, or TypeError now
+    if headers:
+        headers = dict(headers)
+        protocol.encode_headers(headers)  # str to str, or TypeError now
+    else:
+        headers = {}
     return data, headers, timeout
 
 

@@ -25,8 +25,13 @@ try:
 except ImportError:  # built without a compiler
     _nmultipart = None
 
+# pyzmq's constants are enum members: an operation on one costs several
+# Python calls.  Plain ints for the hot paths.
 SNDMORE = int(zmq.SNDMORE)
 RCVTIMEO = int(zmq.RCVTIMEO)
+NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 # zmq.Socket.send only adds DRAFT routing_id/group handling, then calls the
 # backend's send with keyword arguments: a Python frame per sent frame.
@@ -75,6 +80,11 @@ def recv_python(sock, flags=0):
     return frames
 
 
+def readable_python(sock) -> bool:
+    """Whether a message is waiting in ``sock`` (``ZMQ_EVENTS``)."""
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
+
+
 def recv_within_python(sock, timeout_ms):
     """The next message's frames, or None if none comes within ``timeout_ms``
     (0: only one already there)."""
@@ -92,7 +102,8 @@ def recv_within_python(sock, timeout_ms):
 def send_native(sock, frames, flags=0):
     """send_python in one call: the GIL is released only to wait for room."""
     try:
-        _nmultipart.send(sock.underlying, list(frames), int(flags))
+        _nmultipart.send(sock.underlying, frames if type(frames) is list else list(frames),
+                         int(flags))
     except OSError as exc:
         raise _error(exc) from None
 
@@ -100,7 +111,7 @@ def send_native(sock, frames, flags=0):
 def recv_native(sock, flags=0):
     """recv_python in one call: the GIL is released only if it may wait."""
     try:
-        frames = _nmultipart.recv(sock.underlying, 0 if int(flags) & zmq.NOBLOCK else -1)
+        frames = _nmultipart.recv(sock.underlying, 0 if int(flags) & NOBLOCK else -1)
     except OSError as exc:
         raise _error(exc) from None
     if frames is None:
@@ -117,8 +128,18 @@ def recv_within_native(sock, timeout_ms):
         raise _error(exc) from None
 
 
+def readable_native(sock) -> bool:
+    """readable_python without pyzmq's getsockopt, which builds an enum member."""
+    try:
+        return _nmultipart.readable(sock.underlying)
+    except OSError as exc:
+        raise _error(exc) from None
+
+
 # What the rest of the package calls.
 if NATIVE:
     send, recv, recv_within = send_native, recv_native, recv_within_native
+    readable = readable_native
 else:
     send, recv, recv_within = send_python, recv_python, recv_within_python
+    readable = readable_python

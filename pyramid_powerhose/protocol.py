@@ -149,15 +149,10 @@ def _check_job_id(job_id: bytes) -> bytes:
 
 def client_request(req: Request) -> list[bytes]:
     """What our client sends on its DEALER (the empty frame included)."""
-    return [
-        b"",
-        EXT_CLIENT,
-        req.service,
-        req.job_id,
-        str(req.ttl_ms).encode(),
-        req.data,
-        *encode_headers(req.headers),
-    ]
+    frames = [b"", EXT_CLIENT, req.service, req.job_id, b"%d" % req.ttl_ms, req.data]
+    if req.headers:
+        frames += encode_headers(req.headers)
+    return frames
 
 
 def parse_client_reply(frames) -> Reply:
@@ -212,7 +207,7 @@ def parse_frontend(frames) -> ClientMessage:
             raise ProtocolError("PHC01 request needs job id, ttl and data")
         job_id = _check_job_id(frames[4])
         ttl = _decode_ttl(frames[5])
-        headers = decode_headers(frames[7:])
+        headers = decode_headers(frames[7:]) if len(frames) > 7 else {}
         req = Request(service, job_id, frames[6], ttl, headers)
         return ClientMessage(address, True, req, [])
     raise ProtocolError(f"unknown client header {header[:10]!r}")
@@ -300,13 +295,10 @@ def backend_request(address, client, req: Request, extended, body=None):
     """REQUEST to a worker; extended workers get id, ttl and headers."""
     head = [address, b"", MDP_WORKER, REQUEST, client, b""]
     if extended:
-        return [
-            *head,
-            req.job_id,
-            str(req.ttl_ms).encode(),
-            req.data,
-            *encode_headers(req.headers),
-        ]
+        head += [req.job_id, b"%d" % req.ttl_ms, req.data]
+        if req.headers:
+            head += encode_headers(req.headers)
+        return head
     return [*head, *(body if body else [req.data])]
 
 
@@ -350,13 +342,8 @@ def parse_broker_command(frames) -> BrokerCommand:
     if command == REQUEST:
         if len(frames) < 8 or frames[4] != b"":
             raise ProtocolError("REQUEST needs client, empty frame, id, ttl, data")
-        req = Request(
-            b"",
-            _check_job_id(frames[5]),
-            frames[7],
-            _decode_ttl(frames[6]),
-            decode_headers(frames[8:]),
-        )
+        headers = decode_headers(frames[8:]) if len(frames) > 8 else {}
+        req = Request(b"", _check_job_id(frames[5]), frames[7], _decode_ttl(frames[6]), headers)
         return BrokerCommand(command, frames[3], req)
     if command in (HEARTBEAT, DISCONNECT):
         return BrokerCommand(command)

@@ -210,7 +210,7 @@ class Worker:
         job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
         self._current = job
         self._client_address = command.client
-        self._busy_since = time.monotonic()
+        self._busy_since = now
         self._lock.release()  # the watchdog may heartbeat while we work
         try:
             reply = self.execute(job)
@@ -221,7 +221,7 @@ class Worker:
         # The bookkeeping comes before the reply: once it is sent, our I/O
         # thread must run to pass it on, often on this core, and every
         # microsecond we keep the core delays the client.
-        if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+        if not multipart.readable(self.socket):
             self.backlog_since = None  # what comes next did not queue behind this job
         # We could not read the broker's heartbeats while busy.
         now = time.monotonic()

@@ -13,19 +13,26 @@ IMPLEMENTATIONS = {
     "native": (multipart.send_native, multipart.recv_native, multipart.recv_within_native),
     "python": (multipart.send_python, multipart.recv_python, multipart.recv_within_python),
 }
+READABLE = {"native": multipart.readable_native, "python": multipart.readable_python}
 
 
 def test_the_native_path_is_used_where_the_readme_set_up_ran():
     if not multipart.NATIVE:
         missing("pyramid_powerhose._nmultipart was not built (needs g++) or found no libzmq")
     assert multipart.send is multipart.send_native
+    assert multipart.readable is multipart.readable_native
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def impl(request):
+def impl_name(request):
     if request.param == "native" and not multipart.NATIVE:
         missing("the native multipart module is not built (needs g++ at install)")
-    return IMPLEMENTATIONS[request.param]
+    return request.param
+
+
+@pytest.fixture
+def impl(impl_name):
+    return IMPLEMENTATIONS[impl_name]
 
 
 @pytest.fixture
@@ -104,3 +111,21 @@ def test_a_closed_socket_raises_zmq_error(impl, pair):
     for call in (lambda: send(dealer, [b"x"]), lambda: recv_within(dealer, 10)):
         with pytest.raises(zmq.ZMQError):
             call()
+
+
+def test_readable_tells_whether_a_message_waits(impl_name, pair):
+    readable = READABLE[impl_name]
+    send, recv, _ = IMPLEMENTATIONS[impl_name]
+    dealer, router = pair
+    assert readable(router) is False
+    send(dealer, [b"one"])
+    deadline = time.monotonic() + 5
+    while not readable(router):  # the message crosses libzmq's I/O thread
+        assert time.monotonic() < deadline, "a sent message never became readable"
+        time.sleep(0.001)
+    assert readable(router) is True
+    assert recv(router) == [b"D", b"one"]
+    assert readable(router) is False
+    dealer.close()
+    with pytest.raises(zmq.ZMQError):
+        readable(dealer)
