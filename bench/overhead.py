@@ -17,9 +17,10 @@ For a 100-byte echo job, the round trip of:
 then jobs/s with 8 client threads for (d) (and (d')) with 2 workers (one
 shared Client) and for ``ProcessPoolExecutor(2)``.
 
-Every variant is warmed up, then measured in interleaved rounds (the order
-rotates each round) and the median across rounds is reported: on a shared,
-noisy machine only side-by-side numbers mean anything.  Every zmq variant
+Every variant is warmed up, then measured in rounds (the order rotates each
+round; within a round the latency variants take turns every 50 round
+trips) and the median across rounds is reported: on a shared, noisy
+machine only side-by-side numbers mean anything.  Every zmq variant
 uses ipc endpoints in a private temp dir; every process is started in its
 own process group and killed at the end, even on Ctrl-C or error.
 
@@ -93,12 +94,14 @@ class Processes:
         self.run_dir = run_dir
         self.procs = []
 
-    def start(self, name, argv):
+    def start(self, name, argv, pipes=False):
+        """Output goes to ``<name>.log``; with ``pipes``, stdin and stdout are pipes."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [REPO, os.environ.get("PYTHONPATH")])))
         with open(os.path.join(self.run_dir, f"{name}.log"), "wb") as log, signals_deferred():
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env=env, start_new_session=True)
+            streams = (dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) if pipes
+                       else dict(stdout=log, stderr=subprocess.STDOUT))
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, start_new_session=True, **streams)
             proc.name = name
             self.procs.append(proc)
         return proc
@@ -260,22 +263,35 @@ def summarise(samples):
     return statistics.fmean(samples), statistics.median(samples), p99(samples)
 
 
+BLOCK = 50  # round trips of one variant before the next takes over, within a round
+
+
 def run_rounds(latency, throughput, rounds, count, tput_count, warmup, progress):
-    """Warm every variant up, then measure them round by round, interleaved."""
+    """Warm every variant up, then measure them round by round, interleaved.
+
+    Within a round the latency variants take turns every BLOCK round trips
+    (the order reversing each turn), so that a burst of noise a few seconds
+    long lands on all of them, not on whichever was running.
+    """
     for name, call in latency.items():
         time_calls(call, warmup)
     for name, load in throughput.items():
         load.jobs_per_second(warmup)
     lat = {name: [] for name in latency}
     tput = {name: [] for name in throughput}
-    names = list(latency) + list(throughput)
+    names = list(latency)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            if name in latency:
-                lat[name].append(summarise(time_calls(latency[name], count)))
-            else:
-                tput[name].append(throughput[name].jobs_per_second(tput_count))
+        samples = {name: [] for name in names}
+        for turn in range(math.ceil(count / BLOCK)):
+            size = min(BLOCK, count - turn * BLOCK)
+            for name in (order if turn % 2 == 0 else order[::-1]):
+                samples[name] += time_calls(latency[name], size)
+        for name in names:
+            lat[name].append(summarise(samples[name]))
+        tnames = list(throughput)
+        for name in tnames[r % len(tnames):] + tnames[:r % len(tnames)]:
+            tput[name].append(throughput[name].jobs_per_second(tput_count))
         progress(f"round {r + 1}/{rounds} done")
     return lat, tput
 
@@ -330,7 +346,8 @@ def report(args, lat, tput, rst):
         out += [f"{k:8}{v}" for k, v in machine()] + [""]
     out.append(f"{len(PAYLOAD)}-byte echo, one client thread; (d) has 2 workers and the "
                f"{ENGINE} broker engine. "
-               f"{args.rounds} interleaved rounds x {args.count} round trips per variant; "
+               f"{args.rounds} rounds x {args.count} round trips per variant, taking turns "
+               f"every {BLOCK}; "
                "median across rounds, [range of the rounds' medians]")
     out.append("")
     rows = []

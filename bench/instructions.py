@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""Instructions per job in each process of a round trip, counted by callgrind.
+
+On a shared virtual machine a timing moves by 2x from one minute to the
+next; an instruction count does not.  This script runs one process at a
+time under ``valgrind --tool=callgrind`` (the others run natively), warms
+it up, zeroes its counters (``callgrind_control -z``), runs the jobs, dumps
+the counters (``callgrind_control -d``) and divides.  Every thread of the
+process is counted, libzmq's I/O thread included, but only user space:
+valgrind does not see the kernel, where most of a round trip's CPU goes
+(system calls and thread wake-ups; see README.rst, "Performance").  So this
+shows what our code adds over the same work without it, not the whole cost.
+
+Each of our processes is counted next to a floor doing the same socket
+work with no logic:
+
+client
+    ``Client.execute``; floor: a DEALER socket sending the same request
+    frames and receiving the reply through ``multipart``.
+broker
+    ``powerhose-broker`` (the native engine when built); floor:
+    ``zmq.proxy`` (C) relaying REQ/REP traffic, (c) of ``overhead.py``,
+    which moves fewer frames per job (12 against our 32).
+worker
+    ``powerhose-worker tests.targets:echo``; floor: a loop answering each
+    REQUEST with a REPLY of the same frames, without parsing, a ``Job`` or
+    bookkeeping.
+
+    python bench/instructions.py              # 2000 jobs each, about 3 minutes
+    python bench/instructions.py --jobs 300   # quicker, a little less exact
+
+Needs valgrind (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import (  # noqa: E402  (this directory's sibling script)
+    PAYLOAD, Processes, console_script, machine, table, wait_until)
+
+from pyramid_powerhose import Client, multipart, protocol  # noqa: E402
+from pyramid_powerhose.exc import PowerhoseError  # noqa: E402
+from pyramid_powerhose.protocol import Request  # noqa: E402
+
+SERVICE = "default"
+
+
+# -- the processes under test, this script re-run with "_run" --------------------
+
+
+def floor_worker(backend):
+    """A worker with no logic: READY, then each REQUEST answered with its data."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(backend)
+    multipart.send(sock, protocol.worker_ready(SERVICE.encode()))
+    while True:
+        frames = multipart.recv_within(sock, 1000)
+        if frames is None:
+            multipart.send(sock, protocol.worker_command(protocol.HEARTBEAT))
+        elif frames[2] == protocol.REQUEST:
+            multipart.send(sock, [b"", protocol.MDP_WORKER, protocol.REPLY, frames[3], b"",
+                                  frames[5], protocol.STATUS_OK, frames[7]])
+        elif frames[2] == protocol.HEARTBEAT:
+            multipart.send(sock, protocol.worker_command(protocol.HEARTBEAT))
+
+
+def client_loop(kind, frontend):
+    """Runs jobs when told on stdin ("N"), answers "done" on stdout."""
+    if kind == "client":
+        client = Client(frontend=frontend, timeout=60)
+        call = lambda: client.execute(PAYLOAD)  # noqa: E731
+    else:  # the floor: the same frames, no Client
+        sock = zmq.Context().socket(zmq.DEALER)
+        sock.connect(frontend)
+        frames = protocol.client_request(Request(SERVICE.encode(), b"1", PAYLOAD, 60000))
+
+        def call():
+            multipart.send(sock, frames)
+            return multipart.recv_within(sock, 60000)[-1]
+    print("ready", flush=True)
+    for line in sys.stdin:
+        for _ in range(int(line)):
+            if call() != PAYLOAD:
+                raise RuntimeError("wrong echo")
+        print("done", flush=True)
+
+
+# -- counting -------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def python_script(name, module):
+    """A console script as ``python <script>``, so that valgrind runs the interpreter."""
+    command = console_script(name, module)
+    return [sys.executable, *command] if len(command) == 1 else command
+
+
+def count(pid, out_file, run_jobs, jobs):
+    """Instructions per job of process ``pid`` while ``run_jobs(jobs)`` runs."""
+    run_jobs(max(100, jobs // 10))  # warm-up: connections, caches, lazy imports
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+    run_jobs(jobs)
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    dumps = sorted(glob.glob(f"{out_file}.*"), key=os.path.getmtime)
+    with open(dumps[-1]) as dump:
+        totals = re.search(r"^totals:\s*(\d+)", dump.read(), re.M)
+    return int(totals.group(1)) / jobs
+
+
+def client_runner(client):
+    def run_jobs(n):
+        for _ in range(n):
+            if client.execute(PAYLOAD) != PAYLOAD:
+                raise RuntimeError("wrong echo")
+    return run_jobs
+
+
+def setup_relay(procs, run_dir, valgrind):
+    """zmq.proxy under valgrind with a REP echo behind it; driven by a REQ here."""
+    front, back = f"ipc://{run_dir}/proxy-f.sock", f"ipc://{run_dir}/proxy-b.sock"
+    serve = [sys.executable, os.path.join(HERE, "overhead.py"), "_serve"]
+    relay = procs.start("proxy", valgrind + serve + ["proxy", front, back])
+    procs.start("proxy-rep", serve + ["rep-connect", back])
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.linger = 0
+    sock.connect(front)
+
+    def run_jobs(n):
+        for _ in range(n):
+            sock.send(PAYLOAD)
+            while not sock.poll(1000):
+                procs.check()
+            if sock.recv() != PAYLOAD:
+                raise RuntimeError("wrong echo")
+    return relay.pid, run_jobs
+
+
+def setup_cluster(variant, procs, run_dir, valgrind):
+    """A broker and one worker, one of the three processes under valgrind."""
+    front, back = f"ipc://{run_dir}/{variant}-f.sock", f"ipc://{run_dir}/{variant}-b.sock"
+    me = [sys.executable, os.path.abspath(__file__), "_run"]
+    broker = procs.start(f"{variant}-broker", (valgrind if variant == "broker" else []) +
+                         python_script("powerhose-broker", "pyramid_powerhose.cli.broker") +
+                         ["--frontend", front, "--backend", back])
+    if variant == "floor-worker":
+        worker = procs.start(variant, valgrind + me + ["floor-worker", back])
+    else:
+        worker = procs.start(f"{variant}-worker", (valgrind if variant == "worker" else []) +
+                             python_script("powerhose-worker", "pyramid_powerhose.cli.worker") +
+                             ["tests.targets:echo", "--backend", back])
+    probe = Client(frontend=front, timeout=60)
+
+    def registered():
+        try:  # a process under valgrind starts slowly: it may not answer yet
+            return probe.stats(timeout=2)["services"].get(SERVICE, {}).get("workers") == 1
+        except PowerhoseError:
+            return False
+    wait_until(registered, procs, f"the {variant} run's worker", timeout=180)
+    if variant not in ("client", "floor-client"):
+        return (broker if variant == "broker" else worker).pid, client_runner(probe)
+    loop = procs.start(variant, valgrind + me + [variant, front], pipes=True)
+
+    def run_jobs(n):
+        loop.stdin.write(b"%d\n" % n)
+        loop.stdin.flush()
+        if loop.stdout.readline().strip() != b"done":
+            procs.check()
+            raise RuntimeError(f"{variant} stopped")
+    if loop.stdout.readline().strip() != b"ready":
+        procs.check()
+        raise RuntimeError(f"{variant} did not start")
+    return loop.pid, run_jobs
+
+
+def measure(variant, run_dir, jobs):
+    """Instructions per job of one variant, in processes of its own."""
+    procs = Processes(run_dir)
+    out_file = os.path.join(run_dir, f"{variant}.callgrind")
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
+    try:
+        if variant == "proxy":
+            pid, run_jobs = setup_relay(procs, run_dir, valgrind)
+        else:
+            pid, run_jobs = setup_cluster(variant, procs, run_dir, valgrind)
+        return count(pid, out_file, run_jobs, jobs)
+    finally:
+        procs.close()
+
+
+COMPARISONS = [  # (ours, its floor, what the floor is)
+    ("client", "floor-client", "a DEALER, the same frames"),
+    ("broker", "proxy", "zmq.proxy relaying REQ/REP"),
+    ("worker", "floor-worker", "a loop echoing the frames"),
+]
+
+
+def main(argv=None):
+    if len(sys.argv) > 2 and sys.argv[1] == "_run":
+        kind, *endpoints = sys.argv[2:]
+        if kind == "floor-worker":
+            return floor_worker(*endpoints)
+        return client_loop(kind, *endpoints)
+    parser = argparse.ArgumentParser(description="Instructions per job, per process (callgrind).")
+    parser.add_argument("--jobs", type=int, default=2000,
+                        help="jobs counted per process (default %(default)s)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be positive")
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        parser.error("valgrind is not installed (apt-get install valgrind)")
+
+    def progress(text):
+        print(f"# {text}", file=sys.stderr, flush=True)
+
+    run_dir = tempfile.mkdtemp(prefix="ph-", dir="/tmp")
+    rows = []
+    try:
+        for ours, floor, what in COMPARISONS:
+            counts = []
+            for variant in (ours, floor):
+                counts.append(measure(variant, run_dir, args.jobs))
+                progress(f"{variant}: {counts[-1]:.0f} instructions per job")
+            rows.append([ours, f"{counts[0] / 1000:.1f}k", f"{counts[1] / 1000:.1f}k",
+                         f"{counts[0] / counts[1]:.2f}", what])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for key, value in machine():
+        print(f"{key:8}{value}")
+    print(f"\n{len(PAYLOAD)}-byte echo, {args.jobs} jobs counted per process, "
+          "user-space instructions of all its threads (callgrind)\n")
+    print(table(["process", "ours", "floor", "ours/floor", "the floor"], rows, False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
