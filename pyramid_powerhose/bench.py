@@ -124,25 +124,49 @@ class Comparison:
     remote: Result
     job_ms: float  # one job's duration, measured in-process
     overhead_us: float
+    cpu_ms: float = 0.0  # CPU time per job of the in-process run itself
 
     @property
     def speedup(self):
         return self.remote.rate / self.local.rate
 
 
+MIN_JOBS_PER_THREAD = 50  # per turn: fewer, and the runs' ramps and tails would count
+
+
 def compare(target, client, data, jobs, threads, latency_samples=50, progress=None):
-    """One job, run in-process and through powerhose, side by side."""
+    """One job, run in-process and through powerhose, side by side.
+
+    The two runs take turns (A B B A ...) in up to four parts, so that a
+    machine whose speed drifts within seconds slows both alike, and the
+    in-process parts' CPU time gives the job's size as it ran.
+    """
     def local(payload):
         result = target(Job(payload))
         return result.encode() if isinstance(result, str) else result
 
-    local_seconds, local_results = run_threads(local, data, jobs, threads, progress)
-    remote_seconds, remote_results = run_threads(client.execute, data, jobs, threads, progress)
-    if remote_results != local_results:
+    def remote(payload):
+        return client.execute(payload)
+
+    turns = max(1, min(4, jobs // (threads * MIN_JOBS_PER_THREAD)))
+    shares = [jobs // turns + (i < jobs % turns) for i in range(turns)]
+    seconds = {local: 0.0, remote: 0.0}
+    results = {local: [], remote: []}
+    local_cpu = 0.0
+    for turn, share in enumerate(shares):
+        for call in ((local, remote) if turn % 2 == 0 else (remote, local)):
+            cpu = time.process_time()
+            elapsed, out = run_threads(call, data, share, threads, progress)
+            if call is local:
+                local_cpu += time.process_time() - cpu
+            seconds[call] += elapsed
+            results[call] += out
+    if results[remote] != results[local]:
         raise AssertionError("results through powerhose differ from in-process results")
-    duration, extra = overhead(local, client.execute, data, latency_samples)
-    return Comparison(data, Result("in-process", jobs, local_seconds),
-                      Result("powerhose", jobs, remote_seconds), duration * 1000, extra * 1e6)
+    duration, extra = overhead(local, remote, data, latency_samples)
+    return Comparison(data, Result("in-process", jobs, seconds[local]),
+                      Result("powerhose", jobs, seconds[remote]), duration * 1000, extra * 1e6,
+                      local_cpu / (jobs + threads * turns) * 1000)  # with warm-up calls
 
 
 BUDGET_MS = 2000.0  # single-thread work per measurement, by default
@@ -312,14 +336,15 @@ def _sweep(args, target, client, speed):
                                5 if args.quick else 30, bar) for _ in range(rounds)),
                       key=lambda c: c.speedup)
         c = runs[len(runs) // 2]  # the median round
-        points.append((c.job_ms, c.speedup))
-        rows.append([f"{ms:g}", f"{c.job_ms:.3f}", jobs, f"{c.local.rate:.0f}",
+        points.append((c.cpu_ms, c.speedup))
+        rows.append([f"{ms:g}", f"{c.cpu_ms:.3f}", jobs, f"{c.local.rate:.0f}",
                      f"{c.remote.rate:.0f}", f"{c.speedup:.2f}x", f"{c.overhead_us:.0f}"])
     if bar is not None:
         bar.close()
-    print(table(["job ms", "measured ms", "jobs", "in-process jobs/s", "powerhose jobs/s",
+    print(table(["job ms", "CPU ms", "jobs", "in-process jobs/s", "powerhose jobs/s",
                  "speed-up", "overhead us"], rows))
-    print(f"(median of {rounds} rounds per job size)")
+    print(f"(median of {rounds} rounds per job size; CPU ms: the in-process runs' CPU time "
+          "per job)")
     even = break_even(points)
     if even is None:
         print("break-even: not reached in this sweep")
