@@ -45,7 +45,8 @@ import tempfile
 
 import zmq
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 from overhead import (  # noqa: E402  (this directory's sibling script)
     PAYLOAD, Processes, console_script, machine, table, wait_until)
 
@@ -97,8 +98,6 @@ def client_loop(kind, frontend):
 
 
 # -- counting -------------------------------------------------------------------
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def python_script(name, module):
