@@ -29,8 +29,9 @@ worker
     python bench/instructions.py              # 2000 jobs each, about 3 minutes
     python bench/instructions.py --jobs 300   # quicker, less exact (see below)
 
-Work a process does per second rather than per job (heartbeats, timers)
-is counted too, spread over the jobs: with fewer jobs it weighs more
+Work not per job (a process's heartbeats and timers, valgrind's own
+zeroing and dumping) is counted too, spread over the jobs: with fewer
+jobs it weighs more
 (with 100 jobs the client and the worker counted 65k where 2000 gave 48k
 and 56k).  Needs valgrind (``apt-get install valgrind``).
 """
