@@ -31,9 +31,9 @@ worker
 
 Work not per job (a process's heartbeats and timers, valgrind's own
 zeroing and dumping) is counted too, spread over the jobs: with fewer
-jobs it weighs more
-(with 100 jobs the client and the worker counted 65k where 2000 gave 48k
-and 56k).  Needs valgrind (``apt-get install valgrind``).
+jobs it weighs more (with 100 jobs the client and the worker counted 65k
+where 2000 gave 48k and 56k).  Needs valgrind (``apt-get install
+valgrind``).
 """
 
 from __future__ import annotations
