@@ -77,10 +77,15 @@ class Result:
         return self.jobs / self.seconds
 
 
+def _split(total, parts):
+    """``total`` as ``parts`` near-equal whole shares."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def run_threads(call, data, jobs, threads, progress=None):
     """``jobs`` calls of ``call(data)`` from ``threads`` threads looping, as a
     server's threads would; returns the seconds taken and the results."""
-    shares = [jobs // threads + (i < jobs % threads) for i in range(threads)]
+    shares = _split(jobs, threads)
     results = [None] * threads
     start = threading.Barrier(threads + 1)
 
@@ -149,7 +154,7 @@ def compare(target, client, data, jobs, threads, latency_samples=50, progress=No
         return client.execute(payload)
 
     turns = max(1, min(4, jobs // (threads * MIN_JOBS_PER_THREAD)))
-    shares = [jobs // turns + (i < jobs % turns) for i in range(turns)]
+    shares = _split(jobs, turns)
     seconds = {local: 0.0, remote: 0.0}
     results = {local: [], remote: []}
     local_cpu = 0.0
