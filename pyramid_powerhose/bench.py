@@ -175,11 +175,12 @@ def compare(target, client, data, jobs, threads, latency_samples=50, progress=No
 
 
 BUDGET_MS = 2000.0  # single-thread work per measurement, by default
+MIN_JOBS = 400  # with 4 threads, two turns each way: one turn is open to drift
 
 
 def jobs_for(ms):
-    """Jobs for about BUDGET_MS of work at ``ms`` each: at least 200, at most 20,000."""
-    return min(20_000, max(200, int(BUDGET_MS / max(ms, 1e-3))))
+    """Jobs for about BUDGET_MS of work at ``ms`` each: at least MIN_JOBS, at most 20,000."""
+    return min(20_000, max(MIN_JOBS, int(BUDGET_MS / max(ms, 1e-3))))
 
 
 def job_ms(target, data, samples=5):
@@ -261,7 +262,7 @@ def make_parser():
                         help="workers (default: the number of cores, %(default)s)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="jobs per measurement (default: about 2 s of single-thread "
-                        "work, 200 to 20,000 jobs)")
+                        "work, 400 to 20,000 jobs)")
     parser.add_argument("--sweep", action="store_true",
                         help="built-in job at %s ms; report the break-even duration"
                         % ", ".join(map(str, SWEEP_MS)))

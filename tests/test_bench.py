@@ -74,3 +74,32 @@ def test_builtin_job_is_a_real_hmac_chain():
     for _ in range(3):
         key = hmac.digest(key, b"powerhose bench", "sha256")
     assert hmac_chain(Job(b"3:" + b"k" * 100)) == key
+
+
+def test_threads_script_accounts_for_every_thread(tmp_path):
+    """bench/threads.py, a few jobs: every row is there and nothing is left behind."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "threads.py"), "--ms", "0.05",
+         "--jobs", "200", "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^4 client threads, 2 workers \((native|python) broker\), 200 jobs "
+                     r"of 0.05 ms per round, median of 1 rounds: \d+ jobs/s", out, re.M)
+    labels = ["client: the calling threads", "client: libzmq I/O thread",
+              "broker: message loop", "broker: libzmq I/O thread",
+              "workers: libzmq I/O threads", "workers: main threads, less the job"]
+    for label in labels:
+        # CPU us/job (may be 0 or slightly negative at this tick resolution),
+        # sleeps and preemptions per job.
+        assert re.search(rf"^{re.escape(label)}\s+-?\d+\s+[\d.]+\s+[\d.]+\s*$", out, re.M), label
+    job = re.search(r"^the job itself, in the workers\s+(\d+)\s*$", out, re.M)
+    assert job and int(job.group(1)) > 0  # timed in the workers, reported back
+    # The broker's loop sleeps between messages: at least once per job would
+    # be 1.0; 200 jobs in a fresh round cannot all arrive in one wake-up.
+    sleeps = float(re.search(r"^broker: message loop\s+-?\d+\s+([\d.]+)", out, re.M).group(1))
+    assert sleeps > 0.1
+    assert list(tmp_path.glob("powerhose-threads-*")) == []  # its run directory is removed
+    assert str(tmp_path) not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                               text=True).stdout

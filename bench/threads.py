@@ -1,0 +1,285 @@
+#!/usr/bin/env python
+"""Where a job's CPU goes, thread by thread, while the cluster is saturated.
+
+``powerhose-bench`` says whether offloading pays; this says what it costs
+and who pays it.  Client threads in this process run the built-in
+GIL-holding job (``pyramid_powerhose.bench:hmac_chain``) through a real
+``powerhose-broker`` and real ``powerhose-worker`` processes (at the
+cluster's default ``nice``), as the sweep does,
+and every thread of every process is read from ``/proc`` before and after
+each round:
+
+* CPU time per job (user + system: the kernel's split between the two
+  is sampled at each tick, too coarse to report here);
+* sleeps per job: voluntary context switches, each a wake-up later;
+* preemptions per job: involuntary context switches;
+* the share of the machine left idle.
+
+The workers run the job through ``timed_job`` below, which returns the
+CPU time the job itself took instead of its digest, so that the workers'
+main threads can be split into the job and what the worker adds (the
+machine's speed drifts within seconds here: a job timed apart from the
+round would not do).  Linux only (``/proc``); the clock tick is 10 ms, so
+a round needs a few thousand jobs for a resolution of a few microseconds
+per job.
+
+    python bench/threads.py                      # 0.5 ms jobs, 4 threads, 2 workers, 3 rounds
+    python bench/threads.py --ms 2 --jobs 1500   # longer jobs
+    python bench/threads.py --rst                # the table as RST, for README.rst
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from overhead import (  # noqa: E402  (this directory's sibling script)
+    Processes, console_script, machine, table, wait_until)
+
+from pyramid_powerhose import Client, native_broker  # noqa: E402
+from pyramid_powerhose.bench import hmac_chain, rounds_per_ms  # noqa: E402
+from pyramid_powerhose.settings import Settings  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+# Rows of the report: (process, thread kind), in pipeline order.
+ROWS = [
+    (("client", "app"), "client: the calling threads"),
+    (("client", "io"), "client: libzmq I/O thread"),
+    (("broker", "main"), "broker: message loop"),
+    (("broker", "io"), "broker: libzmq I/O thread"),
+    (("worker", "io"), "workers: libzmq I/O threads"),
+    (("worker", "main"), "workers: main threads, less the job"),
+]
+WORKER_MAIN = ("worker", "main")
+
+
+def thread_counters(pid, tid):
+    """(user s, system s, voluntary switches, involuntary switches) of one thread."""
+    base = f"/proc/{pid}/task/{tid}"
+    with open(f"{base}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    switches = {}
+    with open(f"{base}/status") as f:
+        for line in f:
+            if "ctxt_switches:" in line:
+                name, value = line.split(":")
+                switches[name] = int(value)
+    return (int(fields[11]) / TICK, int(fields[12]) / TICK,
+            switches["voluntary_ctxt_switches"], switches["nonvoluntary_ctxt_switches"])
+
+
+def kind_of(pid, tid):
+    if tid == pid:
+        return "main"
+    with open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return "io" if f.read().startswith("ZMQbg/IO") else "other"
+
+
+def snapshot(processes, app_tids):
+    """{(process, kind): [user, system, voluntary, involuntary]} summed over threads."""
+    totals = {}
+    for name, pid in processes:
+        for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+            kind = "app" if tid in app_tids else kind_of(pid, tid)
+            if name == "client" and kind == "main":
+                continue  # this script's own thread: it only waits for the round
+            try:
+                counters = thread_counters(pid, tid)
+            except FileNotFoundError:  # a thread that just ended
+                continue
+            row = totals.setdefault((name, kind), [0.0, 0.0, 0, 0])
+            for i, value in enumerate(counters):
+                row[i] += value
+    return totals
+
+
+def idle_seconds():
+    """Idle CPU seconds of the whole machine since boot (all cores)."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[4]) / TICK
+
+
+def timed_job(job):
+    """The workers' target: the built-in job, answering the thread CPU
+    nanoseconds it took."""
+    started = time.thread_time_ns()
+    hmac_chain(job)
+    return b"%d" % (time.thread_time_ns() - started)
+
+
+class Callers:
+    """``threads`` long-lived client threads; each knows its kernel thread id."""
+
+    def __init__(self, client, data, threads):
+        self.client, self.data, self.threads = client, data, threads
+        self.tids = set()
+        self.go = threading.Semaphore(0)
+        self.done = threading.Semaphore(0)
+        self.share = 0
+        self.job_ns = [0] * threads  # per thread: CPU the jobs took in the workers
+        self.error = None
+        self.stopping = False
+        self.pool = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                     for i in range(threads)]
+        for thread in self.pool:
+            thread.start()
+
+    def _run(self, index):
+        self.tids.add(threading.get_native_id())
+        while True:
+            self.go.acquire()
+            if self.stopping:
+                return
+            try:
+                total = 0
+                for _ in range(self.share):
+                    total += int(self.client.execute(self.data))
+                self.job_ns[index] = total
+            except Exception as exc:  # reported by run()
+                self.error = exc
+            self.done.release()
+
+    def run(self, jobs):
+        """Runs ``jobs`` jobs spread over the threads; returns the seconds taken
+        and the CPU seconds the jobs themselves took."""
+        self.share = jobs // self.threads
+        started = time.perf_counter()
+        for _ in self.pool:
+            self.go.release()
+        for _ in self.pool:
+            self.done.acquire()
+        if self.error is not None:
+            raise self.error
+        return time.perf_counter() - started, sum(self.job_ns) / 1e9
+
+    def close(self):
+        self.stopping = True
+        for _ in self.pool:
+            self.go.release()
+        for thread in self.pool:
+            thread.join(5)
+
+
+def measure(callers, processes, jobs):
+    """One round: per-job counters of every row, jobs/s, idle share, job CPU."""
+    before, idle = snapshot(processes, callers.tids), idle_seconds()
+    seconds, job_seconds = callers.run(jobs)
+    after, idle = snapshot(processes, callers.tids), idle_seconds() - idle
+    done = callers.share * callers.threads
+    rows = {}
+    for key, values in after.items():
+        start = before.get(key, [0.0, 0.0, 0, 0])
+        delta = [a - b for a, b in zip(values, start)]
+        rows[key] = {"cpu": (delta[0] + delta[1]) / done * 1e6,
+                     "sleeps": delta[2] / done, "preempted": delta[3] / done}
+    return {"rows": rows, "rate": done / seconds, "idle": idle / (seconds * os.cpu_count()),
+            "job": job_seconds / done * 1e6}
+
+
+def report(args, rounds, rst):
+    def med(get):
+        return statistics.median(get(r) for r in rounds)
+
+    def cell(key, field, minus_job=False):
+        return med(lambda r: r["rows"].get(key, {}).get(field, 0.0)
+                   - (r["job"] if minus_job else 0.0))
+
+    job = med(lambda r: r["job"])
+    body = []
+    for key, label in ROWS:
+        body.append([label, f"{cell(key, 'cpu', key == WORKER_MAIN):.0f}",
+                     f"{cell(key, 'sleeps'):.2f}", f"{cell(key, 'preempted'):.2f}"])
+    outside = med(lambda r: sum(r["rows"].get(key, {}).get("cpu", 0.0) for key, _ in ROWS)
+                  - r["job"])
+    body.append(["all of the above", f"{outside:.0f}", "", ""])
+    body.append(["the job itself, in the workers", f"{job:.0f}", "", ""])
+    out = []
+    if rst:
+        out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
+    else:
+        out += [f"{k:7s} {v}" for k, v in machine()] + [""]
+    out += [f"{args.threads} client threads, {args.workers} workers ({args.engine} broker), "
+            f"{args.jobs} jobs of {args.ms:g} ms per round, median of {len(rounds)} rounds: "
+            f"{med(lambda r: r['rate']):.0f} jobs/s, the machine idle "
+            f"{med(lambda r: r['idle']) * 100:.0f}% of the time.", ""]
+    out.append(table(["CPU outside the job", "us/job", "sleeps/job", "preempted/job"],
+                     body, rst))
+    return "\n".join(out)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", type=float, default=0.5, help="CPU ms per job (default 0.5)")
+    parser.add_argument("--threads", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--workers", type=int, default=2, help="workers (default 2)")
+    parser.add_argument("--jobs", type=int, default=4000, help="jobs per round (default 4000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument("--engine", default=native_broker.choose("auto"),
+                        choices=["native", "python"], help="the broker's engine")
+    parser.add_argument("--rst", action="store_true", help="the table as RST")
+    args = parser.parse_args(argv)
+    if min(args.threads, args.workers, args.rounds) < 1 or args.jobs < args.threads:
+        parser.error("--threads, --workers and --rounds must be at least 1, "
+                     "--jobs at least --threads")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.exists("/proc/self/task"):
+        sys.exit("threads.py reads /proc: Linux only")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    run_dir = tempfile.mkdtemp(prefix="powerhose-threads-")
+    procs = Processes(run_dir)
+    client = callers = None
+    try:
+        data = b"%d" % max(1, round(rounds_per_ms() * args.ms))
+        # The workers import timed_job from this file.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+        settings = Settings(frontend=f"ipc://{run_dir}/frontend.sock",
+                            backend=f"ipc://{run_dir}/backend.sock")
+        broker = procs.start("broker", console_script(
+            "powerhose-broker", "pyramid_powerhose.cli.broker") + [
+            "--frontend", settings.frontend, "--backend", settings.backend,
+            "--engine", args.engine])
+        workers = [procs.start(f"worker-{i}", console_script(
+            "powerhose-worker", "pyramid_powerhose.cli.worker") + [
+            "threads:timed_job", "--backend", settings.backend, "--nice", str(settings.nice)])
+            for i in range(args.workers)]
+        client = Client(settings=settings, timeout=60)
+        wait_until(lambda: client.ping(timeout=0.2) == broker.pid, procs, "the broker")
+        wait_until(lambda: client.stats()["services"].get("default", {}).get("workers")
+                   == args.workers, procs, f"{args.workers} workers")
+        processes = [("client", os.getpid()), ("broker", broker.pid)]
+        processes += [("worker", w.pid) for w in workers]
+        callers = Callers(client, data, args.threads)
+        callers.run(args.threads * 50)  # warm-up: connections, caches
+        rounds = []
+        for r in range(args.rounds):
+            rounds.append(measure(callers, processes, args.jobs))
+            print(f"round {r + 1}/{args.rounds}: {rounds[-1]['rate']:.0f} jobs/s",
+                  file=sys.stderr, flush=True)
+        print(report(args, rounds, args.rst))
+        return 0
+    finally:
+        if callers is not None:
+            callers.close()
+        if client is not None:
+            client.close()
+        procs.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
