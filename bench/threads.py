@@ -59,6 +59,7 @@ ROWS = [
     (("broker", "io"), "broker: libzmq I/O thread"),
     (("worker", "io"), "workers: libzmq I/O threads"),
     (("worker", "main"), "workers: main threads, less the job"),
+    (("any", "other"), "other threads, all processes"),
 ]
 WORKER_MAIN = ("worker", "main")
 
@@ -90,14 +91,15 @@ def snapshot(processes, app_tids):
     totals = {}
     for name, pid in processes:
         for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-            kind = "app" if tid in app_tids else kind_of(pid, tid)
-            if name == "client" and kind == "main":
-                continue  # this script's own thread: it only waits for the round
             try:
+                kind = "app" if tid in app_tids else kind_of(pid, tid)
                 counters = thread_counters(pid, tid)
             except FileNotFoundError:  # a thread that just ended
                 continue
-            row = totals.setdefault((name, kind), [0.0, 0.0, 0, 0])
+            if name == "client" and kind == "main":
+                continue  # this script's own thread: it only waits for the round
+            row = totals.setdefault(("any" if kind == "other" else name, kind),
+                                    [0.0, 0.0, 0, 0])
             for i, value in enumerate(counters):
                 row[i] += value
     return totals
