@@ -368,6 +368,7 @@ def _plot(points, even, args):
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
+    points = sorted(points)  # by CPU ms: drift can swap two rows' sizes
     figure, axes = pyplot.subplots(figsize=(7, 4))
     axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
               label=f"{args.workers} workers vs {args.threads} threads")
