@@ -212,8 +212,9 @@ def report(args, rounds, rst):
         out += [f"{k:7s} {v}" for k, v in machine()] + [""]
     out += [f"{args.threads} client threads, {args.workers} workers ({args.engine} broker), "
             f"{args.jobs} jobs of {args.ms:g} ms per round, median of {len(rounds)} rounds: "
-            f"{med(lambda r: r['rate']):.0f} jobs/s, the machine idle "
-            f"{med(lambda r: r['idle']) * 100:.0f}% of the time.", ""]
+            f"{med(lambda r: r['rate']):.0f} jobs/s, the jobs themselves "
+            f"{med(lambda r: r['rate'] * r['job'] / 1e4 / os.cpu_count()):.0f}% of the "
+            f"machine's time, idle {med(lambda r: r['idle']) * 100:.0f}%.", ""]
     out.append(table(["CPU outside the job", "us/job", "sleeps/job", "preempted/job"],
                      body, rst))
     return "\n".join(out)

@@ -86,7 +86,8 @@ def test_threads_script_accounts_for_every_thread(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert re.search(r"^4 client threads, 2 workers \((native|python) broker\), 200 jobs "
-                     r"of 0.05 ms per round, median of 1 rounds: \d+ jobs/s", out, re.M)
+                     r"of 0.05 ms per round, median of 1 rounds: \d+ jobs/s, the jobs themselves "
+                     r"\d+% of the machine's time, idle \d+%\.$", out, re.M)
     labels = ["client: the calling threads", "client: libzmq I/O thread",
               "broker: message loop", "broker: libzmq I/O thread",
               "workers: libzmq I/O threads", "workers: main threads, less the job"]
