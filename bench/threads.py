@@ -19,7 +19,10 @@ The workers run the job through ``timed_job`` below, which returns the
 CPU time the job itself took instead of its digest, so that the workers'
 main threads can be split into the job and what the worker adds (the
 machine's speed drifts within seconds here: a job timed apart from the
-round would not do).  Linux only (``/proc``); the clock tick is 10 ms, so
+round would not do).  Each round also runs the same jobs in the same
+threads in-process, in turn with the cluster, so that the report can say
+how much longer the job itself took in a worker, where both cores are
+busy and other threads preempt it, than alone under the GIL.  Linux only (``/proc``); the clock tick is 10 ms, so
 a round needs a few thousand jobs for a resolution of a few microseconds
 per job.
 
@@ -47,6 +50,7 @@ from overhead import (  # noqa: E402  (this directory's sibling script)
 
 from pyramid_powerhose import Client, native_broker  # noqa: E402
 from pyramid_powerhose.bench import hmac_chain, rounds_per_ms  # noqa: E402
+from pyramid_powerhose.job import Job  # noqa: E402
 from pyramid_powerhose.settings import Settings  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -119,11 +123,16 @@ def timed_job(job):
     return b"%d" % (time.thread_time_ns() - started)
 
 
+def in_process(data):
+    """``timed_job`` called in this process, as the workers call it."""
+    return timed_job(Job(data))
+
+
 class Callers:
     """``threads`` long-lived client threads; each knows its kernel thread id."""
 
-    def __init__(self, client, data, threads):
-        self.client, self.data, self.threads = client, data, threads
+    def __init__(self, call, data, threads):
+        self.call, self.data, self.threads = call, data, threads
         self.tids = set()
         self.go = threading.Semaphore(0)
         self.done = threading.Semaphore(0)
@@ -145,15 +154,23 @@ class Callers:
             try:
                 total = 0
                 for _ in range(self.share):
-                    total += int(self.client.execute(self.data))
+                    total += int(self.call(self.data))
                 self.job_ns[index] = total
             except Exception as exc:  # reported by run()
                 self.error = exc
             self.done.release()
 
-    def run(self, jobs):
-        """Runs ``jobs`` jobs spread over the threads; returns the seconds taken
-        and the CPU seconds the jobs themselves took."""
+    def run(self, jobs, call=None):
+        """Runs ``jobs`` jobs spread over the threads (through ``call``, or the
+        one given at first); returns the seconds taken and the CPU seconds the
+        jobs themselves took."""
+        first, self.call = self.call, call or self.call
+        try:
+            return self._run_all(jobs)
+        finally:
+            self.call = first
+
+    def _run_all(self, jobs):
         self.share = jobs // self.threads
         started = time.perf_counter()
         for _ in self.pool:
@@ -172,11 +189,16 @@ class Callers:
             thread.join(5)
 
 
-def measure(callers, processes, jobs):
-    """One round: per-job counters of every row, jobs/s, idle share, job CPU."""
+def measure(callers, processes, jobs, local_first):
+    """One round: per-job counters of every row, jobs/s, idle share, job CPU,
+    and the same jobs in-process, in turn with the cluster."""
+    if local_first:
+        local = callers.run(jobs, in_process)
     before, idle = snapshot(processes, callers.tids), idle_seconds()
     seconds, job_seconds = callers.run(jobs)
     after, idle = snapshot(processes, callers.tids), idle_seconds() - idle
+    if not local_first:
+        local = callers.run(jobs, in_process)
     done = callers.share * callers.threads
     rows = {}
     for key, values in after.items():
@@ -185,7 +207,8 @@ def measure(callers, processes, jobs):
         rows[key] = {"cpu": (delta[0] + delta[1]) / done * 1e6,
                      "sleeps": delta[2] / done, "preempted": delta[3] / done}
     return {"rows": rows, "rate": done / seconds, "idle": idle / (seconds * os.cpu_count()),
-            "job": job_seconds / done * 1e6}
+            "job": job_seconds / done * 1e6,
+            "local_rate": done / local[0], "local_job": local[1] / done * 1e6}
 
 
 def report(args, rounds, rst):
@@ -205,6 +228,7 @@ def report(args, rounds, rst):
                   - r["job"])
     body.append(["all of the above", f"{outside:.0f}", "", ""])
     body.append(["the job itself, in the workers", f"{job:.0f}", "", ""])
+    body.append(["the job itself, in-process", f"{med(lambda r: r['local_job']):.0f}", "", ""])
     out = []
     if rst:
         out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
@@ -214,7 +238,11 @@ def report(args, rounds, rst):
             f"{args.jobs} jobs of {args.ms:g} ms per round, median of {len(rounds)} rounds: "
             f"{med(lambda r: r['rate']):.0f} jobs/s, the jobs themselves "
             f"{med(lambda r: r['rate'] * r['job'] / 1e4 / os.cpu_count()):.0f}% of the "
-            f"machine's time, idle {med(lambda r: r['idle']) * 100:.0f}%.", ""]
+            f"machine's time, idle {med(lambda r: r['idle']) * 100:.0f}%.",
+            f"In-process, the same jobs in the same threads: "
+            f"{med(lambda r: r['local_rate']):.0f} jobs/s; speed-up "
+            f"{med(lambda r: r['rate'] / r['local_rate']):.2f}x; the job itself took "
+            f"{med(lambda r: r['job'] / r['local_job'] - 1) * 100:+.0f}% in the workers.", ""]
     out.append(table(["CPU outside the job", "us/job", "sleeps/job", "preempted/job"],
                      body, rst))
     return "\n".join(out)
@@ -266,11 +294,12 @@ def main(argv=None):
                    == args.workers, procs, f"{args.workers} workers")
         processes = [("client", os.getpid()), ("broker", broker.pid)]
         processes += [("worker", w.pid) for w in workers]
-        callers = Callers(client, data, args.threads)
+        callers = Callers(client.execute, data, args.threads)
         callers.run(args.threads * 50)  # warm-up: connections, caches
+        callers.run(args.threads * 50, in_process)
         rounds = []
         for r in range(args.rounds):
-            rounds.append(measure(callers, processes, args.jobs))
+            rounds.append(measure(callers, processes, args.jobs, local_first=r % 2 == 1))
             print(f"round {r + 1}/{args.rounds}: {rounds[-1]['rate']:.0f} jobs/s",
                   file=sys.stderr, flush=True)
         print(report(args, rounds, args.rst))
