@@ -97,6 +97,10 @@ def test_threads_script_accounts_for_every_thread(tmp_path):
         assert re.search(rf"^{re.escape(label)}\s+-?\d+\s+[\d.]+\s+[\d.]+\s*$", out, re.M), label
     job = re.search(r"^the job itself, in the workers\s+(\d+)\s*$", out, re.M)
     assert job and int(job.group(1)) > 0  # timed in the workers, reported back
+    local = re.search(r"^the job itself, in-process\s+(\d+)\s*$", out, re.M)
+    assert local and int(local.group(1)) > 0  # the same jobs, timed in this process
+    assert re.search(r"^In-process, the same jobs in the same threads: \d+ jobs/s; speed-up "
+                     r"[\d.]+x; the job itself took [+-]\d+% in the workers\.$", out, re.M)
     # The broker's loop sleeps between messages: at least once per job would
     # be 1.0; 200 jobs in a fresh round cannot all arrive in one wake-up.
     sleeps = float(re.search(r"^broker: message loop\s+-?\d+\s+([\d.]+)", out, re.M).group(1))
@@ -104,3 +108,24 @@ def test_threads_script_accounts_for_every_thread(tmp_path):
     assert list(tmp_path.glob("powerhose-threads-*")) == []  # its run directory is removed
     assert str(tmp_path) not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
                                                text=True).stdout
+
+
+def test_wakeups_script_times_every_case_and_leaves_no_child():
+    """bench/wakeups.py, a smoke run: a round trip per case, its children reaped."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "wakeups.py"), "--quick"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "eventfd ping-pong between two processes, 200 round trips per case" in out
+    for label in ["same CPU", "other CPU, idle", "other CPU, running a nice 5 busy loop"]:
+        row = re.search(rf"^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s+\[", out, re.M)
+        assert row, label
+        median, p90 = float(row.group(1)), float(row.group(2))
+        assert 0 < median <= p90  # a round trip takes time, and the median is no tail
+    # The PM QoS case needs write access to /dev/cpu_dma_latency: timed or said skipped.
+    assert re.search(r"^other CPU, idle CPUs polling \(PM QoS 0\)\s+([\d.]+\s+[\d.]+\s+\[|"
+                     r"skipped)", out, re.M)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "wakeups.py" not in ps  # the pongers and the busy loop were killed and reaped
