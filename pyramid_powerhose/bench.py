@@ -334,32 +334,53 @@ def _sweep(args, target, client, speed):
     plan = [(ms, args.jobs or (20 if args.quick else jobs_for(ms))) for ms in durations]
     rounds = args.rounds or (1 if args.quick else 3)
     bar = _progress(sum(jobs * 2 * rounds for _, jobs in plan), args.quiet)
+    single_rounds = [[] for _ in range(rounds)]  # round i of every size: a sweep of one round
     for ms, jobs in plan:
         if not args.quick:  # again: a virtual machine's speed drifts within minutes
             speed = rounds_per_ms()
         data = b"%d" % max(1, round(speed * ms))
-        runs = sorted((compare(target, client, data, jobs, args.threads,
-                               5 if args.quick else 30, bar) for _ in range(rounds)),
-                      key=lambda c: c.speedup)
+        runs = [compare(target, client, data, jobs, args.threads, 5 if args.quick else 30, bar)
+                for _ in range(rounds)]
+        for sweep, run in zip(single_rounds, runs):
+            sweep.append((run.cpu_ms, run.speedup))
+        runs.sort(key=lambda c: c.speedup)
         c = runs[len(runs) // 2]  # the median round
         points.append((c.cpu_ms, c.speedup))
+        spread = f"{runs[0].speedup:.2f}-{runs[-1].speedup:.2f}x" if rounds > 1 else "-"
         rows.append([f"{ms:g}", f"{c.cpu_ms:.3f}", jobs, f"{c.local.rate:.0f}",
-                     f"{c.remote.rate:.0f}", f"{c.speedup:.2f}x", f"{c.overhead_us:.0f}"])
+                     f"{c.remote.rate:.0f}", f"{c.speedup:.2f}x", spread,
+                     f"{c.overhead_us:.0f}"])
     if bar is not None:
         bar.close()
     print(table(["job ms", "CPU ms", "jobs", "in-process jobs/s", "powerhose jobs/s",
-                 "speed-up", "overhead us"], rows))
-    print(f"(median of {rounds} rounds per job size; CPU ms: the in-process runs' CPU time "
-          "per job)")
+                 "speed-up", "rounds", "overhead us"], rows))
+    print(f"(median of {rounds} rounds per job size, and the lowest and highest round; "
+          "CPU ms: the in-process runs' CPU time per job)")
     even = break_even(points)
     if even is None:
         print("break-even: not reached in this sweep")
     else:
         print(f"break-even: {even:.2f} ms (offloading wins for jobs longer than this)")
+    if rounds > 1:
+        print(_single_round_break_evens(single_rounds))
     if args.plot:
         _plot(points, even, args)
         print(f"plot written to {args.plot}")
     return 0
+
+
+def _single_round_break_evens(sweeps):
+    """How far one round per size (``--rounds 1``) would have put the break-even."""
+    found = sorted(e for e in map(break_even, sweeps) if e is not None)
+    missed = len(sweeps) - len(found)
+    text = "one round per size, as --rounds 1 would measure: "
+    if found:
+        text += f"break-even {found[0]:.2f} to {found[-1]:.2f} ms over the {len(sweeps)} rounds"
+        if missed:
+            text += f" ({missed} not reached)"
+    else:
+        text += f"break-even not reached in any of the {len(sweeps)} rounds"
+    return text
 
 
 def _plot(points, even, args):

@@ -41,14 +41,29 @@ def test_own_target_and_data(run_dir):
 
 def test_sweep_with_plot(run_dir):
     plot = os.path.join(run_dir, "sweep.png")
-    out = run_bench("--sweep", "--workers", "2", "--plot", plot, tmp_dir=run_dir)
-    rows = re.findall(r"^([\d.]+)\s+[\d.]+\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+-?\d+\s*$",
-                      out, re.M)
+    out = run_bench("--sweep", "--workers", "2", "--rounds", "2", "--plot", plot,
+                    tmp_dir=run_dir)
+    rows = re.findall(r"^([\d.]+)\s+[\d.]+\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x"
+                      r"\s+([\d.]+)-([\d.]+)x\s+-?\d+\s*$", out, re.M)
     assert [r[0] for r in rows] == ["0.05", "0.1", "0.25", "0.5"]
+    for row in rows:  # the median round lies within the lowest and highest rounds
+        assert float(row[4]) <= float(row[3]) <= float(row[5])
     assert re.search(r"^break-even: ([\d.]+ ms \(offloading wins|not reached)", out, re.M)
+    assert re.search(r"^one round per size, as --rounds 1 would measure: break-even "
+                     r"([\d.]+ to [\d.]+ ms over the 2 rounds|not reached in any of the 2 "
+                     r"rounds)", out, re.M)
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert no_cluster_left(run_dir)
+
+
+def test_single_round_break_evens():
+    from pyramid_powerhose.bench import _single_round_break_evens
+    crossing, flat = [(0.1, 0.5), (1.0, 1.5)], [(0.1, 0.2), (1.0, 0.9)]
+    assert _single_round_break_evens([crossing, [(0.1, 1.2), (1.0, 2.0)], flat]) == (
+        "one round per size, as --rounds 1 would measure: break-even 0.10 to 0.32 ms "
+        "over the 3 rounds (1 not reached)")
+    assert _single_round_break_evens([flat, flat]).endswith("not reached in any of the 2 rounds")
 
 
 def test_break_even_interpolation():
