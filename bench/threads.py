@@ -22,9 +22,9 @@ machine's speed drifts within seconds here: a job timed apart from the
 round would not do).  Each round also runs the same jobs in the same
 threads in-process, in turn with the cluster, so that the report can say
 how much longer the job itself took in a worker, where both cores are
-busy and other threads preempt it, than alone under the GIL.  Linux only (``/proc``); the clock tick is 10 ms, so
-a round needs a few thousand jobs for a resolution of a few microseconds
-per job.
+busy and other threads preempt it, than alone under the GIL.  Linux only
+(``/proc``); the clock tick is 10 ms, so a round needs a few thousand
+jobs for a resolution of a few microseconds per job.
 
     python bench/threads.py                      # 0.5 ms jobs, 4 threads, 2 workers, 3 rounds
     python bench/threads.py --ms 2 --jobs 1500   # longer jobs

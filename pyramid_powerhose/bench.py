@@ -354,7 +354,8 @@ def _sweep(args, target, client, speed):
         bar.close()
     print(table(["job ms", "CPU ms", "jobs", "in-process jobs/s", "powerhose jobs/s",
                  "speed-up", "rounds", "overhead us"], rows))
-    print(f"(median of {rounds} rounds per job size, and the lowest and highest round; "
+    extremes = ", and the lowest and highest round" if rounds > 1 else ""
+    print(f"(median of {rounds} rounds per job size{extremes}; "
           "CPU ms: the in-process runs' CPU time per job)")
     even = break_even(points)
     if even is None:
