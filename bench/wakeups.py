@@ -20,7 +20,7 @@ pinned to a CPU, with the other side:
 The cases take turns within each round; the report gives the median of
 the rounds' medians.  Linux only, 2 CPUs or more.
 
-    python bench/wakeups.py            # 9 rounds x 2000 round trips per case, about 30 s
+    python bench/wakeups.py            # 9 rounds x 2000 round trips per case, about 10 s
     python bench/wakeups.py --quick    # smoke run
 """
 
