@@ -144,3 +144,26 @@ def test_wakeups_script_times_every_case_and_leaves_no_child():
                      r"skipped)", out, re.M)
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "wakeups.py" not in ps  # the pongers and the busy loop were killed and reaped
+
+
+def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
+    """bench/floor.py, a smoke run: every path's speed-up and break-even line,
+    results checked against in-process ones (the script fails otherwise)."""
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp_path),
+               XDG_RUNTIME_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "floor.py"), "--quick"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    rows = re.findall(r"^([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)x\s+([\d.]+)x"
+                      r"\s+([\d.]+)\s*$", out, re.M)
+    assert [row[0] for row in rows] == ["0.1", "0.5"]
+    for row in rows:
+        assert float(row[1]) > 0 and int(row[2]) > 0
+        assert all(float(value) > 0 for value in row[3:])
+    for path in ["powerhose", "relay", "direct"]:
+        assert re.search(rf"^break-even, {path}: ([\d.]+ ms|not reached)$", out, re.M), path
+    assert list(tmp_path.glob("ph-floor-*")) == []  # its run directory is removed
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "floor.py" not in ps and str(tmp_path) not in ps

@@ -1,0 +1,242 @@
+#!/usr/bin/env python
+"""Is the break-even ours, or libzmq's?  Job sizes around it, through
+powerhose and through the bare libzmq floors, side by side.
+
+At each job size, 4 client threads run the built-in GIL-holding job
+(``pyramid_powerhose.bench:hmac_chain``) by four paths, which take turns
+within every round (the order rotates from round to round):
+
+* ``in-process``: the threads call the job themselves;
+* ``powerhose``: ``Client.execute`` through the cluster ``get_cluster``
+  starts (``powerhose-broker`` and 2 ``powerhose-worker``), as
+  ``powerhose-bench`` does;
+* ``relay``: a REQ socket per thread, ``zmq.proxy`` (ROUTER to DEALER,
+  libzmq's own C loop) in a process of its own, 2 REP workers: the same
+  four messages and four process hops per job as powerhose, with none of
+  our code in the way, so **the floor for any broker on libzmq**;
+* ``direct``: a REQ socket per thread connected to both REP workers, no
+  broker: two messages per job, the floor for running the job in another
+  process over libzmq at all (REQ sends round-robin, so a worker may
+  hold two jobs while the other has none: a little below a true floor).
+
+Every worker runs the same job at the same ``nice`` as the cluster's
+(the ``nice`` setting, 5 by default).  For each size the report gives the
+in-process CPU time per job (the size the job had while it ran, the axis
+``powerhose-bench`` uses), the in-process jobs/s, and each path's speed-up
+over in-process: the median over rounds of the ratio within a round.
+Then each path's break-even, found as ``powerhose-bench`` finds it.  If
+powerhose breaks even where the relay does, what is left to cut is not
+in this project's code.
+
+    python bench/floor.py                       # 0.1 to 1 ms, 5 rounds, about 4 minutes
+    python bench/floor.py --sizes 0.2 0.3 0.4 --rounds 9
+    python bench/floor.py --quick               # smoke run, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import zmq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from overhead import Processes, machine, serve, table, wait_until  # noqa: E402
+
+from pyramid_powerhose import Client  # noqa: E402
+from pyramid_powerhose.bench import (  # noqa: E402
+    BUILTIN_TARGET, break_even, hmac_chain, jobs_for, rounds_per_ms, run_threads)
+from pyramid_powerhose.cluster import get_cluster  # noqa: E402
+from pyramid_powerhose.job import Job  # noqa: E402
+from pyramid_powerhose.settings import Settings  # noqa: E402
+
+PATHS = ("in-process", "powerhose", "relay", "direct")
+SIZES_MS = (0.1, 0.2, 0.3, 0.5, 1.0)
+THREADS = 4
+WORKERS = 2
+
+
+def serve_jobs(how, *endpoints):
+    """Run in a child: a REP worker running the built-in job, until killed."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.nice(Settings().nice)  # as a powerhose-worker does
+    sock = zmq.Context().socket(zmq.REP)
+    for endpoint in endpoints:
+        if how == "bind":
+            sock.bind(endpoint)
+        else:
+            sock.connect(endpoint)
+    while True:
+        sock.send(hmac_chain(Job(sock.recv())))
+
+
+def in_process(data):
+    return hmac_chain(Job(data))
+
+
+class ReqCaller:
+    """One REQ socket per calling thread, connected to ``endpoints``."""
+
+    def __init__(self, context, endpoints):
+        self.context, self.endpoints = context, endpoints
+        self.local = threading.local()
+        self.sockets = []
+        self.lock = threading.Lock()
+
+    def __call__(self, data):
+        sock = getattr(self.local, "sock", None)
+        if sock is None:
+            sock = self.local.sock = self.context.socket(zmq.REQ)
+            sock.linger = 0
+            sock.rcvtimeo = 60_000  # a worker that died fails the run instead of hanging it
+            for endpoint in self.endpoints:
+                sock.connect(endpoint)
+            with self.lock:
+                self.sockets.append(sock)
+        sock.send(data)
+        return sock.recv()
+
+    def close(self):
+        for sock in self.sockets:
+            sock.close(0)
+
+
+def start_floors(procs, run_dir):
+    """The relay and the direct workers; returns their callers."""
+    me = [sys.executable, os.path.abspath(__file__), "_serve"]
+    front, back = f"ipc://{run_dir}/relay-front.sock", f"ipc://{run_dir}/relay-back.sock"
+    procs.start("relay", me + ["proxy", front, back])
+    direct = [f"ipc://{run_dir}/direct-{i}.sock" for i in range(WORKERS)]
+    for i in range(WORKERS):
+        procs.start(f"relay-worker-{i}", me + ["jobs", "connect", back])
+        procs.start(f"direct-worker-{i}", me + ["jobs", "bind", direct[i]])
+    context = zmq.Context()
+    return context, {"relay": ReqCaller(context, [front]), "direct": ReqCaller(context, direct)}
+
+
+def measure_size(calls, ms, jobs, rounds, first_round, progress):
+    """Rounds at one size: per path, jobs/s per round; and in-process CPU ms per job."""
+    data = b"%d" % max(1, round(rounds_per_ms() * ms))
+    expected = in_process(data)
+    rates = {path: [] for path in PATHS}
+    cpu_ms = []
+    for r in range(rounds):
+        shift = (first_round + r) % len(PATHS)
+        for path in PATHS[shift:] + PATHS[:shift]:
+            cpu = time.process_time()
+            seconds, results = run_threads(calls[path], data, jobs, THREADS)
+            if path == "in-process":  # with each thread's warm-up call
+                cpu_ms.append((time.process_time() - cpu) / (jobs + THREADS) * 1000)
+            if any(result != expected for result in results):
+                raise RuntimeError(f"{path} returned a wrong result at {ms} ms")
+            rates[path].append(jobs / seconds)
+            progress()
+    return rates, statistics.median(cpu_ms)
+
+
+def report(sizes, measured, rounds):
+    rows, points = [], {path: [] for path in PATHS[1:]}
+    for ms, (rates, cpu) in zip(sizes, measured):
+        row = [f"{ms:g}", f"{cpu:.3f}", f"{statistics.median(rates['in-process']):.0f}"]
+        for path in PATHS[1:]:
+            ratios = [a / b for a, b in zip(rates[path], rates["in-process"])]
+            speedup = statistics.median(ratios)
+            points[path].append((cpu, speedup))
+            row.append(f"{speedup:.2f}x")
+        mine = [a / b for a, b in zip(rates["powerhose"], rates["relay"])]
+        row.append(f"{statistics.median(mine):.2f}")
+        rows.append(row)
+    print(table(["job ms", "CPU ms", "in-process jobs/s", "powerhose", "relay", "direct",
+                 "powerhose/relay"], rows, False))
+    print(f"(speed-ups over in-process and powerhose/relay: medians over {rounds} rounds of "
+          "the ratio within a round; CPU ms: the in-process runs' CPU time per job)")
+    evens = {}
+    for path, line in points.items():
+        evens[path] = even = break_even(line)
+        print(f"break-even, {path}: " + (f"{even:.3f} ms" if even else "not reached"))
+    return evens
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Speed-up over in-process threads through powerhose and through "
+        "the bare libzmq floors, at job sizes around the break-even.")
+    parser.add_argument("--sizes", type=float, nargs="+", default=list(SIZES_MS),
+                        metavar="MS", help="job sizes, milliseconds of CPU "
+                        "(default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds per size, the paths taking turns (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="jobs per path per round (default: about 2 s of work)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 sizes, 1 round of 40 jobs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rounds, args.jobs = [0.1, 0.5], 1, 40
+    if args.rounds < 1 or args.jobs < 0 or min(args.sizes) <= 0:
+        parser.error("--rounds must be at least 1, --jobs and --sizes positive")
+    return args
+
+
+def main(argv=None):
+    if len(sys.argv) > 2 and sys.argv[1] == "_serve":
+        if sys.argv[2] == "jobs":
+            return serve_jobs(*sys.argv[3:])
+        return serve(*sys.argv[2:])
+    args = parse_args(argv)
+
+    def on_term(*_):
+        raise SystemExit(143)  # cleanup in the finally block below
+    signal.signal(signal.SIGTERM, on_term)
+
+    for key, value in machine():
+        print(f"{key:7s} {value}")
+    print(f"{THREADS} threads; {WORKERS} workers behind powerhose, the relay and direct")
+    run_dir = tempfile.mkdtemp(prefix="ph-floor-")
+    procs = Processes(run_dir)
+    cluster = context = callers = client = None
+    try:
+        cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS, background=True,
+                              timeout=0)
+        cluster.start()
+        client = Client(frontend=cluster.frontend, timeout=60)
+        context, callers = start_floors(procs, run_dir)
+        calls = {"in-process": in_process, "powerhose": client.execute, **callers}
+        for path in PATHS[1:]:  # every worker has answered before anything is timed
+            wait_until(lambda: all(calls[path](b"1") == in_process(b"1")
+                                   for _ in range(2 * WORKERS)), procs, path)
+        total = len(args.sizes) * args.rounds * len(PATHS)
+        done = [0]
+
+        def progress():
+            done[0] += 1
+            print(f"# {done[0]}/{total} runs", file=sys.stderr, end="\r", flush=True)
+
+        measured = [measure_size(calls, ms, args.jobs or jobs_for(ms), args.rounds, i, progress)
+                    for i, ms in enumerate(args.sizes)]
+        print(file=sys.stderr)
+        report(args.sizes, measured, args.rounds)
+        return 0
+    finally:
+        if client is not None:
+            client.close()
+        if callers is not None:
+            for caller in callers.values():
+                caller.close()
+            context.term()
+        procs.close()
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
