@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -84,28 +85,56 @@ def _split(total, parts):
 
 def run_threads(call, data, jobs, threads, progress=None):
     """``jobs`` calls of ``call(data)`` from ``threads`` threads looping, as a
-    server's threads would; returns the seconds taken and the results."""
+    server's threads would; returns the seconds taken and the results.
+
+    On Ctrl-C (or SIGTERM raised as SystemExit) the threads finish the call
+    they are in and stop before the exception goes on, so the caller can
+    close their sockets: closing one under a waiting thread aborts libzmq.
+    """
     shares = _split(jobs, threads)
     results = [None] * threads
+    errors = []
     start = threading.Barrier(threads + 1)
+    stopping = threading.Event()
 
     def loop(i):
-        call(data)  # warm-up: connections, caches
-        start.wait()
-        out = []
-        for _ in range(shares[i]):
-            out.append(call(data))
-            if progress is not None:
-                progress.update(1)
-        results[i] = out
+        try:
+            call(data)  # warm-up: connections, caches
+            start.wait()
+            out = []
+            for _ in range(shares[i]):
+                if stopping.is_set():
+                    return
+                out.append(call(data))
+                if progress is not None:
+                    progress.update(1)
+            results[i] = out
+        except threading.BrokenBarrierError:
+            pass  # stopped, or another thread failed while warming up
+        except Exception as exc:  # raised in the calling thread, below
+            errors.append(exc)
+            stopping.set()
+            start.abort()
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
     for worker in workers:
         worker.start()
-    start.wait()
-    started = time.perf_counter()
-    for worker in workers:
-        worker.join()
+    try:
+        start.wait()
+        started = time.perf_counter()
+        for worker in workers:
+            worker.join()
+    except threading.BrokenBarrierError:  # a thread failed while warming up
+        for worker in workers:
+            worker.join()
+    except BaseException:
+        stopping.set()
+        start.abort()  # threads still warming up wake with BrokenBarrierError
+        for worker in workers:
+            worker.join()
+        raise
+    if errors:
+        raise errors[0]
     return time.perf_counter() - started, [r for out in results for r in out]
 
 
@@ -278,6 +307,22 @@ def make_parser():
 
 
 def main(argv=None):
+    """``powerhose-bench``: Ctrl-C or SIGTERM stops the runs and the cluster."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(*_):
+    raise SystemExit(143)  # unwinds like Ctrl-C: the cluster is stopped on the way out
+
+
+def _main(argv):
     args = make_parser().parse_args(argv)
     if args.plot and not args.sweep:
         make_parser().error("--plot needs --sweep")

@@ -2,9 +2,15 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
+import pytest
+
+from pyramid_powerhose import bench
 from tests.conftest import REPO, command
 
 
@@ -16,9 +22,14 @@ def run_bench(*args, tmp_dir):
     return result.stdout
 
 
+def ps_lines():
+    """Every process's command line, whole (pytest sets COLUMNS, which ps obeys)."""
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
+                          text=True).stdout.splitlines()
+
+
 def no_cluster_left(tmp_dir):
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return tmp_dir not in out
+    return not any(tmp_dir in line for line in ps_lines())
 
 
 def test_one_job_report(run_dir):
@@ -31,6 +42,52 @@ def test_one_job_report(run_dir):
     assert re.search(r"^speed-up: [\d.]+x   job: [\d.]+ ms   per-job overhead: -?\d+ us$",
                      out, re.M)
     assert no_cluster_left(run_dir)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_sweep_stops_its_cluster(run_dir, sig, code):
+    """Ctrl-C or SIGTERM mid-sweep: the calling threads stop, the cluster is
+    stopped in order, and the command exits with 128 + the signal."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=run_dir, TMPDIR=run_dir, PYTHONPATH=REPO)
+    proc = subprocess.Popen(command("powerhose-bench") + ["--sweep", "--quiet"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(run_dir in line and "cli.worker" in line  # the cluster is up
+                      for line in ps_lines()):
+            if proc.poll() is not None:
+                pytest.fail(f"exited with {proc.returncode}: {proc.stdout.read()}")
+            assert time.monotonic() < deadline, "no cluster after 60 s"
+            time.sleep(0.2)
+        time.sleep(2)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, out
+    assert "Traceback" not in out and "Assertion failed" not in out, out
+    assert no_cluster_left(run_dir)
+
+
+def test_run_threads_raises_a_calling_threads_error():
+    calls = []
+    lock = threading.Lock()
+
+    def call(data):
+        with lock:
+            calls.append(data)
+            if len(calls) == 40:
+                raise ValueError("job 40 failed")
+        return data
+
+    with pytest.raises(ValueError, match="job 40 failed"):
+        bench.run_threads(call, b"x", 1000, 4)
+    time.sleep(0.1)
+    assert len(calls) < 50  # the other threads stopped too
+    assert bench.run_threads(lambda data: data, b"y", 10, 3)[1] == [b"y"] * 10
 
 
 def test_own_target_and_data(run_dir):
@@ -121,8 +178,7 @@ def test_threads_script_accounts_for_every_thread(tmp_path):
     sleeps = float(re.search(r"^broker: message loop\s+-?\d+\s+([\d.]+)", out, re.M).group(1))
     assert sleeps > 0.1
     assert list(tmp_path.glob("powerhose-threads-*")) == []  # its run directory is removed
-    assert str(tmp_path) not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
-                                               text=True).stdout
+    assert no_cluster_left(str(tmp_path))
 
 
 def test_wakeups_script_times_every_case_and_leaves_no_child():
@@ -142,7 +198,7 @@ def test_wakeups_script_times_every_case_and_leaves_no_child():
     # The PM QoS case needs write access to /dev/cpu_dma_latency: timed or said skipped.
     assert re.search(r"^other CPU, idle CPUs polling \(PM QoS 0\)\s+([\d.]+\s+[\d.]+\s+\[|"
                      r"skipped)", out, re.M)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = "\n".join(ps_lines())
     assert "wakeups.py" not in ps  # the pongers and the busy loop were killed and reaped
 
 
@@ -165,5 +221,5 @@ def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
     for path in ["powerhose", "relay", "direct"]:
         assert re.search(rf"^break-even, {path}: ([\d.]+ ms|not reached)$", out, re.M), path
     assert list(tmp_path.glob("ph-floor-*")) == []  # its run directory is removed
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = "\n".join(ps_lines())
     assert "floor.py" not in ps and str(tmp_path) not in ps
