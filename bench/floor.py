@@ -226,17 +226,23 @@ def main(argv=None):
         report(args.sizes, measured, args.rounds)
         return 0
     finally:
+        procs.close()
+        if cluster is not None:
+            cluster.stop()
+        # The calling threads are done, even after Ctrl-C (run_threads
+        # waits for them): their sockets can be closed.
         if client is not None:
             client.close()
         if callers is not None:
             for caller in callers.values():
                 caller.close()
             context.term()
-        procs.close()
-        if cluster is not None:
-            cluster.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the children are stopped and the temp dir removed
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
