@@ -158,11 +158,9 @@ def report(sizes, measured, rounds):
                  "powerhose/relay"], rows, False))
     print(f"(speed-ups over in-process and powerhose/relay: medians over {rounds} rounds of "
           "the ratio within a round; CPU ms: the in-process runs' CPU time per job)")
-    evens = {}
     for path, line in points.items():
-        evens[path] = even = break_even(line)
+        even = break_even(line)
         print(f"break-even, {path}: " + (f"{even:.3f} ms" if even else "not reached"))
-    return evens
 
 
 def parse_args(argv):
