@@ -20,8 +20,7 @@ from collections import deque
 import zmq
 
 from . import endpoints, multipart, protocol
-from .exc import DuplicateBrokerError
-from .protocol import ProtocolError
+from .exc import DuplicateBrokerError, ProtocolError
 
 log = logging.getLogger(__name__)
 

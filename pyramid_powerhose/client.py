@@ -22,7 +22,8 @@ import zmq
 
 from . import exc, multipart, protocol
 from .job import Job, to_bytes
-from .protocol import ProtocolError, Request
+from .exc import ProtocolError
+from .protocol import Request
 from .settings import Settings
 
 log = logging.getLogger(__name__)

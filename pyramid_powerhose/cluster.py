@@ -38,8 +38,8 @@ from circus.exc import CallError
 
 from . import endpoints
 from .client import Client
-from .exc import PowerhoseError
-from .settings import Settings, SettingsError, format_params, parse_heartbeat, parse_params
+from .exc import ClusterError, PowerhoseError, SettingsError
+from .settings import Settings, format_params, parse_heartbeat, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ STOP_MARGIN = 5.0  # seconds on top of the graceful timeouts before killing
 LOG_TAIL = 20  # lines of a log quoted in a ClusterError
 
 BROKER, WORKERS = "broker", "workers"  # the circus watchers, as circusctl names them
-
-
-class ClusterError(PowerhoseError):
-    """The cluster could not start, answer or stop; the message says why."""
 
 
 def get_cluster(target=None, numprocesses=None, frontend=None, backend=None, heartbeat=None,

@@ -9,13 +9,9 @@ import os
 import stat
 import tempfile
 
-from .exc import DuplicateBrokerError
+from .exc import DuplicateBrokerError, UnsafeDirectoryError
 
 IPC = "ipc://"
-
-
-class UnsafeDirectoryError(RuntimeError):
-    """The default socket directory is not ours, or others can write to it."""
 
 
 def runtime_dir() -> str:
@@ -49,6 +45,17 @@ def default_frontend() -> str:
 
 def default_backend() -> str:
     return IPC + os.path.join(runtime_dir(), "backend.sock")
+
+
+def resolve(endpoint: str, name: str) -> str:
+    """``endpoint``, or the default for ``name`` ('frontend' or 'backend') when empty.
+
+    The private directory is looked at (and created) only here, when a
+    default endpoint is about to be used.
+    """
+    if endpoint:
+        return endpoint
+    return default_frontend() if name == "frontend" else default_backend()
 
 
 def ipc_path(endpoint: str):

@@ -1,17 +1,18 @@
-"""Exceptions a caller may handle, one class per failure.
+"""Every exception a caller may handle, one class per failure, in one hierarchy.
 
 Messages say what happened and what to check: the endpoint, the service,
-the timeout.
+the timeout, the setting.  This module depends on nothing else in the
+package, so every layer (the protocol included) raises from here.
 """
 
 import builtins
-
-from . import protocol
 
 
 class PowerhoseError(Exception):
     """Base class of every error raised by pyramid_powerhose."""
 
+
+# -- a job's outcome, as a client raises it --------------------------------------
 
 class NoWorkerError(PowerhoseError):
     """No worker serves the job's service (none registered, or all gone)."""
@@ -44,25 +45,45 @@ class WorkerLostError(PowerhoseError):
 
 
 class JobTooLargeError(PowerhoseError, ValueError):
-    """The job's data is larger than the broker's --max-job-size."""
+    """The job is larger than the max job size (client or broker)."""
+
+
+class ProtocolError(PowerhoseError, ValueError):
+    """Frames that do not follow the protocol (PROTOCOL.rst).
+
+    Raised by :mod:`pyramid_powerhose.protocol` on untrusted input (the
+    broker logs and drops such a message), and by a client whose peer
+    answered with frames it does not understand.
+    """
+
+
+# -- configuration and processes ---------------------------------------------------
+
+class SettingsError(PowerhoseError, ValueError):
+    """A setting has a value that is not allowed; the message names it."""
+
+
+class UnsafeDirectoryError(PowerhoseError, RuntimeError):
+    """The default socket directory is not ours, or others can write to it."""
+
+
+class TargetError(PowerhoseError, ImportError):
+    """The worker's TARGET cannot be imported or is not callable."""
 
 
 class DuplicateBrokerError(PowerhoseError):
     """A broker already serves this frontend."""
 
 
-class ProtocolError(PowerhoseError):
-    """A peer answered with frames this project does not understand."""
+class ClusterError(PowerhoseError):
+    """The cluster could not start, answer or stop; the message says why."""
 
 
-_BY_CODE = {
-    protocol.ERR_EXECUTION: ExecutionError,
-    protocol.ERR_TIMEOUT: TimeoutError,
-    protocol.ERR_NO_WORKER: NoWorkerError,
-    protocol.ERR_WORKER_LOST: WorkerLostError,
-    protocol.ERR_TOO_LARGE: JobTooLargeError,
-    protocol.ERR_BAD_REQUEST: ProtocolError,
-}
+# The error codes an ERR reply carries are these classes' names
+# (protocol.ERR_*); anything else is a plain PowerhoseError.
+_BY_CODE = {cls.__name__: cls for cls in (
+    ExecutionError, TimeoutError, NoWorkerError, WorkerLostError, JobTooLargeError,
+    ProtocolError)}
 
 
 def from_reply(reply):

@@ -23,8 +23,8 @@ from zope.interface import Interface
 
 from . import endpoints
 from .client import Client
-from .exc import NoWorkerError, TimeoutError, WorkerLostError
-from .settings import SettingsError, settings_from_mapping
+from .exc import ClusterError, NoWorkerError, SettingsError, TimeoutError, WorkerLostError
+from .settings import settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,6 @@ def _spawn(settings):
 
 def _attach_or_spawn(settings):
     """The spawned cluster, or None when a broker already answers."""
-    from .cluster import ClusterError
 
     with _spawn_lock(settings.frontend):
         pid = _ping(settings)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .exc import ProtocolError
+
 # -- 7/MDP -----------------------------------------------------------------
 MDP_CLIENT = b"MDPC01"
 MDP_WORKER = b"MDPW01"
@@ -52,10 +54,6 @@ ERR_BAD_REQUEST = "ProtocolError"
 MAX_SERVICE_LENGTH = 255
 MAX_JOB_ID_LENGTH = 255
 MAX_CREDIT = 64  # jobs a worker may hold at once (one running, the rest waiting)
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol; it is logged and dropped."""
 
 
 @dataclass(slots=True)

@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from pyramid.settings import asbool, falsey, truthy
 
 from . import endpoints
+from .exc import SettingsError
 
 MiB = 1024 * 1024
 CLUSTER_MODES = ("auto", "spawn", "attach")
-
-
-class SettingsError(ValueError):
-    """A setting has a value that is not allowed; the message names it."""
 
 
 @dataclass

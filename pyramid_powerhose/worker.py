@@ -26,7 +26,8 @@ import zmq
 
 from . import multipart, protocol
 from .job import Job
-from .protocol import ProtocolError, Reply
+from .exc import ProtocolError, TargetError
+from .protocol import Reply
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ _params: dict = {}
 def get_params() -> dict:
     """The ``--params`` this worker was started with (``'k:v|k2:v2'``)."""
     return dict(_params)
-
-
-class TargetError(ImportError):
-    """The worker's TARGET cannot be imported or is not callable."""
 
 
 def resolve_target(target: str):

@@ -12,7 +12,8 @@ import psutil
 import pytest
 
 from pyramid_powerhose import Client, exc, get_cluster
-from pyramid_powerhose.cluster import ClusterError, broker_command, worker_command
+from pyramid_powerhose.cluster import broker_command, worker_command
+from pyramid_powerhose.exc import ClusterError
 from pyramid_powerhose.settings import Settings
 
 from .conftest import REPO, alive, command, mentioning, read_log, wait_for

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from pyramid_powerhose import Client, endpoints as endpoints_module
+from pyramid_powerhose import Client, exc
+from pyramid_powerhose import endpoints as endpoints_module
 from pyramid_powerhose.settings import Settings
 from tests.conftest import command, read_log, wait_for
 
@@ -137,5 +138,5 @@ def test_default_directory_refused_when_others_can_enter(run_dir, monkeypatch):
     os.makedirs(os.path.join(runtime, "powerhose"))
     os.chmod(os.path.join(runtime, "powerhose"), 0o755)
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
-    with pytest.raises(endpoints_module.UnsafeDirectoryError, match="chmod 700"):
+    with pytest.raises(exc.UnsafeDirectoryError, match="chmod 700"):
         endpoints_module.runtime_dir()

@@ -3,7 +3,8 @@
 import pytest
 
 from pyramid_powerhose import protocol as p
-from pyramid_powerhose.protocol import ProtocolError, Reply, Request
+from pyramid_powerhose.exc import ProtocolError
+from pyramid_powerhose.protocol import Reply, Request
 
 
 def test_client_request_round_trips_through_the_broker_parser():
@@ -103,3 +104,12 @@ def test_ready_credit_is_negotiated():
             p.parse_backend([b"w", b"", p.MDP_WORKER, p.READY, b"svc", p.EXT_TOKEN, bad])
     with pytest.raises(ProtocolError):
         p.parse_backend([b"w", b"", p.MDP_WORKER, p.READY, b"svc", b"other/1"])
+
+
+def test_every_error_code_names_the_exception_a_client_raises():
+    from pyramid_powerhose import exc
+    for code in (p.ERR_EXECUTION, p.ERR_TIMEOUT, p.ERR_NO_WORKER, p.ERR_WORKER_LOST,
+                 p.ERR_TOO_LARGE, p.ERR_BAD_REQUEST):
+        error = exc.from_reply(Reply.error(b"1", code, "message"))
+        assert type(error).__name__ == code
+    assert type(exc.from_reply(Reply.error(b"1", "Unknown", "m"))) is exc.PowerhoseError

@@ -6,7 +6,8 @@ defaults taken from :class:`~pyramid_powerhose.settings.Settings`.
 
 import argparse
 
-from ..settings import Settings, SettingsError, parse_heartbeat, parse_params
+from ..exc import SettingsError
+from ..settings import Settings, parse_heartbeat, parse_params
 
 DEFAULTS = Settings.__dataclass_fields__
 

@@ -9,7 +9,8 @@ import signal
 import sys
 
 from .. import logs
-from ..cluster import ClusterError, get_cluster
+from ..cluster import get_cluster
+from ..exc import ClusterError
 from . import (add_endpoint_options, add_logging_options, add_worker_options, default,
                parse_or_exit, settings_from)
 

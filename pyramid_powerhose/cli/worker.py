@@ -6,7 +6,8 @@ import os
 import sys
 
 from .. import logs
-from ..worker import TargetError, Worker, resolve_target
+from ..exc import TargetError
+from ..worker import Worker, resolve_target
 from . import (add_endpoint_options, add_logging_options, add_worker_options, default,
                parse_or_exit, settings_from)
 
