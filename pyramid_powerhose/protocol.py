@@ -229,6 +229,15 @@ def frontend_reply(msg: ClientMessage, reply: Reply) -> list[bytes]:
     ]
 
 
+def frontend_worker_reply(msg: ClientMessage, body) -> list[bytes]:
+    """An extended worker's REPLY body (``[job id, status, ...]``, checked
+    with :func:`reply_frames_ok`), passed to the client in its dialect."""
+    if msg.extended:
+        # Both ends speak the extension: the frames pass through as they are.
+        return [msg.address, b"", EXT_CLIENT, msg.request.service, *body]
+    return frontend_reply(msg, parse_reply_body(body[0], body[1:]))
+
+
 def frontend_plain_reply(msg: ClientMessage, body) -> list[bytes]:
     """A plain worker's (or MMI's) reply body, passed to a client."""
     if msg.extended:

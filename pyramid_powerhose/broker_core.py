@@ -1,0 +1,574 @@
+"""The broker's decisions, without sockets: dispatch, credit, deadlines, expiry.
+
+:class:`BrokerCore` is plain state (services, workers, queues) driven by
+events, each given the current time: a message from a client, a message
+from a worker, a tick of the clock, a connection that closed.  Each event
+returns the messages to send, as :class:`Send` records; the loop that owns
+the sockets (:mod:`pyramid_powerhose.broker`) sends them, and reports
+back the sends to workers that failed because the worker's connection was
+gone (:meth:`BrokerCore.undelivered`).  Tests drive it with lists of
+frames and a fake clock.
+
+Its state reads like the zguide's Majordomo broker: ``services`` by name,
+each with its idle workers in least-recently-used order and its queue of
+jobs; ``workers`` by address, each with the jobs it holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import deque
+
+from . import protocol
+from .exc import ProtocolError
+
+log = logging.getLogger("pyramid_powerhose.broker")
+
+# A busy worker is handed a second job (credit > 1) only for services whose
+# recent jobs average less than this: behind such jobs a waiting job waits
+# little, while behind a long one it could wait although another worker
+# frees up first.
+PREFETCH_BELOW = 0.1  # seconds
+
+EXPIRY_INTERVAL = 0.05  # seconds between looks for expired jobs and workers
+MAX_HEARTBEAT_INTERVAL = 2.5  # 7/MDP peers following the zguide expect one this often
+PROBES = 4  # heartbeats sent 50 ms apart after a connection closed
+PROBE_INTERVAL = 0.05
+BUSY_POLL = 0.05  # seconds: how often the loop wakes while jobs wait or workers are probed
+
+
+def _name(service: bytes) -> str:
+    """A service name for a message: clients may send any bytes."""
+    return service.decode("utf-8", "replace")
+
+
+class Send:
+    """One message to send: to a client (``worker`` is None) or to a worker.
+
+    ``job`` is the job a REQUEST carries, so that a send that fails can put
+    it back in its queue.
+    """
+
+    __slots__ = ("frames", "to_worker", "worker", "job")
+
+    def __init__(self, frames, to_worker=False, worker=None, job=None):
+        self.frames = frames
+        self.to_worker = to_worker
+        self.worker = worker
+        self.job = job
+
+    def __repr__(self):
+        side = "worker" if self.to_worker else "client"
+        return f"<Send to {side} {self.frames!r}>"
+
+
+class PendingJob:
+    """A client's request, queued or in flight."""
+
+    __slots__ = ("msg", "received", "deadline", "sent")
+
+    def __init__(self, msg, now):
+        self.msg = msg
+        self.received = now
+        self.sent = now
+        ttl = msg.request.ttl_ms
+        self.deadline = now + ttl / 1000.0 if ttl else None
+
+    def ttl_ms(self, now):
+        if self.deadline is None:
+            return 0
+        return max(1, int((self.deadline - now) * 1000))
+
+
+class WorkerRef:
+    """What the broker knows of one connected worker.
+
+    ``jobs`` are the jobs sent to it and not yet answered, oldest (running)
+    first; ``credit`` is how many it accepts at once (1 for plain MDP).
+    """
+
+    __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
+                 "vanished", "last_reply")
+
+    def __init__(self, address, service, extended, credit, expiry):
+        self.address = address
+        self.service = service
+        self.extended = extended
+        self.credit = credit
+        self.jobs = deque()
+        self.expiry = expiry
+        self.spare = False  # listed in service.spare
+        self.vanished = False  # a send to it failed: its connection is gone
+        self.last_reply = 0.0
+
+
+class Service:
+    """One service: its workers, the idle ones in LRU order, its queue.
+
+    ``spare`` lists busy workers that accept one more job (credit > 1):
+    they are used only when no worker is idle.
+    """
+
+    __slots__ = ("name", "workers", "idle", "spare", "queue", "done", "failed", "job_time")
+
+    def __init__(self, name):
+        self.name = name
+        self.workers = set()
+        self.idle = deque()  # left: idle the longest
+        self.spare = deque()
+        self.queue = deque()
+        self.done = 0
+        self.failed = 0
+        self.job_time = None  # moving average of job run times, seconds
+
+    def ran(self, seconds):
+        average = self.job_time
+        self.job_time = seconds if average is None else average + 0.2 * (seconds - average)
+
+    def capacity(self, worker):
+        """Jobs ``worker`` may hold now: its credit when jobs are short, else 1."""
+        if self.job_time is not None and self.job_time < PREFETCH_BELOW:
+            return worker.credit
+        return 1
+
+
+class BrokerCore:
+    """Every decision of the broker; the caller owns the sockets and the clock.
+
+    ``settings`` gives heartbeat, liveness, max_job_size,
+    no_worker_timeout and grace, and the resolved frontend and backend
+    (named in messages and stats).  ``pid`` is what ``mmi.ping`` answers.
+    """
+
+    def __init__(self, settings, now, pid=0):
+        self.settings = settings
+        self.pid = pid
+        self.started = now
+        self.services: dict[bytes, Service] = {}
+        self.workers: dict[bytes, WorkerRef] = {}
+        self.heartbeat = settings.heartbeat
+        self.liveness = settings.heartbeat * settings.liveness
+        self.stopping_since = None
+        self.vanished: list[WorkerRef] = []  # sends to them failed; bury_vanished() decides
+        self._probes_left = 0
+        self._next_heartbeat = now
+        self._next_expiry = now
+        self._plain_ids = itertools.count(1)
+        self._out: list[Send] = []
+
+    def _take(self) -> list[Send]:
+        out, self._out = self._out, []
+        return out
+
+    def _to_client(self, frames):
+        self._out.append(Send(frames))
+
+    def _to_worker(self, frames, worker=None, job=None):
+        self._out.append(Send(frames, True, worker, job))
+
+    # -- queries --------------------------------------------------------------------
+
+    def poll_timeout(self) -> int:
+        """Milliseconds the loop may sleep before the next tick is due."""
+        if self._probes_left or self.stopping_since is not None:
+            return int(BUSY_POLL * 1000)
+        if any(s.queue for s in self.services.values()):
+            return int(BUSY_POLL * 1000)
+        return int(self.heartbeat * 1000)
+
+    def drained(self) -> bool:
+        """Stopping, and every accepted job settled: the loop may end."""
+        if self.stopping_since is None:
+            return False
+        busy = any(w.jobs for w in self.workers.values())
+        queued = any(s.queue for s in self.services.values())
+        return not busy and not queued
+
+    def stats(self, now) -> dict:
+        services = {}
+        for svc in self.services.values():
+            busy = sum(1 for w in svc.workers if self.workers[w].jobs)
+            services[_name(svc.name)] = {
+                "workers": len(svc.workers),
+                "idle": len(svc.workers) - busy,
+                "busy": busy,
+                "queued": len(svc.queue),
+                "done": svc.done,
+                "failed": svc.failed,
+                "job_ms": None if svc.job_time is None else round(svc.job_time * 1000, 3),
+            }
+        return {
+            "pid": self.pid,
+            "uptime": round(now - self.started, 3),
+            "frontend": self.settings.frontend,
+            "backend": self.settings.backend,
+            "stopping": self.stopping_since is not None,
+            "services": services,
+        }
+
+    # -- events: clients ----------------------------------------------------------------
+
+    def client_message(self, frames, now) -> list[Send]:
+        """A message from the frontend: a job, or an 8/MMI query."""
+        try:
+            msg = protocol.parse_frontend(frames)
+        except ProtocolError as exc:
+            log.warning("dropped malformed message from a client (%d frames): %s",
+                        len(frames), exc)
+            return []
+        service = msg.request.service
+        if service.startswith(protocol.MMI_PREFIX):
+            self._to_client(protocol.frontend_plain_reply(msg, [self.mmi(msg, now)]))
+            return self._take()
+        if self.stopping_since is not None:
+            self._fail(msg, protocol.ERR_NO_WORKER,
+                       f"broker at {self.settings.frontend} is shutting down; retry shortly")
+            return self._take()
+        size = len(msg.request.data)
+        if size > self.settings.max_job_size:
+            self._fail(msg, protocol.ERR_TOO_LARGE,
+                       f"job of {size} bytes is larger than the broker's "
+                       f"max job size ({self.settings.max_job_size} bytes)")
+            return self._take()
+        if not msg.extended:
+            msg.request.job_id = b"mdp-%d" % next(self._plain_ids)
+        svc = self.services.get(service)
+        if svc is None:
+            svc = self.services[service] = Service(service)
+        job = PendingJob(msg, now)
+        if svc.queue or not self._dispatch(svc, job, now):
+            svc.queue.append(job)
+        return self._take()
+
+    def mmi(self, msg, now) -> bytes:
+        service = msg.request.service
+        if service == protocol.MMI_SERVICE:
+            svc = self.services.get(msg.request.data)
+            found = svc is not None and bool(svc.workers)
+            return protocol.MMI_FOUND if found else protocol.MMI_NOT_FOUND
+        if service == protocol.MMI_PING:
+            return str(self.pid).encode()
+        if service == protocol.MMI_STATS:
+            return json.dumps(self.stats(now)).encode()
+        return protocol.MMI_NOT_IMPLEMENTED
+
+    def _fail(self, msg, code, message):
+        reply = protocol.Reply.error(msg.request.job_id, code, message)
+        self._to_client(protocol.frontend_reply(msg, reply))
+        svc = self.services.get(msg.request.service)
+        if svc is not None:
+            svc.failed += 1
+        log.info("job %r for %r failed: %s: %s",
+                 msg.request.job_id, msg.request.service, code, message)
+
+    # -- events: workers ----------------------------------------------------------------
+
+    def worker_message(self, frames, now) -> list[Send]:
+        """A message from the backend: READY, REPLY, HEARTBEAT or DISCONNECT."""
+        try:
+            msg = protocol.parse_backend(frames)
+        except ProtocolError as exc:
+            log.warning("dropped malformed message from a worker (%d frames): %s",
+                        len(frames), exc)
+            return []
+        worker = self.workers.get(msg.address)
+        command = msg.command
+        if command == protocol.REPLY:
+            if worker is None:
+                self._disconnect(msg.address)
+            else:
+                worker.expiry = now + self.liveness
+                self._reply(worker, msg, now)
+        elif command == protocol.HEARTBEAT:
+            if worker is None:
+                # MDP: a valid but unexpected command gets DISCONNECT; this is
+                # how workers of a previous broker learn to register again.
+                self._disconnect(msg.address)
+            else:
+                worker.expiry = now + self.liveness
+        elif command == protocol.READY:
+            if worker is not None:  # MDP: a worker MUST NOT send a further READY
+                self._delete_worker(worker, now)
+                self._disconnect(msg.address)
+            elif msg.service.startswith(protocol.MMI_PREFIX):
+                self._disconnect(msg.address)
+            else:
+                self._register(msg, now)
+        elif command == protocol.DISCONNECT:
+            if worker is not None:
+                self._delete_worker(worker, now, requeue=worker.extended)
+        return self._take()
+
+    def _register(self, msg, now):
+        svc = self.services.get(msg.service)
+        if svc is None:
+            svc = self.services[msg.service] = Service(msg.service)
+        worker = WorkerRef(msg.address, svc, msg.extended, msg.credit, now + self.liveness)
+        self.workers[msg.address] = worker
+        svc.workers.add(msg.address)
+        log.info("worker %s registered for %r (%s, credit %d)", msg.address.hex(),
+                 msg.service, "powerhose" if msg.extended else "plain MDP", msg.credit)
+        self._worker_ready(worker, now)
+
+    def _reply(self, worker, msg, now):
+        if not worker.jobs or msg.client != worker.jobs[0].msg.address:
+            log.warning("worker %s replied to a job it does not hold; dropped",
+                        msg.address.hex())
+            return
+        # A worker runs its jobs in the order it got them: this is the oldest.
+        job = worker.jobs.popleft()
+        client = job.msg
+        svc = worker.service
+        svc.ran(now - max(job.sent, worker.last_reply))
+        worker.last_reply = now
+        if worker.extended:
+            body = msg.body
+            if not protocol.reply_frames_ok(body) or body[0] != client.request.job_id:
+                self._fail(client, protocol.ERR_BAD_REQUEST,
+                           f"worker {worker.address.hex()} sent a malformed reply")
+                self._delete_worker(worker, now)
+                self._disconnect(worker.address)
+                return
+            if body[1] == protocol.STATUS_OK:
+                svc.done += 1
+            else:
+                svc.failed += 1
+            self._to_client(protocol.frontend_worker_reply(client, body))
+        else:
+            svc.done += 1
+            self._to_client(protocol.frontend_plain_reply(client, msg.body))
+        self._worker_ready(worker, now)
+
+    def _worker_ready(self, worker, now):
+        """A worker has room: give it the oldest live jobs, or put it in line."""
+        if worker.vanished:
+            return
+        svc = worker.service
+        queue = svc.queue
+        room = svc.capacity(worker)
+        while queue and len(worker.jobs) < room:
+            job = queue.popleft()
+            if job.deadline is not None and job.deadline <= now:
+                self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+            else:
+                self._send_job(worker, job, now)
+        if self.stopping_since is not None and not queue:
+            return
+        if not worker.jobs:
+            svc.idle.append(worker)
+        else:
+            self._list_spare(worker)
+
+    def _dispatch(self, svc, job, now) -> bool:
+        """Send a new job to the LRU idle worker, else to a busy one with credit left."""
+        idle = svc.idle
+        if idle:
+            worker = idle.popleft()
+            self._send_job(worker, job, now)
+            self._list_spare(worker)
+            return True
+        spare = svc.spare
+        while spare:
+            worker = spare.popleft()
+            worker.spare = False
+            if worker.vanished or self.workers.get(worker.address) is not worker or \
+                    not 0 < len(worker.jobs) < svc.capacity(worker):
+                continue  # went idle or away since it was listed, or jobs got long
+            self._send_job(worker, job, now)
+            self._list_spare(worker)
+            return True
+        return False
+
+    def _list_spare(self, worker):
+        if len(worker.jobs) < worker.service.capacity(worker) and not worker.spare:
+            worker.spare = True
+            worker.service.spare.append(worker)
+
+    def _send_job(self, worker, job, now):
+        req = job.msg.request
+        job.sent = now
+        if job.deadline is not None:
+            req.ttl_ms = job.ttl_ms(now)
+        worker.jobs.append(job)
+        self._to_worker(protocol.backend_request(
+            worker.address, job.msg.address, req, worker.extended, job.msg.body), worker, job)
+
+    def _disconnect(self, address):
+        self._to_worker(protocol.backend_command(address, protocol.DISCONNECT))
+
+    # -- events: sends that failed ------------------------------------------------------
+
+    def undelivered(self, sends, now) -> list[Send]:
+        """Sends to workers whose connection is gone (``ROUTER_MANDATORY``).
+
+        Such a worker gets nothing more; the jobs those sends carried go
+        back to the head of their queue, in order, for another worker.
+        What happens to the jobs it did receive is decided once everything
+        it sent has been read (:meth:`bury_vanished`).
+        """
+        requeue: dict[Service, list] = {}
+        for send in sends:
+            worker = send.worker
+            if worker is None:
+                continue  # a DISCONNECT to a peer we do not know: nothing to do
+            if send.job is not None:
+                try:
+                    worker.jobs.remove(send.job)
+                except ValueError:
+                    pass
+                else:
+                    requeue.setdefault(worker.service, []).append(send.job)
+            if not worker.vanished and self.workers.get(worker.address) is worker:
+                log.debug("worker %s unreachable: its connection is gone",
+                          worker.address.hex())
+                worker.vanished = True
+                try:
+                    worker.service.idle.remove(worker)
+                except ValueError:
+                    pass
+                self.vanished.append(worker)
+        for svc, jobs in requeue.items():
+            svc.queue.extendleft(reversed(jobs))
+            self._serve_queue(svc, now)
+        return self._take()
+
+    def bury_vanished(self, now) -> list[Send]:
+        """Forget workers whose connection closed, once their last words are read.
+
+        libzmq drops a closed peer's route before the application has read
+        what that peer sent: a worker that left cleanly has a DISCONNECT
+        waiting (its prefetched jobs are requeued); one that died has not
+        (its jobs fail with WorkerLostError).  Call this after reading
+        everything waiting on the backend.
+        """
+        vanished, self.vanished = self.vanished, []
+        for worker in vanished:
+            if self.workers.get(worker.address) is worker:
+                log.warning("worker %s is gone without a word: its connection closed",
+                            worker.address.hex())
+                self._delete_worker(worker, now)
+        return self._take()
+
+    def connection_closed(self, now) -> list[Send]:
+        """A backend connection closed: find out whose, by probing.
+
+        With ``ROUTER_MANDATORY`` a send to a vanished peer fails; probe
+        now and for a few ticks while libzmq finishes tearing the pipe down.
+        """
+        self._probes_left = PROBES
+        self._send_heartbeats()
+        self._next_heartbeat = now + PROBE_INTERVAL
+        return self._take()
+
+    # -- events: the clock -------------------------------------------------------------
+
+    def tick(self, now) -> list[Send]:
+        """Expire what is dead, send heartbeats that are due, end the grace period."""
+        if now >= self._next_expiry:
+            self._expire_jobs(now)
+            self._expire_workers(now)
+            self._next_expiry = now + EXPIRY_INTERVAL
+        if now >= self._next_heartbeat:
+            self._send_heartbeats()
+            self._next_heartbeat = now + min(self.heartbeat, MAX_HEARTBEAT_INTERVAL)
+        if self.stopping_since is not None and now - self.stopping_since >= \
+                self.settings.grace and not self.drained():
+            self._abandon_all()
+        return self._take()
+
+    def _expire_workers(self, now):
+        for worker in [w for w in self.workers.values() if w.expiry < now]:
+            log.warning("worker %s missed %d heartbeats; expired",
+                        worker.address.hex(), self.settings.liveness)
+            self._delete_worker(worker, now)
+            self._disconnect(worker.address)
+
+    def _expire_jobs(self, now):
+        """Fail queued jobs past their deadline, or waiting for no worker."""
+        no_worker = self.settings.no_worker_timeout
+        for svc in self.services.values():
+            if not svc.queue:
+                continue
+            keep = deque()
+            for job in svc.queue:
+                if job.deadline is not None and job.deadline <= now:
+                    self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+                elif not svc.workers and now - job.received >= no_worker:
+                    self._fail(job.msg, protocol.ERR_NO_WORKER,
+                               f"no worker serves {_name(svc.name)!r} on "
+                               f"{self.settings.backend}; is powerhose-worker running "
+                               "with that --service?")
+                else:
+                    keep.append(job)
+            svc.queue = keep
+
+    def _timeout_message(self, job, now):
+        return (f"job waited {now - job.received:.2f}s in the queue for "
+                f"{_name(job.msg.request.service)!r} and its deadline passed: "
+                "all workers busy; add workers or raise the timeout")
+
+    def _send_heartbeats(self):
+        for worker in self.workers.values():
+            self._to_worker(protocol.backend_command(worker.address, protocol.HEARTBEAT), worker)
+        if self._probes_left:
+            self._probes_left -= 1
+
+    # -- workers leaving -------------------------------------------------------------------
+
+    def _delete_worker(self, worker, now, requeue=False):
+        """Forget a worker; its jobs are requeued (never started) or failed."""
+        self.workers.pop(worker.address, None)
+        svc = worker.service
+        svc.workers.discard(worker.address)
+        try:
+            svc.idle.remove(worker)
+        except ValueError:
+            pass
+        jobs, worker.jobs = worker.jobs, deque()
+        if not jobs:
+            return
+        if requeue:
+            # An extended worker sends DISCONNECT only once it has answered
+            # every job it started, so the jobs we still count crossed that
+            # DISCONNECT on the wire and never ran.
+            svc.queue.extendleft(reversed(jobs))
+            self._serve_queue(svc, now)
+        else:
+            for job in jobs:
+                self._fail(job.msg, protocol.ERR_WORKER_LOST,
+                           f"worker {worker.address.hex()} serving {_name(svc.name)!r} "
+                           "died or disconnected while running the job; check the "
+                           "worker's log")
+
+    def _serve_queue(self, svc, now):
+        while svc.queue and svc.idle:
+            self._worker_ready(svc.idle.popleft(), now)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def request_stop(self, now):
+        """Stop taking jobs; finish the ones accepted within the grace period."""
+        if self.stopping_since is None:
+            log.info("broker stopping: finishing accepted jobs (grace %.1fs)",
+                     self.settings.grace)
+            self.stopping_since = now
+
+    def _abandon_all(self):
+        for svc in self.services.values():
+            for job in svc.queue:
+                self._fail(job.msg, protocol.ERR_NO_WORKER, "broker stopped before the job ran")
+            svc.queue.clear()
+        for worker in self.workers.values():
+            for job in worker.jobs:
+                self._fail(job.msg, protocol.ERR_WORKER_LOST,
+                           "broker stopped before the job finished (grace period over)")
+            worker.jobs.clear()
+
+    def disconnect_all(self) -> list[Send]:
+        """DISCONNECT to every worker, as the broker leaves."""
+        for address in self.workers:
+            self._disconnect(address)
+        self.workers.clear()
+        return self._take()
