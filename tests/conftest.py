@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from pyramid_powerhose import Client, native_broker
+from pyramid_powerhose import Client
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -140,18 +140,6 @@ def procs(run_dir):
 
 
 HEARTBEAT = "0.2"  # short heartbeats keep failure tests fast
-
-
-@pytest.fixture(params=["native", "python"])
-def broker_engine(request, monkeypatch):
-    """Run the test once per broker engine: the C++ loop and the Python one
-    must behave the same.  Brokers started during the test (directly, by a
-    command or by circus) inherit the choice through $POWERHOSE_BROKER.
-    """
-    if request.param == "native" and not native_broker.available():
-        missing("the native broker is not built (needs g++ and libzmq3-dev at install)")
-    monkeypatch.setenv(native_broker.ENGINE_VARIABLE, request.param)
-    return request.param
 
 
 @pytest.fixture

@@ -12,9 +12,6 @@ from pyramid_powerhose import endpoints as endpoints_module
 from pyramid_powerhose.settings import Settings
 from tests.conftest import command, read_log, wait_for
 
-# Every test here runs against both broker engines (C++ and Python).
-pytestmark = pytest.mark.usefixtures("broker_engine")
-
 
 def run(argv, **kwargs):
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, **kwargs)

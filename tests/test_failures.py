@@ -11,9 +11,6 @@ from pyramid_powerhose import Client, exc, multipart, protocol
 from pyramid_powerhose.protocol import Request
 from tests.conftest import read_log, wait_busy, wait_for
 
-# Every test here runs against both broker engines (C++ and Python).
-pytestmark = pytest.mark.usefixtures("broker_engine")
-
 
 def test_worker_killed_mid_job_fails_fast(start_broker, start_worker, wait_workers, client):
     start_broker()

@@ -10,9 +10,6 @@ import zmq
 from pyramid_powerhose import exc
 from tests.conftest import read_log
 
-# Every test here runs against both broker engines (C++ and Python).
-pytestmark = pytest.mark.usefixtures("broker_engine")
-
 # From 7/MDP, nothing else: headers and one-byte commands.
 MDPC01, MDPW01 = b"MDPC01", b"MDPW01"
 READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT = b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"

@@ -10,9 +10,6 @@ import pytest
 from pyramid_powerhose import Client, Job, exc
 from tests.conftest import wait_busy, wait_for
 
-# Every test here runs against both broker engines (C++ and Python).
-pytestmark = pytest.mark.usefixtures("broker_engine")
-
 
 def test_echo_str_and_bytes(cluster, client):
     assert client.execute(b"hello") == b"hello"

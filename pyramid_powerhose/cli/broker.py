@@ -2,10 +2,9 @@
 
 import argparse
 import logging
-import os
 import sys
 
-from .. import logs, native_broker
+from .. import logs
 from ..broker import Broker
 from ..client import Client
 from ..exc import DuplicateBrokerError
@@ -31,11 +30,6 @@ def make_parser():
                         "NoWorkerError (default %(default)s)")
     parser.add_argument("--grace", type=float, default=default("grace"),
                         help="seconds to finish accepted jobs on SIGTERM (default %(default)s)")
-    parser.add_argument("--engine", choices=native_broker.ENGINES,
-                        default=os.environ.get(native_broker.ENGINE_VARIABLE) or "auto",
-                        help="the message loop: 'native' (C++, built at install when a "
-                        "compiler and libzmq's headers are there), 'python', or 'auto' "
-                        "(native if built); default from $POWERHOSE_BROKER, else auto")
     return parser
 
 
@@ -46,18 +40,9 @@ def main(argv=None):
         grace=a.grace), argv)
     if args.check:
         return check(settings)
+    logs.configure(settings.logfile, settings.debug)
     try:
-        engine = native_broker.choose(args.engine)
-    except native_broker.EngineUnavailable as exc:
-        print(f"powerhose-broker: {exc}", file=sys.stderr)
-        return 2
-    stream = logs.configure(settings.logfile, settings.debug)
-    log.info("broker engine: %s", engine)
-    try:
-        if engine == "native":
-            native_broker.serve(settings, stream.fileno())
-        else:
-            run_python(settings)
+        run(settings)
     except DuplicateBrokerError as exc:
         log.error("%s", exc)
         print(f"powerhose-broker: {exc}", file=sys.stderr)
@@ -66,7 +51,7 @@ def main(argv=None):
     return 0
 
 
-def run_python(settings):
+def run(settings):
     broker = Broker(settings)
     broker.bind()
     broker.install_signal_handlers()
