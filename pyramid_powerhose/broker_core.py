@@ -314,8 +314,11 @@ class BrokerCore:
 
     def _reply(self, worker, msg, now):
         if not worker.jobs or msg.client != worker.jobs[0].msg.address:
-            log.warning("worker %s replied to a job it does not hold; dropped",
+            # 7/MDP: a valid but unexpected command costs the worker its place.
+            log.warning("worker %s replied to a job it does not hold; disconnected",
                         msg.address.hex())
+            self._delete_worker(worker, now)
+            self._disconnect(worker.address)
             return
         # A worker runs its jobs in the order it got them: this is the oldest.
         job = worker.jobs.popleft()
@@ -354,8 +357,6 @@ class BrokerCore:
                 self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
             else:
                 self._send_job(worker, job, now)
-        if self.stopping_since is not None and not queue:
-            return
         if not worker.jobs:
             svc.idle.append(worker)
         else:
@@ -472,7 +473,10 @@ class BrokerCore:
             self._next_expiry = now + EXPIRY_INTERVAL
         if now >= self._next_heartbeat:
             self._send_heartbeats()
-            self._next_heartbeat = now + min(self.heartbeat, MAX_HEARTBEAT_INTERVAL)
+            if self._probes_left:
+                self._next_heartbeat = now + PROBE_INTERVAL
+            else:
+                self._next_heartbeat = now + min(self.heartbeat, MAX_HEARTBEAT_INTERVAL)
         if self.stopping_since is not None and now - self.stopping_since >= \
                 self.settings.grace and not self.drained():
             self._abandon_all()
@@ -543,8 +547,17 @@ class BrokerCore:
                            "worker's log")
 
     def _serve_queue(self, svc, now):
-        while svc.queue and svc.idle:
-            self._worker_ready(svc.idle.popleft(), now)
+        """Jobs put back at the head of the queue go to idle workers, one each
+        (credit beyond 1 is for when no worker is idle)."""
+        queue, idle = svc.queue, svc.idle
+        while queue and idle:
+            job = queue.popleft()
+            if job.deadline is not None and job.deadline <= now:
+                self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+                continue
+            worker = idle.popleft()
+            self._send_job(worker, job, now)
+            self._list_spare(worker)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -571,4 +584,8 @@ class BrokerCore:
         for address in self.workers:
             self._disconnect(address)
         self.workers.clear()
+        for svc in self.services.values():
+            svc.workers.clear()
+            svc.idle.clear()
+            svc.spare.clear()
         return self._take()

@@ -255,34 +255,6 @@ def test_params_reach_the_worker(start_broker, start_worker, wait_workers, clien
     assert client.execute(b"") == b"db=sqlite://x|mode=fast"
 
 
-@pytest.mark.parametrize("prefetch, queued", [("1", 1), ("2", 0)])
-def test_prefetch_hands_a_busy_worker_its_next_job(start_broker, start_worker, wait_workers,
-                                                   client, prefetch, queued):
-    start_broker()
-    start_worker("tests.targets:sleep", "--prefetch", prefetch)
-    wait_workers(client, 1)
-    client.map([b"0"] * 5)  # the broker prefetches only where jobs are short
-    first = client.submit(b"0.6")
-    wait_busy(client)
-    second = client.submit(b"0")
-    time.sleep(0.2)
-    assert client.stats()["services"]["default"]["queued"] == queued
-    assert first.result(5) == second.result(5)  # same worker, in order
-
-
-def test_no_prefetch_behind_long_jobs(start_broker, start_worker, wait_workers, client):
-    start_broker()
-    start_worker("tests.targets:sleep", "--prefetch", "2")
-    wait_workers(client, 1)
-    client.map([b"0.3"] * 2)  # the service's jobs are long now
-    first = client.submit(b"0.6")
-    wait_busy(client)
-    second = client.submit(b"0")
-    time.sleep(0.2)
-    assert client.stats()["services"]["default"]["queued"] == 1  # waits at the broker
-    assert first.result(5) == second.result(5)
-
-
 def test_prefetched_job_past_its_deadline_is_not_run(start_broker, start_worker,
                                                      wait_workers, client):
     start_broker()
