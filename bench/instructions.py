@@ -18,7 +18,7 @@ client
     ``Client.execute``; floor: a DEALER socket sending the same request
     frames and receiving the reply through ``multipart``.
 broker
-    ``powerhose-broker`` (the native engine when built); floor:
+    ``powerhose-broker``; floor:
     ``zmq.proxy`` (C) relaying REQ/REP traffic, (c) of ``overhead.py``,
     which moves fewer frames per job (12 against our 32).
 worker

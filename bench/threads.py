@@ -48,7 +48,7 @@ sys.path.insert(0, HERE)
 from overhead import (  # noqa: E402  (this directory's sibling script)
     Processes, console_script, machine, table, wait_until)
 
-from pyramid_powerhose import Client, native_broker  # noqa: E402
+from pyramid_powerhose import Client  # noqa: E402
 from pyramid_powerhose.bench import hmac_chain, rounds_per_ms  # noqa: E402
 from pyramid_powerhose.job import Job  # noqa: E402
 from pyramid_powerhose.settings import Settings  # noqa: E402
@@ -234,7 +234,7 @@ def report(args, rounds, rst):
         out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
     else:
         out += [f"{k:7s} {v}" for k, v in machine()] + [""]
-    out += [f"{args.threads} client threads, {args.workers} workers ({args.engine} broker), "
+    out += [f"{args.threads} client threads, {args.workers} workers, "
             f"{args.jobs} jobs of {args.ms:g} ms per round, median of {len(rounds)} rounds: "
             f"{med(lambda r: r['rate']):.0f} jobs/s, the jobs themselves "
             f"{med(lambda r: r['rate'] * r['job'] / 1e4 / os.cpu_count()):.0f}% of the "
@@ -255,8 +255,6 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=2, help="workers (default 2)")
     parser.add_argument("--jobs", type=int, default=4000, help="jobs per round (default 4000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--engine", default=native_broker.choose("auto"),
-                        choices=["native", "python"], help="the broker's engine")
     parser.add_argument("--rst", action="store_true", help="the table as RST")
     args = parser.parse_args(argv)
     if min(args.threads, args.workers, args.rounds) < 1 or args.jobs < args.threads:
@@ -282,8 +280,7 @@ def main(argv=None):
                             backend=f"ipc://{run_dir}/backend.sock")
         broker = procs.start("broker", console_script(
             "powerhose-broker", "pyramid_powerhose.cli.broker") + [
-            "--frontend", settings.frontend, "--backend", settings.backend,
-            "--engine", args.engine])
+            "--frontend", settings.frontend, "--backend", settings.backend])
         workers = [procs.start(f"worker-{i}", console_script(
             "powerhose-worker", "pyramid_powerhose.cli.worker") + [
             "threads:timed_job", "--backend", settings.backend, "--nice", str(settings.nice)])
