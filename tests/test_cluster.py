@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from pyramid_powerhose import Client, exc, get_cluster
-from pyramid_powerhose.cluster import broker_command, worker_command
+from pyramid_powerhose.watchers import broker_argv, worker_argv
 from pyramid_powerhose.exc import ClusterError
 from pyramid_powerhose.settings import Settings
 
@@ -264,7 +264,7 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert settings.working_dir == os.getcwd()
     assert base.numprocesses == 3 and base.params == {}  # the caller's copy is untouched
 
-    worker = worker_command(settings)
+    worker = worker_argv(settings)
     assert worker[1:4] == ["-m", "pyramid_powerhose.cli.worker", "tests.targets:echo"]
 
     def option(argv, name):
@@ -279,9 +279,9 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert float(option(worker, "--heartbeat")) == Settings.heartbeat
     assert option(worker, "--liveness") == "5"
     assert option(worker, "--nice") == "9"
-    assert option(broker_command(settings), "--liveness") == "5"
+    assert option(broker_argv(settings), "--liveness") == "5"
     assert "--debug" in worker
-    broker = broker_command(settings)
+    broker = broker_argv(settings)
     assert option(broker, "--frontend") == endpoints.frontend
     assert float(option(broker, "--grace")) == 4.0
 
