@@ -213,17 +213,16 @@ def _start_cluster(registry):
         # (target, working_dir).
         raise ConfigurationError(f"{PREFIX}{exc}") from None
     except ClusterError as exc:
-        frontend = powerhose.settings.frontend or "its default"
+        frontend = powerhose.settings.frontend or "(default)"
         raise ConfigurationError(
-            f"{PREFIX}cluster = {mode} could not start a powerhose cluster on "
-            f"{PREFIX}frontend = {frontend}: {exc}") from None
+            f"{PREFIX}cluster = {mode}, {PREFIX}frontend = {frontend}: {exc}") from None
 
 
 def _unsafe_directory(exc):
     return ConfigurationError(
-        f"{PREFIX}frontend and {PREFIX}backend are not set, and the private directory "
-        f"for their default sockets is unsafe: {exc}; fix it, or set {PREFIX}frontend "
-        f"and {PREFIX}backend to explicit endpoints")
+        f"{PREFIX}frontend and {PREFIX}backend are not set, and their default ipc sockets "
+        f"cannot be used: {exc}; or set {PREFIX}frontend and {PREFIX}backend to explicit "
+        "endpoints")
 
 
 # -- exception views ---------------------------------------------------------------------

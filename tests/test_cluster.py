@@ -119,7 +119,9 @@ def test_scale_up_and_down_while_jobs_flow(clusters, client, wait_workers):
         thread.start()
     try:
         wait_for(lambda: len(done) > 10, what="jobs flowing")
+        started_with = cluster.settings
         cluster.scale(4)
+        assert started_with.numprocesses == 2  # scale() replaces the settings
         wait_workers(client, 4, timeout=30)
         cluster.wait_ready(timeout=30)
         before = len(done)
