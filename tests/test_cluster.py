@@ -291,3 +291,37 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert explicit.settings.numprocesses == 1
     with pytest.raises(ValueError):
         get_cluster("tests.targets:echo", settings=base, worker_params={"k": "a|b"})
+
+
+def test_a_cluster_not_started_says_so(endpoints):
+    cluster = get_cluster("tests.targets:echo", frontend=endpoints.frontend,
+                          backend=endpoints.backend, working_dir=REPO)
+    assert not cluster.running and "(stopped)" in repr(cluster)
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.pids()
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.scale(3)
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.wait_ready(timeout=0.1)
+    assert cluster.settings.numprocesses == 5
+    cluster.stop()  # nothing to stop
+
+
+def test_the_default_endpoints_are_resolved_once_for_the_whole_cluster(run_dir, monkeypatch):
+    # The broker, the workers and the readiness checks get explicit endpoints.
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    cluster = get_cluster("tests.targets:echo", working_dir=REPO)
+    assert cluster.frontend == f"ipc://{runtime}/powerhose/frontend.sock"
+    assert cluster.backend == f"ipc://{runtime}/powerhose/backend.sock"
+    assert (cluster.settings.frontend, cluster.settings.backend) == \
+        (cluster.frontend, cluster.backend)
+
+
+def test_a_cluster_needs_a_target_and_a_working_dir(endpoints):
+    with pytest.raises(exc.SettingsError, match="target is empty"):
+        get_cluster("", frontend=endpoints.frontend, backend=endpoints.backend)
+    with pytest.raises(exc.SettingsError, match="working_dir /nowhere is not a directory"):
+        get_cluster("tests.targets:echo", frontend=endpoints.frontend,
+                    backend=endpoints.backend, working_dir="/nowhere")
