@@ -9,21 +9,18 @@ answers.  It knows the client and cluster APIs, not ZeroMQ.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import fcntl
 import logging
 import math
 import os
 import threading
-import time
 
 from pyramid.exceptions import ConfigurationError
 from pyramid.response import Response
 from zope.interface import Interface
 
-from . import endpoints
 from .client import Client
-from .exc import ClusterError, NoWorkerError, SettingsError, TimeoutError, WorkerLostError
+from .exc import (ClusterError, NoWorkerError, SettingsError, TimeoutError,
+                  UnsafeDirectoryError, WorkerLostError)
 from .settings import settings_from_mapping
 
 log = logging.getLogger(__name__)
@@ -33,12 +30,6 @@ PREFIX = "powerhose."
 # The cluster starts after every ordinary (order 0) action has run, so a
 # configuration error elsewhere in the app does not leave processes behind.
 CLUSTER_ORDER = 10
-
-# How long an ``auto`` process waits for another one that is spawning the
-# cluster; longer than a cluster takes to start on a loaded machine.
-SPAWN_LOCK_TIMEOUT = 120.0
-
-PING_TIMEOUT = 1.0
 
 
 class IPowerhose(Interface):
@@ -145,12 +136,20 @@ class Powerhose:
         return self.client.map(iterable, timeout=timeout, headers=headers, service=service)
 
     def start_cluster(self):
-        """Spawn (``spawn``), find or spawn (``auto``), or do nothing (``attach``)."""
+        """Spawn (``spawn``), find or spawn (``auto``), or do nothing (``attach``).
+
+        Raises the cluster layer's errors: SettingsError,
+        UnsafeDirectoryError, ClusterError.
+        """
         mode = self.settings.cluster
+        if mode == "attach":
+            return
+        from . import cluster  # psutil and circus: loaded only by apps that start clusters
+
         if mode == "spawn":
-            self._own(_spawn(self.settings))
-        elif mode == "auto":
-            self._own(_attach_or_spawn(self.settings))
+            self._own(cluster.spawn(self.settings))
+        else:
+            self._own(cluster.attach_or_spawn(self.settings))
 
     def _own(self, cluster):
         if cluster is None:
@@ -187,6 +186,8 @@ def _configure(config):
         settings = settings_from_mapping(registry.settings or {}, PREFIX)
     except SettingsError as exc:
         raise ConfigurationError(str(exc)) from None
+    except UnsafeDirectoryError as exc:  # while Settings resolves the default endpoints
+        raise _unsafe_directory(exc) from None
     factory = registry.queryUtility(IClientFactory)
     if factory is None and settings.cluster != "attach" and not settings.target:
         raise ConfigurationError(
@@ -202,90 +203,26 @@ def _start_cluster(registry):
     powerhose = get_powerhose(registry)
     if registry.queryUtility(IClientFactory) is not None:
         return  # jobs run in-process (pyramid_powerhose.testing)
-    powerhose.start_cluster()
-
-
-# -- cluster ------------------------------------------------------------------------------
-
-def _spawn(settings):
-    from .cluster import get_cluster  # imports circus: only when spawning
-
-    log.info("starting a powerhose cluster: %d workers running %s, frontend %s",
-             settings.numprocesses, settings.target, settings.frontend)
-    cluster = get_cluster(settings=settings, background=True)
-    cluster.start()  # returns once ready; leaves nothing running if it raises
-    return cluster
-
-
-def _attach_or_spawn(settings):
-    """The spawned cluster, or None when a broker already answers."""
-
-    with _spawn_lock(settings.frontend):
-        pid = _ping(settings)
-        if pid is not None:
-            log.info("attaching to the powerhose broker (pid %d) on %s", pid, settings.frontend)
-            return None
-        try:
-            return _spawn(settings)
-        except ClusterError:
-            # Without a lock (tcp), another process may have won the race.
-            pid = _ping(settings)
-            if pid is None:
-                raise
-            log.info("another process started the powerhose broker (pid %d) on %s "
-                     "first; attaching to it", pid, settings.frontend)
-            return None
-
-
-def _ping(settings):
-    """The pid of the broker answering on the frontend, or None."""
-    path = endpoints.ipc_path(settings.frontend)
-    if path is not None and not os.path.exists(path):
-        return None  # no socket, no broker: spare the ping's wait
-    with Client(settings=settings) as client:
-        return client.ping(timeout=PING_TIMEOUT)
-
-
-@contextlib.contextmanager
-def _spawn_lock(frontend):
-    """Exclusive while one process looks for a broker and maybe spawns one.
-
-    A lock file beside the frontend's ipc socket, in the same private
-    directory (the broker's own ``.lock`` is a different file).  tcp
-    frontends have no such place; see includeme's docstring.
-    """
-    path = endpoints.ipc_path(frontend)
-    if path is None:
-        yield
-        return
-    lock_path = path + ".spawn.lock"
+    mode = powerhose.settings.cluster
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
+        powerhose.start_cluster()
+    except UnsafeDirectoryError as exc:
+        raise _unsafe_directory(exc) from None
+    except SettingsError as exc:
+        # The cluster's own checks name a field whose ini key is the same
+        # (target, working_dir).
+        raise ConfigurationError(f"{PREFIX}{exc}") from None
+    except ClusterError as exc:
+        frontend = powerhose.settings.frontend or "(default)"
         raise ConfigurationError(
-            f"cannot create {lock_path} beside the {PREFIX}frontend socket: {exc}; "
-            "does its directory exist and belong to this user?") from None
-    try:
-        deadline = time.monotonic() + SPAWN_LOCK_TIMEOUT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                    raise ConfigurationError(
-                        f"process {holder or '?'} has held {lock_path} for over "
-                        f"{SPAWN_LOCK_TIMEOUT:.0f}s while starting a powerhose cluster; "
-                        "is it stuck?") from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        # LOCK_UN, not just close: a child forked meanwhile shares the lock.
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+            f"{PREFIX}cluster = {mode}, {PREFIX}frontend = {frontend}: {exc}") from None
+
+
+def _unsafe_directory(exc):
+    return ConfigurationError(
+        f"{PREFIX}frontend and {PREFIX}backend are not set, and their default ipc sockets "
+        f"cannot be used: {exc}; or set {PREFIX}frontend and {PREFIX}backend to explicit "
+        "endpoints")
 
 
 # -- exception views ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ starts each process in its own session, so no signal to a process group
 could reach them all; they are found as this process's children instead.
 
 Run as ``python -m pyramid_powerhose.supervisor CONFIG.json``; the file is
-written by :mod:`pyramid_powerhose.cluster`.
+written by :mod:`pyramid_powerhose.circusd` from :mod:`pyramid_powerhose.watchers`.
 """
 
 import json

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from pyramid_powerhose import Client, exc, get_cluster
-from pyramid_powerhose.cluster import broker_command, worker_command
+from pyramid_powerhose.watchers import broker_argv, worker_argv
 from pyramid_powerhose.exc import ClusterError
 from pyramid_powerhose.settings import Settings
 
@@ -119,7 +119,9 @@ def test_scale_up_and_down_while_jobs_flow(clusters, client, wait_workers):
         thread.start()
     try:
         wait_for(lambda: len(done) > 10, what="jobs flowing")
+        started_with = cluster.settings
         cluster.scale(4)
+        assert started_with.numprocesses == 2  # scale() replaces the settings
         wait_workers(client, 4, timeout=30)
         cluster.wait_ready(timeout=30)
         before = len(done)
@@ -264,7 +266,7 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert settings.working_dir == os.getcwd()
     assert base.numprocesses == 3 and base.params == {}  # the caller's copy is untouched
 
-    worker = worker_command(settings)
+    worker = worker_argv(settings)
     assert worker[1:4] == ["-m", "pyramid_powerhose.cli.worker", "tests.targets:echo"]
 
     def option(argv, name):
@@ -279,9 +281,9 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert float(option(worker, "--heartbeat")) == Settings.heartbeat
     assert option(worker, "--liveness") == "5"
     assert option(worker, "--nice") == "9"
-    assert option(broker_command(settings), "--liveness") == "5"
+    assert option(broker_argv(settings), "--liveness") == "5"
     assert "--debug" in worker
-    broker = broker_command(settings)
+    broker = broker_argv(settings)
     assert option(broker, "--frontend") == endpoints.frontend
     assert float(option(broker, "--grace")) == 4.0
 
@@ -289,3 +291,37 @@ def test_settings_map_onto_the_command_lines(endpoints):
     assert explicit.settings.numprocesses == 1
     with pytest.raises(ValueError):
         get_cluster("tests.targets:echo", settings=base, worker_params={"k": "a|b"})
+
+
+def test_a_cluster_not_started_says_so(endpoints):
+    cluster = get_cluster("tests.targets:echo", frontend=endpoints.frontend,
+                          backend=endpoints.backend, working_dir=REPO)
+    assert not cluster.running and "(stopped)" in repr(cluster)
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.pids()
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.scale(3)
+    with pytest.raises(ClusterError, match="is not running"):
+        cluster.wait_ready(timeout=0.1)
+    assert cluster.settings.numprocesses == 5
+    cluster.stop()  # nothing to stop
+
+
+def test_the_default_endpoints_are_resolved_once_for_the_whole_cluster(run_dir, monkeypatch):
+    # The broker, the workers and the readiness checks get explicit endpoints.
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    cluster = get_cluster("tests.targets:echo", working_dir=REPO)
+    assert cluster.frontend == f"ipc://{runtime}/powerhose/frontend.sock"
+    assert cluster.backend == f"ipc://{runtime}/powerhose/backend.sock"
+    assert (cluster.settings.frontend, cluster.settings.backend) == \
+        (cluster.frontend, cluster.backend)
+
+
+def test_a_cluster_needs_a_target_and_a_working_dir(endpoints):
+    with pytest.raises(exc.SettingsError, match="target is empty"):
+        get_cluster("", frontend=endpoints.frontend, backend=endpoints.backend)
+    with pytest.raises(exc.SettingsError, match="working_dir /nowhere is not a directory"):
+        get_cluster("tests.targets:echo", frontend=endpoints.frontend,
+                    backend=endpoints.backend, working_dir="/nowhere")

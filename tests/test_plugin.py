@@ -4,6 +4,7 @@ Every app is built with ``Configurator`` + ``config.include`` and driven
 through ``webtest.TestApp``; the jobs go over real sockets.
 """
 
+import os
 import threading
 
 import psutil
@@ -201,6 +202,48 @@ def test_spawning_needs_a_target(endpoints, mode):
     with pytest.raises(ConfigurationError, match=f"powerhose.cluster = {mode} needs "
                                                  "powerhose.target"):
         configure(endpoints, **{"powerhose.cluster": mode})
+    assert live_children() <= before
+
+
+@pytest.mark.parametrize("mode", ["spawn", "auto"])
+def test_unsafe_default_socket_directory_names_the_setting(run_dir, monkeypatch, mode):
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    os.mkdir(os.path.join(runtime, "powerhose"))
+    os.chmod(os.path.join(runtime, "powerhose"), 0o777)  # anyone could squat the sockets
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    before = live_children()
+    config = Configurator(settings={"powerhose.cluster": mode,
+                                    "powerhose.target": "tests.targets:echo"})
+    config.include("pyramid_powerhose")
+    with pytest.raises(ConfigurationError) as info:
+        config.commit()
+    message = str(info.value)
+    assert "powerhose.frontend" in message and "chmod 700" in message
+    assert "UnsafeDirectoryError" not in message  # a sentence, not a traceback
+    assert live_children() <= before
+
+
+def test_working_dir_that_is_not_a_directory_names_the_setting(endpoints):
+    before = live_children()
+    with pytest.raises(ConfigurationError, match="powerhose.working_dir /nowhere/at/all "
+                                                 "is not a directory"):
+        configure(endpoints, **{"powerhose.cluster": "spawn",
+                                "powerhose.target": "tests.targets:echo",
+                                "powerhose.working_dir": "/nowhere/at/all"})
+    assert live_children() <= before
+
+
+def test_auto_without_a_place_for_its_spawn_lock_names_the_frontend(run_dir):
+    frontend = f"ipc://{run_dir}/missing/front.sock"
+    before = live_children()
+    with pytest.raises(ConfigurationError) as info:
+        configure(type("Endpoints", (), {"frontend": frontend,
+                                         "backend": f"ipc://{run_dir}/back.sock"}),
+                  **{"powerhose.cluster": "auto", "powerhose.target": "tests.targets:echo"})
+    message = str(info.value)
+    assert f"powerhose.frontend = {frontend}" in message
+    assert f"cannot create {run_dir}/missing/front.sock.spawn.lock" in message
     assert live_children() <= before
 
 

@@ -140,6 +140,24 @@ def test_pserve_development_ini(procs, endpoints, leftovers, stop_signal):
         http(base + "/__heartbeat__")
 
 
+def test_pserve_with_an_unsafe_socket_directory_names_the_setting(procs, run_dir):
+    # development.ini's empty endpoints: the defaults, in a private directory
+    # that someone made world-writable.
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    os.mkdir(os.path.join(runtime, "powerhose"))
+    os.chmod(os.path.join(runtime, "powerhose"), 0o777)
+    pserve = procs.start(command("pserve") + [
+        os.path.join(DEMO, "development.ini"), f"http_port={free_port()}"], "pserve",
+        env={"XDG_RUNTIME_DIR": runtime})
+    assert pserve.wait(STARTUP) != 0
+    log = read_log(pserve)
+    assert "pyramid.exceptions.ConfigurationError" in log and "chmod 700" in log, log
+    assert "powerhose.frontend and powerhose.backend are not set" in log, log
+    assert "UnsafeDirectoryError" not in log, log
+    assert os.listdir(os.path.join(runtime, "powerhose")) == []  # no socket, no lock file
+
+
 # -- circusd circus.ini + production.ini --------------------------------------
 
 

@@ -1,0 +1,148 @@
+"""What circus runs for a cluster: its configuration, as data.
+
+Pure functions from a :class:`~pyramid_powerhose.settings.Settings` to the
+command lines of the broker and the workers and to the configuration that
+:mod:`pyramid_powerhose.supervisor` loads, so every decision (timeouts,
+priorities, where the output goes) is tested without starting a process.
+The settings given here have concrete endpoints: the cluster resolves the
+private defaults before building them.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from .exc import ClusterError
+from .settings import format_params
+
+BROKER, WORKERS = "broker", "workers"  # the circus watchers, as circusctl names them
+CIRCUS = "circus"  # the name of circus's own log
+
+CHECK_DELAY = 0.5  # seconds between circus's checks (reaping, respawning)
+OWNER_GONE_GRACE = 3.0  # seconds the watchers get to stop once their owner died
+STOP_MARGIN = 5.0  # seconds on top of the graceful timeouts before killing
+
+
+def interpreter() -> str:
+    """The interpreter for circus, the broker and the workers: this one.
+
+    Under an embedding server (uWSGI, mod_wsgi) ``sys.executable`` is not a
+    Python; set POWERHOSE_PYTHON to the virtualenv's python there.
+    """
+    executable = os.environ.get("POWERHOSE_PYTHON") or sys.executable
+    if not executable:
+        raise ClusterError("cannot tell which python runs the workers: set POWERHOSE_PYTHON")
+    return executable
+
+
+# -- the command lines --------------------------------------------------------------------
+# These will become ``settings.command_line(settings, role)`` once each
+# option is declared once in settings.py; until then they are built here.
+
+def broker_argv(settings, logfile=None, python=None) -> list[str]:
+    """``powerhose-broker`` for ``settings``."""
+    argv = [python or interpreter(), "-m", "pyramid_powerhose.cli.broker",
+            "--frontend", settings.frontend, "--backend", settings.backend,
+            "--heartbeat", repr(settings.heartbeat),
+            "--liveness", str(settings.liveness),
+            "--grace", repr(settings.grace),
+            "--no-worker-timeout", repr(settings.no_worker_timeout),
+            "--max-job-size", str(settings.max_job_size)]
+    return argv + _logging_options(settings, logfile)
+
+
+def worker_argv(settings, logfile=None, python=None) -> list[str]:
+    """``powerhose-worker TARGET`` for ``settings``."""
+    argv = [python or interpreter(), "-m", "pyramid_powerhose.cli.worker",
+            settings.target,
+            "--backend", settings.backend, "--heartbeat", repr(settings.heartbeat),
+            "--liveness", str(settings.liveness),
+            "--service", settings.service,
+            "--timeout", repr(settings.worker_timeout),
+            "--max-age", repr(settings.max_age),
+            "--max-age-delta", repr(settings.max_age_delta),
+            "--broker-timeout", repr(settings.broker_timeout),
+            "--prefetch", str(settings.prefetch),
+            "--nice", str(settings.nice)]
+    if settings.params:
+        argv += ["--params", format_params(settings.params)]
+    return argv + _logging_options(settings, logfile)
+
+
+def _logging_options(settings, logfile):
+    # Under our supervisor: if it is killed, circus cannot stop its children.
+    options = ["--exit-with-parent", "--logfile", logfile or settings.logfile]
+    if settings.debug:
+        options.append("--debug")
+    return options
+
+
+# -- the circus configuration ---------------------------------------------------------------
+
+def graceful_timeouts(settings) -> dict[str, float]:
+    """Seconds circus waits after SIGTERM before SIGKILL, per watcher.
+
+    A broker drains its accepted jobs for ``grace``; a worker finishes its
+    current job, which takes at most ``worker_timeout``.
+    """
+    return {BROKER: settings.grace + STOP_MARGIN,
+            WORKERS: max(settings.grace, settings.worker_timeout) + STOP_MARGIN}
+
+
+def log_path(run_dir, name) -> str:
+    """Where a background cluster's ``name`` (broker, workers, circus) writes its output."""
+    return os.path.join(run_dir, f"{name}.log")
+
+
+def circus_config(settings, run_dir, endpoint, background, python=None) -> dict:
+    """The configuration :mod:`pyramid_powerhose.supervisor` runs.
+
+    In the background the output of the broker and the workers goes to
+    files in ``run_dir``, which a ClusterError quotes; in the foreground
+    it goes to the terminal.
+    """
+    python = python or interpreter()
+    broker_logs = workers_logs = logfile = None
+    if background:
+        broker_logs, workers_logs = log_path(run_dir, BROKER), log_path(run_dir, WORKERS)
+        if settings.logfile in ("stdout", "stderr"):
+            logfile = "stdout"  # into those files
+    grace = graceful_timeouts(settings)
+    watchers = [
+        watcher(BROKER, broker_argv(settings, logfile, python), 1, grace[BROKER],
+                settings.working_dir, broker_logs, priority=2, singleton=True),
+        watcher(WORKERS, worker_argv(settings, logfile, python), settings.numprocesses,
+                grace[WORKERS], settings.working_dir, workers_logs, priority=1),
+    ]
+    loglevel = "debug" if settings.debug else ("info" if background else "warning")
+    return {
+        "endpoint": endpoint,
+        "pubsub_endpoint": f"ipc://{run_dir}/pubsub.sock",
+        "check_delay": CHECK_DELAY,
+        "owner_grace": OWNER_GONE_GRACE,
+        "loglevel": loglevel,
+        "run_dir": run_dir,
+        "watchers": watchers,
+    }
+
+
+def watcher(name, argv, numprocesses, graceful_timeout, working_dir, output,
+            priority, singleton=False) -> dict:
+    """One circus watcher running ``argv``; its output goes to the file ``output``, if any."""
+    config = {
+        "name": name,
+        "cmd": shlex.quote(argv[0]),
+        "args": argv[1:],
+        "numprocesses": numprocesses,
+        "working_dir": working_dir,
+        "copy_env": True,  # PATH, PYTHONPATH, the virtualenv
+        "graceful_timeout": graceful_timeout,
+        "priority": priority,  # the higher starts first: the broker
+        "singleton": singleton,
+    }
+    if output:
+        config["stdout_stream"] = {"class": "FileStream", "filename": output}
+        config["stderr_stream"] = {"class": "FileStream", "filename": output}
+    return config
