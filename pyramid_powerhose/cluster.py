@@ -168,7 +168,9 @@ class Cluster:
         working_dir = os.path.abspath(settings.working_dir)
         if not os.path.isdir(working_dir):
             raise SettingsError(f"working_dir {working_dir} is not a directory")
-        self.settings = settings.replace(working_dir=working_dir)
+        self.settings = settings.replace(
+            working_dir=working_dir, frontend=endpoints.resolve(settings.frontend, "frontend"),
+            backend=endpoints.resolve(settings.backend, "backend"))
         self.background = background
         self.endpoint = None  # circus's control endpoint, once started
         self.run_dir = None

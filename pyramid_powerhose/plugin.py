@@ -220,7 +220,7 @@ def _spawn(settings):
 def _attach_or_spawn(settings):
     """The spawned cluster, or None when a broker already answers."""
 
-    with _spawn_lock(settings.frontend):
+    with _spawn_lock(endpoints.resolve(settings.frontend, "frontend")):
         pid = _ping(settings)
         if pid is not None:
             log.info("attaching to the powerhose broker (pid %d) on %s", pid, settings.frontend)
@@ -239,7 +239,7 @@ def _attach_or_spawn(settings):
 
 def _ping(settings):
     """The pid of the broker answering on the frontend, or None."""
-    path = endpoints.ipc_path(settings.frontend)
+    path = endpoints.ipc_path(endpoints.resolve(settings.frontend, "frontend"))
     if path is not None and not os.path.exists(path):
         return None  # no socket, no broker: spare the ping's wait
     with Client(settings=settings) as client:
