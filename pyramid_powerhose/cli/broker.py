@@ -5,11 +5,12 @@ import logging
 import os
 import sys
 
-from .. import logs, native_broker
+from .. import endpoints, logs, native_broker
 from ..broker import Broker
 from ..client import Client
 from ..exc import DuplicateBrokerError
-from . import add_endpoint_options, add_logging_options, default, parse_or_exit, settings_from
+from ..settings import add_arguments, from_arguments
+from . import parse_or_exit
 
 log = logging.getLogger("pyramid_powerhose.broker")
 
@@ -18,19 +19,10 @@ def make_parser():
     parser = argparse.ArgumentParser(
         prog="powerhose-broker",
         description="Majordomo (7/MDP) broker between powerhose clients and workers.")
-    add_endpoint_options(parser)
-    add_logging_options(parser)
+    add_arguments(parser, "broker")
     parser.add_argument("--check", action="store_true",
                         help="print the pid of the broker serving --frontend and exit 0, "
                         "or exit 1 if none answers")
-    parser.add_argument("--max-job-size", type=int, default=default("max_job_size"),
-                        help="largest job data in bytes (default %(default)s)")
-    parser.add_argument("--no-worker-timeout", type=float,
-                        default=default("no_worker_timeout"),
-                        help="seconds a job waits for a service that has no worker before "
-                        "NoWorkerError (default %(default)s)")
-    parser.add_argument("--grace", type=float, default=default("grace"),
-                        help="seconds to finish accepted jobs on SIGTERM (default %(default)s)")
     parser.add_argument("--engine", choices=native_broker.ENGINES,
                         default=os.environ.get(native_broker.ENGINE_VARIABLE) or "auto",
                         help="the message loop: 'native' (C++, built at install when a "
@@ -41,9 +33,10 @@ def make_parser():
 
 def main(argv=None):
     parser = make_parser()
-    args, settings = parse_or_exit(parser, lambda a: settings_from(
-        a, max_job_size=a.max_job_size, no_worker_timeout=a.no_worker_timeout,
-        grace=a.grace), argv)
+    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "broker"), argv)
+    # The sockets are about to be made: now the default endpoints are resolved.
+    settings = settings.replace(frontend=endpoints.resolve(settings.frontend, "frontend"),
+                                backend=endpoints.resolve(settings.backend, "backend"))
     if args.check:
         return check(settings)
     try:
