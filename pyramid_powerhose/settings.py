@@ -149,8 +149,8 @@ def option(default=dataclasses.MISSING, *, roles, help, convert, ini=None, flag=
     """A Settings field that is also an option; see :class:`Option` for the arguments."""
     metadata = {"roles": frozenset(roles), "help": help, "convert": convert, "ini": ini,
                 "flag": flag, "to_text": to_text, "shown": shown}
-    unknown = metadata["roles"] - set(ROLES)
-    assert not unknown, f"unknown roles {unknown}"
+    if not metadata["roles"] <= set(ROLES):
+        raise ValueError(f"roles must be among {', '.join(ROLES)}, got {sorted(roles)}")
     return field(default=default, default_factory=default_factory, metadata=metadata,
                  hash=default_factory is dataclasses.MISSING)
 
@@ -277,6 +277,16 @@ class Settings:
         """A new Settings with ``changes``, checked like any other."""
         return dataclasses.replace(self, **changes)
 
+    def __reduce__(self):
+        # For pickle and deepcopy: a mappingproxy has no pickled form, a dict has.
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["params"] = dict(self.params)
+        return _from_values, (values,)
+
+
+def _from_values(values):
+    return Settings(**values)
+
 
 def _positive(settings, *names):
     for name in names:
@@ -387,7 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
             parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
                                 help=f"{help} (default: {opt.default_text()})")
         else:
-            parser.add_argument(opt.flag, dest=opt.name, metavar=opt.name.upper(),
+            parser.add_argument(opt.flag, dest=opt.name,
+                                metavar=opt.flag[2:].replace("-", "_").upper(),
                                 help=f"{help} (default: {opt.default_text().replace('%', '%%')})")
 
 

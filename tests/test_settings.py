@@ -5,8 +5,10 @@ mapping, the argv a broker or worker is started with, and the docs table
 must each carry every option of their role.
 """
 
+import copy
 import dataclasses
 import os
+import pickle
 import subprocess
 import sys
 
@@ -243,6 +245,12 @@ def test_settings_are_immutable():
     assert (s.numprocesses, scaled.numprocesses) == (5, 2)
     assert scaled.params == {"a": "b"} and dict(scaled.params) == {"a": "b"}
     assert hash(s) == hash(Settings(params={"a": "other"}))  # params are not hashed
+
+
+def test_settings_pickle_and_copy():
+    s = Settings(**CHANGED)
+    assert pickle.loads(pickle.dumps(s)) == s
+    assert copy.deepcopy(s) == s and copy.copy(s) == s
 
 
 def test_replace_checks_like_construction():
