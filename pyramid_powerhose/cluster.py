@@ -443,7 +443,7 @@ class Cluster:
             raise ValueError(f"numprocesses must be 0 or more, got {numprocesses}")
         self._circus("set", timeout=10.0, name=WORKERS,
                      options={"numprocesses": numprocesses})
-        self.settings.numprocesses = numprocesses
+        self.settings = self.settings.replace(numprocesses=numprocesses)
         log.info("scaled %r to %d workers", self.settings.target, numprocesses)
 
     # -- serving in the foreground ----------------------------------------------------------
