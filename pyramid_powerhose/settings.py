@@ -350,7 +350,6 @@ def _row(f) -> Option:
 
 
 OPTIONS: tuple[Option, ...] = tuple(_row(f) for f in dataclasses.fields(Settings))
-BY_NAME = {opt.name: opt for opt in OPTIONS}
 
 
 def options(role: str) -> tuple[Option, ...]:
@@ -390,16 +389,17 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     if role not in COMMANDS:
         raise ValueError(f"role must be one of {', '.join(COMMANDS)}, got {role!r}")
     for opt in options(role):
-        help = opt.help.replace("%", "%%")
+        help = opt.help.replace("%", "%%")  # argparse formats help with %
         if opt.positional:
             parser.add_argument(opt.flag, help=help)
-        elif opt.is_flag:
+            continue
+        help += " (default: %s)" % opt.default_text().replace("%", "%%")
+        if opt.is_flag:
             parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
-                                help=f"{help} (default: {opt.default_text()})")
+                                help=help)
         else:
-            parser.add_argument(opt.flag, dest=opt.name,
-                                metavar=opt.flag[2:].replace("-", "_").upper(),
-                                help=f"{help} (default: {opt.default_text().replace('%', '%%')})")
+            parser.add_argument(opt.flag, dest=opt.name, help=help,
+                                metavar=opt.flag[2:].replace("-", "_").upper())
 
 
 def from_arguments(args: argparse.Namespace, role: str, **extra) -> Settings:

@@ -104,7 +104,7 @@ class Worker:
             self.socket.close(0)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
-        # Resolved here, not in Settings: the default directory is looked at when used.
+        # Resolved here, not in Settings: the default directory is used only now.
         self.backend = endpoints.resolve(self.settings.backend, "backend")
         self.socket.connect(self.backend)
         multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))

@@ -48,7 +48,7 @@ def test_changed_values_cover_the_table():
         assert getattr(changed, opt.name) != opt.default, opt.name
 
 
-# -- command_line: the argv that reproduces settings in a child -----------------------------
+# -- command_line: the argv that reproduces settings in a child ---------------------------
 
 @pytest.mark.parametrize("role", ["broker", "worker", "cluster"])
 @pytest.mark.parametrize("values", [{}, CHANGED], ids=["defaults", "changed"])
@@ -97,7 +97,7 @@ def test_command_line_is_for_commands_only(role):
         command_line(Settings(), role)
 
 
-# -- argparse ---------------------------------------------------------------------------------
+# -- argparse -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("role", ["broker", "worker", "cluster"])
 def test_each_command_takes_every_option_of_its_role_and_no_other(role):
@@ -148,7 +148,7 @@ def test_command_line_errors_name_the_flag(role, argv, message):
     assert message in str(info.value)
 
 
-# -- the ini mapping ----------------------------------------------------------------------------
+# -- the ini mapping ----------------------------------------------------------------------
 
 def ini_text(value):
     return str(value).lower() if isinstance(value, bool) else str(value)
@@ -191,7 +191,7 @@ def test_ini_errors_name_the_key():
         settings_from_mapping({"app.worker_timeout": "-1"}, prefix="app.")
 
 
-# -- converters -----------------------------------------------------------------------------------
+# -- converters ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, value", [
     ("true", True), ("Yes", True), (" ON ", True), ("1", True), (True, True),
@@ -233,7 +233,7 @@ def test_converter_errors_name_the_key(convert, value, message):
     assert str(info.value).startswith(message)
 
 
-# -- the object ---------------------------------------------------------------------------------
+# -- the object ---------------------------------------------------------------------------
 
 def test_settings_are_immutable():
     s = Settings(params={"a": "b"})
@@ -282,7 +282,7 @@ def test_settings_does_not_import_pyramid():
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
-# -- the docs -------------------------------------------------------------------------------------
+# -- the docs -----------------------------------------------------------------------------
 
 def test_docs_table_is_the_generated_one():
     with open(os.path.join(REPO, "docs", "settings.rst")) as f:
@@ -300,3 +300,8 @@ def test_docs_table_has_every_option():
             assert (opt.flag.upper() if opt.positional else f"``{opt.flag}``") in row
         assert ", ".join(r for r in settings.ROLES if r in opt.roles) in row
         assert opt.default_text("``{}``") in row
+
+
+def test_the_table_refuses_an_unknown_role():
+    with pytest.raises(ValueError, match="roles must be among broker, worker"):
+        settings.option(1, roles={"browser"}, convert=settings._whole, help="")
