@@ -20,7 +20,7 @@ import weakref
 
 import zmq
 
-from . import exc, multipart, protocol
+from . import endpoints, exc, multipart, protocol
 from .job import Job, to_bytes
 from .exc import ProtocolError
 from .protocol import Request
@@ -83,13 +83,20 @@ class Client:
             service=service or base.service,
             max_job_size=max_job_size or base.max_job_size,
         )
-        self.frontend = self.settings.frontend
+        self._frontend = self.settings.frontend  # empty: the default, resolved on first use
         self.timeout = self.settings.timeout
         self.service = self.settings.service
         self._closed = False
         self._lock = threading.Lock()
         self._executor = None
         self._reset()
+
+    @property
+    def frontend(self) -> str:
+        """The broker's endpoint; the private default is looked up on first use."""
+        if not self._frontend:
+            self._frontend = endpoints.resolve(self.settings.frontend, "frontend")
+        return self._frontend
 
     def _reset(self):
         self._generation = _fork_generation

@@ -40,30 +40,32 @@ SPAWN_LOCK_TIMEOUT = 120.0
 PING_TIMEOUT = 1.0
 
 
-def get_cluster(target=None, numprocesses=None, frontend=None, backend=None, heartbeat=None,
-                working_dir=None, logfile=None, debug=None, background=False,
-                worker_params=None, timeout=None, max_age=None, max_age_delta=None,
-                service=None, settings=None) -> "Cluster":
+# get_cluster's names for Settings fields, kept from the original Powerhose.
+ALIASES = {"timeout": "worker_timeout", "worker_params": "params"}
+
+
+def get_cluster(target=None, background=False, settings=None, **options) -> "Cluster":
     """A :class:`Cluster` serving ``target`` (``pkg.module:func`` or ``pkg.module.func``).
 
-    Every argument is a :class:`Settings` field (``timeout`` is the
-    worker's hard limit on one job, ``worker_params`` its ``get_params()``,
-    as a dict or ``'k:v|k2:v2'``).  Arguments left to None keep the value
-    of ``settings``, or the Settings default (5 workers, working dir '.',
-    logs to stdout).  ``heartbeat`` may also be the original Powerhose's
-    heartbeat endpoint, which keeps the default interval.
+    Every other keyword is a :class:`Settings` field (docs/settings.rst);
+    ``timeout`` is the worker's hard limit on one job (``worker_timeout``)
+    and ``worker_params`` its ``get_params()``, as a dict or
+    ``'k:v|k2:v2'``.  Keywords left to None keep the value of ``settings``,
+    or the Settings default.  ``heartbeat`` may also be the original
+    Powerhose's heartbeat endpoint, which keeps the default interval.
     """
-    changes = {name: value for name, value in (
-        ("target", target), ("numprocesses", numprocesses), ("frontend", frontend),
-        ("backend", backend), ("working_dir", working_dir), ("logfile", logfile),
-        ("debug", debug), ("max_age", max_age), ("max_age_delta", max_age_delta),
-        ("service", service), ("worker_timeout", timeout)) if value is not None}
-    if heartbeat is not None:
-        seconds = parse_heartbeat(heartbeat)
-        if seconds is not None:
-            changes["heartbeat"] = seconds
-    if worker_params is not None:
-        changes["params"] = _params(worker_params)
+    fields = Settings.__dataclass_fields__
+    changes = {} if target is None else {"target": target}
+    for name, value in options.items():
+        field = ALIASES.get(name, name)
+        if field not in fields:
+            raise TypeError(f"get_cluster() got an unexpected keyword argument {name!r}")
+        if field == "heartbeat" and value is not None:
+            value = parse_heartbeat(value)  # None: an old heartbeat endpoint
+        if field == "params" and value is not None:
+            value = _params(value)
+        if value is not None:
+            changes[field] = value
     base = settings if settings is not None else Settings()
     return Cluster(base.replace(**changes), background=background)
 

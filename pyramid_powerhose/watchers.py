@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from .exc import ClusterError
-from .settings import format_params
+from .settings import command_line
 
 BROKER, WORKERS = "broker", "workers"  # the circus watchers, as circusctl names them
 CIRCUS = "circus"  # the name of circus's own log
@@ -38,45 +38,25 @@ def interpreter() -> str:
 
 
 # -- the command lines --------------------------------------------------------------------
-# These will become ``settings.command_line(settings, role)`` once each
-# option is declared once in settings.py; until then they are built here.
+# The options come from the settings table (settings.command_line), so an
+# option added there reaches the broker and the workers with no change here.
 
 def broker_argv(settings, logfile=None, python=None) -> list[str]:
     """``powerhose-broker`` for ``settings``."""
-    argv = [python or interpreter(), "-m", "pyramid_powerhose.cli.broker",
-            "--frontend", settings.frontend, "--backend", settings.backend,
-            "--heartbeat", repr(settings.heartbeat),
-            "--liveness", str(settings.liveness),
-            "--grace", repr(settings.grace),
-            "--no-worker-timeout", repr(settings.no_worker_timeout),
-            "--max-job-size", str(settings.max_job_size)]
-    return argv + _logging_options(settings, logfile)
+    return [python or interpreter(), "-m", "pyramid_powerhose.cli.broker",
+            *command_line(_supervised(settings, logfile), "broker")]
 
 
 def worker_argv(settings, logfile=None, python=None) -> list[str]:
     """``powerhose-worker TARGET`` for ``settings``."""
-    argv = [python or interpreter(), "-m", "pyramid_powerhose.cli.worker",
-            settings.target,
-            "--backend", settings.backend, "--heartbeat", repr(settings.heartbeat),
-            "--liveness", str(settings.liveness),
-            "--service", settings.service,
-            "--timeout", repr(settings.worker_timeout),
-            "--max-age", repr(settings.max_age),
-            "--max-age-delta", repr(settings.max_age_delta),
-            "--broker-timeout", repr(settings.broker_timeout),
-            "--prefetch", str(settings.prefetch),
-            "--nice", str(settings.nice)]
-    if settings.params:
-        argv += ["--params", format_params(settings.params)]
-    return argv + _logging_options(settings, logfile)
+    return [python or interpreter(), "-m", "pyramid_powerhose.cli.worker", settings.target,
+            *command_line(_supervised(settings, logfile), "worker")]
 
 
-def _logging_options(settings, logfile):
+def _supervised(settings, logfile):
     # Under our supervisor: if it is killed, circus cannot stop its children.
-    options = ["--exit-with-parent", "--logfile", logfile or settings.logfile]
-    if settings.debug:
-        options.append("--debug")
-    return options
+    return settings.replace(exit_with_parent=True, logfile=logfile or settings.logfile)
+
 
 
 # -- the circus configuration ---------------------------------------------------------------

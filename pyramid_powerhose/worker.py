@@ -24,7 +24,7 @@ import traceback
 
 import zmq
 
-from . import multipart, protocol
+from . import endpoints, multipart, protocol
 from .job import Job
 from .exc import ProtocolError, TargetError
 from .protocol import Reply
@@ -104,7 +104,9 @@ class Worker:
             self.socket.close(0)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
-        self.socket.connect(self.settings.backend)
+        # Resolved here, not in Settings: the default directory is used only now.
+        self.backend = endpoints.resolve(self.settings.backend, "backend")
+        self.socket.connect(self.backend)
         multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))
         now = time.monotonic()
         self.broker_expiry = now + self.liveness
@@ -127,9 +129,9 @@ class Worker:
             self._lock.release()
 
     def _loop(self):
-        log.info("worker pid %d serving %r on %s", os.getpid(), self.settings.service,
-                 self.settings.backend)
         self.connect()
+        log.info("worker pid %d serving %r on %s", os.getpid(), self.settings.service,
+                 self.backend)
         no_broker_since = None
         backoff = 0.1
         timeout_ms = int(self.heartbeat * 1000)
@@ -159,11 +161,11 @@ class Worker:
             if now >= self.broker_expiry:
                 no_broker_since = no_broker_since or now - self.liveness
                 if now - no_broker_since >= self.settings.broker_timeout:
-                    log.error("no broker at %s for %.0fs; exiting", self.settings.backend,
+                    log.error("no broker at %s for %.0fs; exiting", self.backend,
                               now - no_broker_since)
                     return EXIT_NO_BROKER
                 log.warning("broker at %s not answering; reconnecting in %.1fs",
-                            self.settings.backend, backoff)
+                            self.backend, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 self.connect()

@@ -55,11 +55,11 @@ def test_heartbeat_endpoint_of_the_original_is_accepted(start_broker):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--heartbeat", "-1"], "heartbeat must be positive"),
-    (["--heartbeat", "often"], "heartbeat must be seconds"),
-    (["--frontend", "nowhere"], "frontend must be a ZeroMQ endpoint"),
-    (["--max-job-size", "0"], "max_job_size must be a positive"),
-    (["--liveness", "0"], "liveness must be at least 1"),
+    (["--heartbeat", "-1"], "--heartbeat must be a positive number of seconds"),
+    (["--heartbeat", "often"], "--heartbeat must be a positive number of seconds"),
+    (["--frontend", "nowhere"], "--frontend must be a ZeroMQ endpoint"),
+    (["--max-job-size", "0"], "--max-job-size must be a positive"),
+    (["--liveness", "0"], "--liveness must be at least 1"),
 ])
 def test_bad_broker_settings_exit_2_with_a_message(args, message, endpoints):
     result = run(command("powerhose-broker") + ["--backend", endpoints.backend, *args])

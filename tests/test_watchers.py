@@ -4,7 +4,9 @@ import pytest
 
 from pyramid_powerhose import watchers
 from pyramid_powerhose.exc import ClusterError
-from pyramid_powerhose.settings import Settings
+from pyramid_powerhose.cli import broker as cli_broker
+from pyramid_powerhose.cli import worker as cli_worker
+from pyramid_powerhose.settings import Settings, from_arguments, options
 from pyramid_powerhose.watchers import (broker_argv, circus_config, graceful_timeouts,
                                         worker_argv)
 
@@ -20,31 +22,42 @@ def settings(**changes):
 
 # -- the command lines ------------------------------------------------------------
 
-def test_broker_argv():
-    assert broker_argv(settings(grace=4.0, liveness=5), python=PY) == [
-        PY, "-m", "pyramid_powerhose.cli.broker",
-        "--frontend", "ipc:///run/ph/front.sock", "--backend", "ipc:///run/ph/back.sock",
-        "--heartbeat", "1.0", "--liveness", "5", "--grace", "4.0",
-        "--no-worker-timeout", "1.0", "--max-job-size", "16777216",
-        "--exit-with-parent", "--logfile", "stdout"]
+def parsed(argv, cli):
+    """What the command started with ``argv`` would run with."""
+    assert argv[:3] == [PY, "-m", cli.__name__]
+    return from_arguments(cli.make_parser().parse_args(argv[3:]), cli.make_parser().prog
+                          .removeprefix("powerhose-"))
 
 
-def test_worker_argv():
-    assert worker_argv(settings(service="echo", params={"a": "b", "c": "d"},
-                                worker_timeout=7.0, max_age=30.0, max_age_delta=5.0,
-                                nice=9, debug=True, logfile="/var/log/ph.log"),
-                       python=PY) == [
-        PY, "-m", "pyramid_powerhose.cli.worker", "app.jobs:run",
-        "--backend", "ipc:///run/ph/back.sock", "--heartbeat", "1.0", "--liveness", "3",
-        "--service", "echo", "--timeout", "7.0", "--max-age", "30.0",
-        "--max-age-delta", "5.0", "--broker-timeout", "60.0", "--prefetch", "2",
-        "--nice", "9", "--params", "a:b|c:d",
-        "--exit-with-parent", "--logfile", "/var/log/ph.log", "--debug"]
+def value(args, flag):
+    return args[args.index(flag) + 1]
+
+
+def test_the_broker_gets_every_broker_setting_and_runs_under_the_supervisor():
+    given = settings(grace=4.0, liveness=5, heartbeat=0.25, max_job_size=1024, debug=True)
+    got = parsed(broker_argv(given, python=PY), cli_broker)
+    for opt in options("broker"):
+        if opt.name not in ("exit_with_parent",):
+            assert getattr(got, opt.name) == getattr(given, opt.name), opt.name
+    assert got.exit_with_parent  # if the supervisor is killed, circus cannot stop it
+
+
+def test_the_workers_get_every_worker_setting_and_the_target():
+    given = settings(service="echo", params={"a": "b", "c": "d"}, worker_timeout=7.0,
+                     max_age=30.0, max_age_delta=5.0, nice=9, debug=True,
+                     logfile="/var/log/ph.log")
+    argv = worker_argv(given, python=PY)
+    assert argv[3] == "app.jobs:run"
+    got = parsed(argv, cli_worker)
+    for opt in options("worker"):
+        if opt.name not in ("exit_with_parent",):
+            assert getattr(got, opt.name) == getattr(given, opt.name), opt.name
+    assert got.exit_with_parent
 
 
 def test_a_logfile_argument_overrides_the_setting():
-    argv = broker_argv(settings(logfile="stderr"), "stdout", python=PY)
-    assert argv[-3:] == ["--exit-with-parent", "--logfile", "stdout"]
+    got = parsed(broker_argv(settings(logfile="stderr"), "stdout", python=PY), cli_broker)
+    assert got.logfile == "stdout"
 
 
 def test_the_interpreter_is_this_one_unless_powerhose_python_says(monkeypatch):
@@ -102,7 +115,7 @@ def test_background_config_sends_the_output_to_files_in_the_run_dir():
 def test_background_logging_goes_to_the_quoted_files_unless_a_file_is_set(logfile, written):
     config = circus_config(settings(logfile=logfile), RUN, CIRCUS, True, PY)
     for watcher in config["watchers"]:
-        assert watcher["args"][-2:] == ["--logfile", written]
+        assert value(watcher["args"], "--logfile") == written
 
 
 def test_foreground_config_leaves_the_output_on_the_terminal():
@@ -112,14 +125,14 @@ def test_foreground_config_leaves_the_output_on_the_terminal():
     assert config["loglevel"] == "warning"
     assert "stdout_stream" not in broker and "stderr_stream" not in workers
     assert broker["args"] == broker_argv(s, python=PY)[1:]
-    assert workers["args"][-2:] == ["--logfile", "stderr"]
+    assert value(workers["args"], "--logfile") == "stderr"
 
 
 @pytest.mark.parametrize("background", [True, False])
 def test_debug_makes_circus_verbose(background):
     config = circus_config(settings(debug=True), RUN, CIRCUS, background, PY)
     assert config["loglevel"] == "debug"
-    assert all(w["args"][-1] == "--debug" for w in config["watchers"])
+    assert all("--debug" in w["args"] for w in config["watchers"])
 
 
 def test_the_interpreter_is_quoted_for_circus():

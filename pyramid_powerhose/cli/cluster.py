@@ -11,8 +11,8 @@ import sys
 from .. import logs
 from ..cluster import get_cluster
 from ..exc import ClusterError
-from . import (add_endpoint_options, add_logging_options, add_worker_options, default,
-               parse_or_exit, settings_from)
+from ..settings import add_arguments, from_arguments
+from . import parse_or_exit
 
 
 def make_parser():
@@ -20,13 +20,7 @@ def make_parser():
         prog="powerhose",
         description="Run a powerhose broker and workers calling TARGET(job), under Circus, "
         "until Ctrl-C.")
-    parser.add_argument("target", help="the callable: pkg.module:func or pkg.module.func, "
-                        "importable from the current directory")
-    parser.add_argument("--numprocesses", type=int, default=default("numprocesses"),
-                        help="number of workers (default %(default)s)")
-    add_endpoint_options(parser)
-    add_worker_options(parser)
-    add_logging_options(parser)
+    add_arguments(parser, "cluster")
     return parser
 
 
@@ -36,8 +30,7 @@ def _interrupt(signum, frame):
 
 def main(argv=None):
     parser = make_parser()
-    args, settings = parse_or_exit(parser, lambda a: settings_from(
-        a, target=a.target, numprocesses=a.numprocesses), argv)
+    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "cluster"), argv)
     logs.configure(settings.logfile, settings.debug)
     cluster = get_cluster(settings=settings, background=False)
     # Until serve_forever() takes over, SIGTERM interrupts the start like Ctrl-C.

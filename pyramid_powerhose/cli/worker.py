@@ -7,9 +7,9 @@ import sys
 
 from .. import logs
 from ..exc import TargetError
+from ..settings import add_arguments, from_arguments
 from ..worker import Worker, resolve_target
-from . import (add_endpoint_options, add_logging_options, add_worker_options, default,
-               parse_or_exit, settings_from)
+from . import parse_or_exit
 
 log = logging.getLogger("pyramid_powerhose.worker")
 
@@ -18,20 +18,13 @@ def make_parser():
     parser = argparse.ArgumentParser(
         prog="powerhose-worker",
         description="Run jobs for a powerhose broker by calling TARGET(job).")
-    parser.add_argument("target", help="the callable: pkg.module:func or pkg.module.func")
-    add_endpoint_options(parser, frontend=False)
-    add_worker_options(parser)
-    add_logging_options(parser)
-    parser.add_argument("--broker-timeout", type=float, default=default("broker_timeout"),
-                        help="exit (status 2) after this many seconds without a broker "
-                        "(default %(default)s)")
+    add_arguments(parser, "worker")
     return parser
 
 
 def main(argv=None):
     parser = make_parser()
-    args, settings = parse_or_exit(parser, lambda a: settings_from(
-        a, target=a.target, broker_timeout=a.broker_timeout), argv)
+    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "worker"), argv)
     logs.configure(settings.logfile, settings.debug)
     try:
         target = resolve_target(settings.target)
