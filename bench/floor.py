@@ -109,28 +109,41 @@ class ReqCaller:
             sock.close(0)
 
 
+SERVE = [sys.executable, os.path.abspath(__file__), "_serve"]
+
+
+def start_relay(procs, run_dir, name="relay"):
+    """The relay and its WORKERS job workers; returns its frontend endpoint."""
+    front, back = f"ipc://{run_dir}/{name}-front.sock", f"ipc://{run_dir}/{name}-back.sock"
+    procs.start(name, SERVE + ["proxy", front, back])
+    for i in range(WORKERS):
+        procs.start(f"{name}-worker-{i}", SERVE + ["jobs", "connect", back])
+    return front
+
+
 def start_floors(procs, run_dir):
     """The relay and the direct workers; returns their callers."""
-    me = [sys.executable, os.path.abspath(__file__), "_serve"]
-    front, back = f"ipc://{run_dir}/relay-front.sock", f"ipc://{run_dir}/relay-back.sock"
-    procs.start("relay", me + ["proxy", front, back])
+    front = start_relay(procs, run_dir)
     direct = [f"ipc://{run_dir}/direct-{i}.sock" for i in range(WORKERS)]
     for i in range(WORKERS):
-        procs.start(f"relay-worker-{i}", me + ["jobs", "connect", back])
-        procs.start(f"direct-worker-{i}", me + ["jobs", "bind", direct[i]])
+        procs.start(f"direct-worker-{i}", SERVE + ["jobs", "bind", direct[i]])
     context = zmq.Context()
     return context, {"relay": ReqCaller(context, [front]), "direct": ReqCaller(context, direct)}
 
 
-def measure_size(calls, ms, jobs, rounds, first_round, progress):
-    """Rounds at one size: per path, jobs/s per round; and in-process CPU ms per job."""
-    data = b"%d" % max(1, round(rounds_per_ms() * ms))
+def measure_size(calls, ms, jobs, rounds, first_round, progress, paths=PATHS, per_ms=None):
+    """Rounds at one size: per path, jobs/s per round; and in-process CPU ms per job.
+
+    ``paths`` name the ``calls`` to take turns, "in-process" among them;
+    ``per_ms``, the job's rounds per millisecond, is measured anew if not given.
+    """
+    data = b"%d" % max(1, round((per_ms or rounds_per_ms()) * ms))
     expected = in_process(data)
-    rates = {path: [] for path in PATHS}
+    rates = {path: [] for path in paths}
     cpu_ms = []
     for r in range(rounds):
-        shift = (first_round + r) % len(PATHS)
-        for path in PATHS[shift:] + PATHS[:shift]:
+        shift = (first_round + r) % len(paths)
+        for path in paths[shift:] + paths[:shift]:
             cpu = time.process_time()
             seconds, results = run_threads(calls[path], data, jobs, THREADS)
             if path == "in-process":  # with each thread's warm-up call

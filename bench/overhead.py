@@ -94,14 +94,18 @@ class Processes:
         self.run_dir = run_dir
         self.procs = []
 
-    def start(self, name, argv, pipes=False):
-        """Output goes to ``<name>.log``; with ``pipes``, stdin and stdout are pipes."""
+    def start(self, name, argv, pipes=False, path=REPO):
+        """Output goes to ``<name>.log``; with ``pipes``, stdin and stdout are pipes.
+
+        ``path`` is the child's working directory and first on its
+        PYTHONPATH: the source tree whose ``pyramid_powerhose`` it imports.
+        """
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+            filter(None, [path, os.environ.get("PYTHONPATH")])))
         with open(os.path.join(self.run_dir, f"{name}.log"), "wb") as log, signals_deferred():
             streams = (dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log) if pipes
                        else dict(stdout=log, stderr=subprocess.STDOUT))
-            proc = subprocess.Popen(argv, cwd=REPO, env=env, start_new_session=True, **streams)
+            proc = subprocess.Popen(argv, cwd=path, env=env, start_new_session=True, **streams)
             proc.name = name
             self.procs.append(proc)
         return proc

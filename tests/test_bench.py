@@ -223,3 +223,45 @@ def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
     assert list(tmp_path.glob("ph-floor-*")) == []  # its run directory is removed
     ps = "\n".join(ps_lines())
     assert "floor.py" not in ps and str(tmp_path) not in ps
+
+
+def test_engines_script_times_every_contestant_and_leaves_nothing(tmp_path):
+    """bench/engines.py, a smoke run: every contestant's round trip, jobs/s and
+    speed-ups are positive, and its brokers, workers and temp trees are gone."""
+    from tests.conftest import missing
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp_path),
+               XDG_RUNTIME_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "engines.py"), "--quick"],
+        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^zmq\s+pyzmq [\d.]+, libzmq [\d.]+$", out, re.M)  # the machine header
+    names = ["relay", "baseline-native", "baseline-python", "current", "current-pure"]
+    if "skipped: baseline-native" in out:  # no compiler, or no libzmq headers
+        names.remove("baseline-native")
+    engines = dict(re.findall(r"^(baseline-\w+|current\S*)\s.*?\s(native|python)\s", out, re.M))
+    assert engines.get("baseline-python") == "python" and engines.get("current-pure") == "python"
+    for name in names:
+        latency = re.search(rf"^{name}\s+([\d.]+)\s+\[[\d.-]+\]\s+[\d.]+\s+([\d.]+)\s+\[", out,
+                            re.M)
+        assert latency and float(latency.group(1)) > 0 and float(latency.group(2)) > 0, name
+        rate = re.search(rf"^{name}\s+(\d+)\s+\[\d+-\d+\]", out, re.M)
+        assert rate and int(rate.group(1)) > 0, name
+    header = re.search(r"^job ms\s+CPU ms\s+in-process jobs/s\s+(.*)$", out, re.M)
+    assert header and header.group(1).split() == names
+    rows = re.findall(r"^(0\.1|0\.5)\s+([\d.]+)\s+(\d+)\s+((?:[\d.]+x\s*)+)$", out, re.M)
+    assert [row[0] for row in rows] == ["0.1", "0.5"]
+    for row in rows:
+        speedups = [float(value.rstrip("x")) for value in row[3].split()]
+        assert len(speedups) == len(names) and all(value > 0 for value in speedups)
+    assert re.search(r"^break-even\s+((\d\.\d+ ms|not reached)\s*){%d}$" % len(names), out,
+                     re.M)
+    for name in names[1:]:
+        assert re.search(rf"^{name}\s+(.*\s(met|NOT met|n/a)\s+){{3}}(all met|no)$", out,
+                         re.M), name  # the targets table: three verdicts and the sum
+    assert list(tmp_path.glob("ph-engines-*")) == []  # the baseline, the copy, the run dir
+    ps = "\n".join(ps_lines())
+    assert "engines.py" not in ps and str(tmp_path) not in ps
+    if "baseline-native" not in names:
+        missing("the baseline's native broker did not build (g++ and libzmq3-dev)")
