@@ -240,8 +240,10 @@ def start_broker(procs, contestant, run_dir, tag, target):
         raise
     with open(os.path.join(run_dir, f"{name}-broker.log"), errors="replace") as log:
         head = log.read(4000)
-    engine = re.search(r"engine\W+(\w+)", head)
-    contestant.engine = engine.group(1) if engine else "?"
+    # Today's broker logs "(compiled)" or "(pure Python)"; 73e07e2's, "engine: X".
+    engine = re.search(r"engine\W+(\w+)|\((compiled|pure Python)\)", head)
+    contestant.engine = ("?" if engine is None else engine.group(1)
+                         or {"compiled": "compiled", "pure Python": "python"}[engine.group(2)])
     return client
 
 

@@ -9,12 +9,10 @@ For a 100-byte echo job, the round trip of:
     REP echo process behind it: two hops and no Python per message, the
     floor for any broker on libzmq;
 (d) powerhose: ``Client.execute`` -> ``powerhose-broker`` -> ``powerhose-worker``,
-    the real console scripts of this interpreter's environment, with the
-    broker's native (C++) engine when it is built;
-(d') the same with the broker's Python engine (only when (d) is native);
+    the real console scripts of this interpreter's environment;
 (e) ``concurrent.futures.ProcessPoolExecutor(1)``: ``submit().result()``;
 
-then jobs/s with 8 client threads for (d) (and (d')) with 2 workers (one
+then jobs/s with 8 client threads for (d) with 2 workers (one
 shared Client) and for ``ProcessPoolExecutor(2)``.
 
 Every variant is warmed up, then measured in rounds (the order rotates each
@@ -50,7 +48,7 @@ import time
 
 import zmq
 
-from pyramid_powerhose import Client, native_broker
+from pyramid_powerhose import Client
 from pyramid_powerhose.bench import cpu_model
 from pyramid_powerhose.settings import Settings
 
@@ -59,7 +57,6 @@ BIN = os.path.dirname(sys.executable)
 PAYLOAD = bytes(range(100))
 THREADS = 8
 TARGETS = {"latency": 1.3, "throughput": 1.0}  # from the issue
-ENGINE = native_broker.choose("auto")  # (d) runs on this broker engine
 
 
 def echo(data):
@@ -187,14 +184,14 @@ def req_caller(ctx, endpoint, procs):
     return call
 
 
-def start_powerhose(procs, client, workers, engine):
+def start_powerhose(procs, client, workers):
     """The real console scripts on the client's endpoints; returns once all are ready."""
     settings = client.settings
-    broker = procs.start(f"powerhose-broker-{engine}", console_script(
+    broker = procs.start("powerhose-broker", console_script(
         "powerhose-broker", "pyramid_powerhose.cli.broker") + [
-        "--frontend", settings.frontend, "--backend", settings.backend, "--engine", engine])
+        "--frontend", settings.frontend, "--backend", settings.backend])
     for i in range(workers):
-        procs.start(f"powerhose-worker-{engine}-{i}", console_script(
+        procs.start(f"powerhose-worker-{i}", console_script(
             "powerhose-worker", "pyramid_powerhose.cli.worker") + [
             "tests.targets:echo", "--backend", settings.backend])
     wait_until(lambda: client.ping(timeout=0.2) == broker.pid, procs, "the broker")
@@ -321,10 +318,8 @@ LABELS = {
     "reqrep": "(b) pyzmq REQ/REP, 1 hop",
     "proxy": "(c) zmq.proxy relay, 2 hops",
     "powerhose": "(d) powerhose Client->broker->worker",
-    "powerhose-py": "(d') the same, Python broker engine",
     "pool1": "(e) ProcessPoolExecutor(1)",
     "powerhose-8": "(d) powerhose, 2 workers",
-    "powerhose-py-8": "(d') the same, Python broker engine",
     "pool2-8": "ProcessPoolExecutor(2)",
 }
 
@@ -348,8 +343,7 @@ def report(args, lat, tput, rst):
         out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
     else:
         out += [f"{k:8}{v}" for k, v in machine()] + [""]
-    out.append(f"{len(PAYLOAD)}-byte echo, one client thread; (d) has 2 workers and the "
-               f"{ENGINE} broker engine. "
+    out.append(f"{len(PAYLOAD)}-byte echo, one client thread; (d) has 2 workers. "
                f"{args.rounds} rounds x {args.count} round trips per variant, taking turns "
                f"every {BLOCK}; "
                "median across rounds, [range of the rounds' medians]")
@@ -390,12 +384,8 @@ def report(args, lat, tput, rst):
          verdict(d_c_value <= TARGETS["latency"])],
         ["(d)/(c) mean round trip", *ratio("powerhose", "proxy", 0)[0], "", ""],
         ["(d)/(b) median round trip", *ratio("powerhose", "reqrep")[0], "", ""],
-        *([["(d')/(c) median round trip", *ratio("powerhose-py", "proxy")[0], "", ""]]
-          if "powerhose-py" in lat else []),
         ["jobs/s (d) / ProcessPoolExecutor(2)", *d_pool, f">= {TARGETS['throughput']}",
          verdict(d_pool_value >= TARGETS["throughput"])],
-        *([["jobs/s (d') / ProcessPoolExecutor(2)", *ratio("powerhose-py-8", "pool2-8", None)[0],
-            "", ""]] if "powerhose-py-8" in tput else []),
     ]
     out.append(table(["ratio (of the medians)", "value", "per round", "target", ""],
                      rows, rst))
@@ -440,7 +430,7 @@ def main(argv=None):
 
     run_dir = tempfile.mkdtemp(prefix="ph-", dir="/tmp")
     procs = Processes(run_dir)
-    pools, loads, ctx, client, client_py = [], [], None, None, None
+    pools, loads, ctx, client = [], [], None, None
     try:
         # Pools first: they fork, and a fork is only clean before zmq threads exist.
         pools = [concurrent.futures.ProcessPoolExecutor(n, initializer=os.setpgrp)
@@ -459,12 +449,7 @@ def main(argv=None):
         client = Client(settings=Settings(frontend=f"ipc://{run_dir}/ph-front.sock",
                                           backend=f"ipc://{run_dir}/ph-back.sock",
                                           timeout=10.0))
-        start_powerhose(procs, client, 2, ENGINE)
-        if ENGINE == "native":  # the Python engine too, side by side
-            client_py = Client(settings=Settings(frontend=f"ipc://{run_dir}/py-front.sock",
-                                                 backend=f"ipc://{run_dir}/py-back.sock",
-                                                 timeout=10.0))
-            start_powerhose(procs, client_py, 2, "python")
+        start_powerhose(procs, client, 2)
         progress("processes ready; warming up")
 
         latency = {
@@ -477,10 +462,6 @@ def main(argv=None):
         loads = [Load(lambda: client.execute(PAYLOAD)),
                  Load(lambda: pool2.submit(echo, PAYLOAD).result())]
         throughput = {"powerhose-8": loads[0], "pool2-8": loads[1]}
-        if client_py is not None:
-            latency["powerhose-py"] = lambda: client_py.execute(PAYLOAD)
-            loads.append(Load(lambda: client_py.execute(PAYLOAD)))
-            throughput["powerhose-py-8"] = loads[-1]
         lat, tput = run_rounds(latency, throughput, args.rounds, args.count,
                                args.tput_count, args.warmup, progress)
         procs.check()
@@ -488,9 +469,8 @@ def main(argv=None):
     finally:
         for load in loads:
             load.close()
-        for c in (client, client_py):
-            if c is not None:
-                c.close()
+        if client is not None:
+            client.close()
         if ctx is not None:
             ctx.destroy(linger=0)
         procs.close()
