@@ -41,15 +41,19 @@ def compiled_modules():
             sources=[path],
             include_dirs=zmq.get_includes(),  # zmq_compat.h, for libzmq.pxd
             extra_compile_args=["-O2"],
-            optional=True,  # a compiler error: one line of warning, no failure
         )
         for path in COMPILED
     ]
     try:
-        return cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
+        modules = cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
     except Exception as exc:  # noqa: BLE001 -- Cython's CompileError, a missing .pxd...
         warn(f"Cython could not translate {', '.join(COMPILED)}: {exc}")
         return []
+    for module in modules:
+        # A compiler error: one line of warning, no failure.  (Set here:
+        # cythonize does not carry it over from the Extension it is given.)
+        module.optional = True
+    return modules
 
 
 setup(
