@@ -56,15 +56,19 @@ def promote():
     where = address("zmq_msg_recv")
     if where is None:
         return None
-    try:
-        dladdr = ctypes.CDLL(None).dladdr
-    except AttributeError:
+    for library in (None, "libdl.so.2"):  # glibc before 2.34 kept dladdr in libdl
+        try:
+            dladdr = ctypes.CDLL(library).dladdr
+            break
+        except (OSError, AttributeError):
+            continue
+    else:
         return None
     dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
     info = _DlInfo()
     if not dladdr(where, ctypes.byref(info)) or not info.dli_fname:
         return None
-    found = os.fsdecode(info.dli_fname)
+    found = os.path.realpath(os.fsdecode(info.dli_fname))
     try:
         ctypes.CDLL(found, mode=os.RTLD_NOW | os.RTLD_GLOBAL | os.RTLD_NOLOAD)
     except OSError:
