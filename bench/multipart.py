@@ -12,8 +12,8 @@ ROUTER) between a DEALER and a ROUTER over ipc, in one thread, through:
     commit 73e07e2), built from git into a temp dir for this run, then
     removed (needs git and a C++ compiler; ``--without-old`` skips it).
 
-The variants take turns within each round (the order rotates round after
-round) and the report gives each one's median over rounds, and (c) over
+The variants take turns every 50 round trips within each round (the order
+rotates round after round) and the report gives each one's median over rounds, and (c) over
 (d) per round: its median and quartiles.  The issue's rule: keep (c) if
 it is within the rounds' spread of (d), or faster.
 
@@ -43,6 +43,7 @@ from pyramid_powerhose.bench import cpu_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_COMMIT = "73e07e2"
+BLOCK = 50  # round trips a variant runs before the next one's turn
 MESSAGE = [b"", b"MDPW01", b"\x02", b"\x00k\x8bEg", b"", b"PHX01",
            b"0123456789abcdef", bytes(range(100))]
 LABELS = {
@@ -157,9 +158,15 @@ def run(rounds, count, with_old):
             assert recv(router)[1:] == MESSAGE, name
             round_trips(send, recv, dealer, router, max(1, count // 10))
         times = {name: [] for name in names}
+        block = min(BLOCK, count)
         for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(round_trips(*variants[name], dealer, router, count))
+            order = names[r % len(names):] + names[: r % len(names)]
+            spent = dict.fromkeys(names, 0.0)
+            for _ in range(count // block):  # turns of BLOCK round trips each
+                for name in order:
+                    spent[name] += round_trips(*variants[name], dealer, router, block)
+            for name in names:
+                times[name].append(spent[name] / (count // block))
     return times
 
 
