@@ -2,7 +2,9 @@
 """Is the compiled multipart path as fast as the C++ module it replaced?
 
 Round trips of an 8-frame message (a worker's request: 9 frames at the
-ROUTER) between a DEALER and a ROUTER over ipc, in one thread, through:
+ROUTER) between a DEALER and a ROUTER over ipc, then between two PAIR
+sockets over inproc (no I/O thread: the calls' own cost), in one thread,
+through:
 
 (a) pyzmq's ``send_multipart`` / ``recv_multipart``;
 (b) ``multipart.send_python`` / ``recv_python``: pyzmq, a call per frame;
@@ -17,7 +19,7 @@ rotates round after round) and the report gives each one's median over rounds, a
 (d) per round: its median and quartiles.  The issue's rule: keep (c) if
 it is within the rounds' spread of (d), or faster.
 
-    python bench/multipart.py            # 25 rounds x 2000 round trips, about a minute
+    python bench/multipart.py            # 25 rounds x 2000 round trips, 20 s to a minute
     python bench/multipart.py --quick    # smoke run, a second or two
 """
 
@@ -46,6 +48,13 @@ OLD_COMMIT = "73e07e2"
 BLOCK = 50  # round trips a variant runs before the next one's turn
 MESSAGE = [b"", b"MDPW01", b"\x02", b"\x00k\x8bEg", b"", b"PHX01",
            b"0123456789abcdef", bytes(range(100))]
+# Over ipc, each message crosses libzmq's I/O threads, and a round trip
+# mostly waits for them to wake up; over inproc, the receiving socket is
+# this thread's, and what remains is the calls' own cost.
+TRANSPORTS = {
+    "ipc, DEALER -> ROUTER -> DEALER": (zmq.ROUTER, zmq.DEALER, "ipc://{run_dir}/router.sock"),
+    "inproc, PAIR -> PAIR -> PAIR": (zmq.PAIR, zmq.PAIR, "inproc://bench-multipart"),
+}
 LABELS = {
     "pyzmq": "(a) pyzmq send_multipart/recv_multipart",
     "python": "(b) multipart, Python path",
@@ -133,6 +142,7 @@ def table(header, rows):
 
 
 def run(rounds, count, with_old):
+    """Seconds per round trip, round by round: {transport: {variant: [...]}}."""
     variants = {
         "pyzmq": (lambda s, f: s.send_multipart(f), lambda s: s.recv_multipart()),
         "python": (multipart.send_python, multipart.recv_python),
@@ -141,53 +151,63 @@ def run(rounds, count, with_old):
         variants["compiled"] = (multipart.send_compiled, multipart.recv_compiled)
     else:
         print("(c) skipped: multipart.py is not compiled here", file=sys.stderr)
+    results = {}
     with contextlib.ExitStack() as stack:
         if with_old:
             variants["cpp"] = cpp_calls(stack.enter_context(old_module()))
         run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="ph-bench-", dir="/tmp"))
         context = zmq.Context()
         stack.callback(context.destroy, linger=0)
-        router = context.socket(zmq.ROUTER)
-        router.bind(f"ipc://{run_dir}/router.sock")
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(f"ipc://{run_dir}/router.sock")
-        names = list(variants)
-        for name in names:  # warm-up, and every path is checked to work
-            send, recv = variants[name]
-            send(dealer, MESSAGE)
-            assert recv(router)[1:] == MESSAGE, name
-            round_trips(send, recv, dealer, router, max(1, count // 10))
-        times = {name: [] for name in names}
-        block = min(BLOCK, count)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
-            spent = dict.fromkeys(names, 0.0)
-            for _ in range(count // block):  # turns of BLOCK round trips each
-                for name in order:
-                    spent[name] += round_trips(*variants[name], dealer, router, block)
-            for name in names:
-                times[name].append(spent[name] / (count // block))
+        for transport, (server, client, endpoint) in TRANSPORTS.items():
+            answering = context.socket(server)
+            answering.bind(endpoint.format(run_dir=run_dir))
+            asking = context.socket(client)
+            asking.connect(endpoint.format(run_dir=run_dir))
+            results[transport] = interleaved(variants, asking, answering, rounds, count)
+    return results
+
+
+def interleaved(variants, asking, answering, rounds, count):
+    names = list(variants)
+    for name in names:  # warm-up, and every path is checked to work
+        send, recv = variants[name]
+        send(asking, MESSAGE)
+        assert recv(answering)[-len(MESSAGE):] == MESSAGE, name
+        round_trips(send, recv, asking, answering, max(1, count // 10))
+    times = {name: [] for name in names}
+    block = min(BLOCK, count)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        spent = dict.fromkeys(names, 0.0)
+        for _ in range(count // block):  # turns of BLOCK round trips each
+            for name in order:
+                spent[name] += round_trips(*variants[name], asking, answering, block)
+        for name in names:
+            times[name].append(spent[name] / (count // block))
     return times
 
 
-def report(times, rounds, count):
+def report(results, rounds, count):
     for key, value in machine():
         print(f"{key:<7} {value}")
     print(f"\n{rounds} rounds x {count} round trips of an {len(MESSAGE)}-frame message, "
-          "DEALER -> ROUTER -> DEALER over ipc, one thread\n")
-    base = statistics.median(times["pyzmq"])
-    rows = []
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        rows.append([LABELS[name], f"{median * 1e6:.1f}", f"{min(samples) * 1e6:.1f}",
-                     f"{max(samples) * 1e6:.1f}", f"{base / median:.2f}x"])
-    print(table(["path", "median us", "lowest", "highest", "vs (a)"], rows))
-    if "compiled" in times and "cpp" in times:
-        ratios = sorted(c / d for c, d in zip(times["compiled"], times["cpp"]))
-        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        print(f"\n(c)/(d), round by round: median {statistics.median(ratios):.3f}, "
-              f"quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f}, "
-              f"range {ratios[0]:.3f} to {ratios[-1]:.3f} (below 1: the compiled path is faster)")
+          "one thread")
+    for transport, times in results.items():
+        print(f"\n{transport}\n")
+        base = statistics.median(times["pyzmq"])
+        rows = []
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            rows.append([LABELS[name], f"{median * 1e6:.1f}", f"{min(samples) * 1e6:.1f}",
+                         f"{max(samples) * 1e6:.1f}", f"{base / median:.2f}x"])
+        print(table(["path", "median us", "lowest", "highest", "vs (a)"], rows))
+        if "compiled" in times and "cpp" in times:
+            ratios = sorted(c / d for c, d in zip(times["compiled"], times["cpp"]))
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            print(f"\n(c)/(d), round by round: median {statistics.median(ratios):.3f}, "
+                  f"quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f}, "
+                  f"range {ratios[0]:.3f} to {ratios[-1]:.3f} (below 1: the compiled path is "
+                  "faster)")
 
 
 def main(argv=None):
@@ -201,11 +221,11 @@ def main(argv=None):
     if args.quick:
         args.rounds, args.count = 3, 200
     try:
-        times = run(args.rounds, args.count, not args.without_old)
+        results = run(args.rounds, args.count, not args.without_old)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    report(times, args.rounds, args.count)
+    report(results, args.rounds, args.count)
     return 0
 
 
