@@ -10,9 +10,10 @@ Those that call libzmq are linked without it: at run time they use the
 copy pyzmq's sockets live in (``pyramid_powerhose/_libzmq.py``).
 
 The broker's message loop is also written in C++ (``native/broker.cpp``,
-the ``pyramid_powerhose._nbroker`` module) against the system libzmq.  It
-is optional too: without it ``powerhose-broker`` runs the Python loop
-(``pyramid_powerhose/broker.py``).
+the ``pyramid_powerhose._nbroker`` module) against the system libzmq
+(Debian: libzmq3-dev).  It is optional: without a C++ compiler or libzmq's
+headers the build skips it and ``powerhose-broker`` runs the Python loop
+(``pyramid_powerhose/broker.py``), which behaves the same, more slowly.
 """
 
 import sys
