@@ -1,4 +1,13 @@
-"""Metadata lives in setup.cfg; this file only declares the native modules.
+"""Metadata lives in setup.cfg; this file only declares the compiled modules.
+
+``COMPILED`` lists modules of the package written in plain Python that
+Cython compiles in its pure-Python mode, as pyzmq compiles its backend
+(their C declarations, if any, in a ``.pxd`` beside them).  Each is
+optional: without Cython, pyzmq's ``.pxd`` files, libzmq's headers
+(Debian: libzmq3-dev) or a C compiler, the build says so in one line and
+the module runs as plain Python, which behaves the same, more slowly.
+Those that call libzmq are linked without it: at run time they use the
+copy pyzmq's sockets live in (``pyramid_powerhose/_libzmq.py``).
 
 The broker's message loop is also written in C++ (``native/broker.cpp``,
 the ``pyramid_powerhose._nbroker`` module) against the system libzmq
@@ -7,7 +16,46 @@ headers the build skips it and ``powerhose-broker`` runs the Python loop
 (``pyramid_powerhose/broker.py``), which behaves the same, more slowly.
 """
 
+import sys
+
 from setuptools import Extension, setup
+
+COMPILED = [
+    "pyramid_powerhose/multipart.py",
+]
+
+
+def warn(message):
+    print(f"WARNING: {message}; running those modules as plain Python", file=sys.stderr)
+
+
+def compiled_modules():
+    try:
+        import zmq
+        from Cython.Build import cythonize
+    except ImportError as exc:
+        warn(f"not compiling {', '.join(COMPILED)}: {exc}")
+        return []
+    modules = [
+        Extension(
+            path[: -len(".py")].replace("/", "."),
+            sources=[path],
+            include_dirs=zmq.get_includes(),  # zmq_compat.h, for libzmq.pxd
+            extra_compile_args=["-O2"],
+        )
+        for path in COMPILED
+    ]
+    try:
+        modules = cythonize(modules, compiler_directives={"language_level": "3"}, quiet=True)
+    except Exception as exc:  # noqa: BLE001 -- Cython's CompileError, a missing .pxd...
+        warn(f"Cython could not translate {', '.join(COMPILED)}: {exc}")
+        return []
+    for module in modules:
+        # A compiler error: one line of warning, no failure.  (Set here:
+        # cythonize does not carry it over from the Extension it is given.)
+        module.optional = True
+    return modules
+
 
 setup(
     ext_modules=[
@@ -19,15 +67,6 @@ setup(
             extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra"],
             optional=True,
         ),
-        # Multipart send/receive on pyzmq's own sockets with one GIL hold
-        # per message; finds libzmq in pyzmq's backend at run time, so it
-        # links no libzmq of its own (pyramid_powerhose/multipart.py).
-        Extension(
-            "pyramid_powerhose._nmultipart",
-            sources=["native/multipart.cpp"],
-            language="c++",
-            extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra"],
-            optional=True,
-        ),
+        *compiled_modules(),
     ],
 )

@@ -1,8 +1,12 @@
 """pyramid_powerhose: run CPU-bound jobs in worker processes over ZeroMQ (7/MDP)."""
 
-from .client import Client
-from .job import Job
-from .worker import get_params
+from . import _libzmq
+
+_libzmq.install()  # before any module that calls libzmq is imported
+
+from .client import Client  # noqa: E402
+from .job import Job  # noqa: E402
+from .worker import get_params  # noqa: E402
 
 
 def get_cluster(target, **options):
