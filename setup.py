@@ -8,12 +8,6 @@ optional: without Cython, pyzmq's ``.pxd`` files, libzmq's headers
 the module runs as plain Python, which behaves the same, more slowly.
 Those that call libzmq are linked without it: at run time they use the
 copy pyzmq's sockets live in (``pyramid_powerhose/_libzmq.py``).
-
-The broker's message loop is also written in C++ (``native/broker.cpp``,
-the ``pyramid_powerhose._nbroker`` module) against the system libzmq
-(Debian: libzmq3-dev).  It is optional: without a C++ compiler or libzmq's
-headers the build skips it and ``powerhose-broker`` runs the Python loop
-(``pyramid_powerhose/broker.py``), which behaves the same, more slowly.
 """
 
 import sys
@@ -22,6 +16,9 @@ from setuptools import Extension, setup
 
 COMPILED = [
     "pyramid_powerhose/multipart.py",
+    "pyramid_powerhose/protocol.py",
+    "pyramid_powerhose/broker_core.py",
+    "pyramid_powerhose/broker.py",
 ]
 
 
@@ -59,14 +56,6 @@ def compiled_modules():
 
 setup(
     ext_modules=[
-        Extension(
-            "pyramid_powerhose._nbroker",
-            sources=["native/broker.cpp"],
-            libraries=["zmq"],
-            language="c++",
-            extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra"],
-            optional=True,
-        ),
         *compiled_modules(),
     ],
 )

@@ -16,12 +16,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
-import time
+from time import monotonic
 
 import zmq
 
-from . import endpoints, multipart
+from . import endpoints
+from .multipart import NOBLOCK, readable, recv, send
 from .broker_core import BrokerCore
 from .exc import DuplicateBrokerError
 
@@ -48,9 +50,10 @@ class Broker:
             backend=endpoints.resolve(settings.backend, "backend"))
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.core = BrokerCore(self.settings, time.monotonic(), os.getpid())
+        self.core = BrokerCore(self.settings, monotonic(), os.getpid())
         self._locks = []
         self._stop_signalled = False
+        self._readiness = None
         self._parent = os.getppid() if settings.exit_with_parent else None
         self._next_parent_check = 0.0
 
@@ -69,10 +72,7 @@ class Broker:
         # how a dead worker's job is failed fast (BrokerCore.undelivered).
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.poller = zmq.Poller()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.sockets = (self.frontend, self.backend, self.monitor)
         log.info("broker pid %d: frontend %s, backend %s, heartbeat %.2fs (%s)",
                  os.getpid(), s.frontend, s.backend, s.heartbeat,
                  "compiled" if COMPILED else "pure Python")
@@ -96,7 +96,6 @@ class Broker:
 
     def close(self):
         """Close the sockets, once the last replies have left (up to 1 s)."""
-        self.poller = None
         if hasattr(self, "backend"):
             self.backend.disable_monitor()
         for sock in ("monitor", "frontend", "backend"):
@@ -123,62 +122,68 @@ class Broker:
     def run(self):
         """Serve until stopped; returns once every accepted job is settled."""
         core = self.core
-        poll = self.poller.poll
-        frontend, backend, monitor = self.frontend, self.backend, self.monitor
+        frontend, backend, monitor = self.sockets
+        waiting = self._readiness = _Readiness(self.sockets)
         while True:
-            events = dict(poll(core.poll_timeout()))
-            if frontend in events:
-                self._drain(frontend, core.client_message)
-            if backend in events:
-                self._drain(backend, core.worker_message)
-            if monitor in events:
+            ready = waiting.wait(core.poll_timeout())
+            if ready & FRONTEND:
+                self._drain(frontend, core.client_message, waiting)
+            if ready & BACKEND:
+                self._drain(backend, core.worker_message, waiting)
+            if ready & MONITOR:
                 self._read_monitor()
-                self._send(core.connection_closed(time.monotonic()))
+                self._send(core.connection_closed(monotonic()))
             if core.vanished:
                 # Read the vanished workers' last words before the core decides.
-                while multipart.readable(backend):
-                    self._drain(backend, core.worker_message)
-                self._send(core.bury_vanished(time.monotonic()))
-            now = time.monotonic()
+                while readable(backend):
+                    self._drain(backend, core.worker_message, waiting)
+                self._send(core.bury_vanished(monotonic()))
+            now = monotonic()
             if self._stop_signalled or self._parent_gone(now):
                 core.request_stop(now)
             self._send(core.tick(now))
             if core.drained():
                 break
+        waiting.close()
         self._send(core.disconnect_all())
 
-    def _drain(self, sock, handle):
+    def _drain(self, sock, handle, waiting):
         for _ in range(BATCH):
             try:
-                frames = multipart.recv(sock, multipart.NOBLOCK)
+                frames = recv(sock, NOBLOCK)
             except zmq.Again:
                 return
-            self._send(handle(frames, time.monotonic()))
+            self._send(handle(frames, monotonic()))
             # Ask rather than recv until EAGAIN: pyzmq's zmq.Again costs more
             # than a message, and most wake-ups bring just one.
-            if not multipart.readable(sock):
+            if not readable(sock):
+                waiting.asked(sock)
                 return
 
     def _send(self, sends):
         """Send what the core decided; report sends to vanished workers back to it."""
+        stale = self._readiness.stale
         while sends:
             failed = []
-            for send in sends:
-                if not send.to_worker:
-                    multipart.send(self.frontend, send.frames)
+            for out in sends:
+                if not out.to_worker:
+                    send(self.frontend, out.frames)
+                    stale[0] = True  # a send may take the socket's wake-up
                     continue
+                stale[1] = True
                 try:
-                    multipart.send(self.backend, send.frames, multipart.NOBLOCK)
+                    send(self.backend, out.frames, NOBLOCK)
                 except zmq.ZMQError as exc:
                     if exc.errno not in _UNREACHABLE:
                         raise
-                    failed.append(send)
-            sends = self.core.undelivered(failed, time.monotonic()) if failed else None
+                    failed.append(out)
+            sends = self.core.undelivered(failed, monotonic()) if failed else None
 
     def _read_monitor(self):
+        self._readiness.stale[2] = True
         while True:
             try:
-                multipart.recv(self.monitor, multipart.NOBLOCK)
+                recv(self.monitor, NOBLOCK)
             except zmq.Again:
                 return
 
@@ -191,3 +196,77 @@ class Broker:
             self._parent = None
             return True
         return False
+
+
+FRONTEND, BACKEND, MONITOR = 1, 2, 4  # bits of _Readiness.wait()'s answer
+
+
+class _Readiness:
+    """Which of the broker's sockets have a message waiting, asking libzmq little.
+
+    Each question to a socket (``ZMQ_EVENTS``, or a receive that finds
+    nothing) costs libzmq a ``getpid`` and a ``poll`` system call, and
+    ``zmq_poll`` asks every socket before and after it sleeps.  A socket's
+    ``ZMQ_FD`` becomes readable only when something new arrives for a
+    socket that was asked since it was last used; so only a socket whose
+    descriptor fired, or that was used since it was last asked (a send or a
+    receive may take its wake-up), is asked, and the loop sleeps in one
+    ``poll`` on the descriptors, with a self-pipe so that a signal wakes it.
+    """
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+        self.stale = [True] * len(sockets)  # used (or fired) since last asked
+        self.poll = select.poll()
+        self.slot = {}
+        for i, sock in enumerate(sockets):
+            fd = sock.getsockopt(zmq.FD)
+            self.slot[fd] = i
+            self.poll.register(fd, select.POLLIN)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poll.register(self.wake_r, select.POLLIN)
+        try:
+            self.previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: signals are not ours to handle
+            self.previous_wakeup = None
+
+    def wait(self, timeout_ms) -> int:
+        """The bits of the sockets with a message waiting; 0 after a sleep
+        (the next call asks the sockets whose descriptor fired)."""
+        ready = 0
+        stale = self.stale
+        for i, sock in enumerate(self.sockets):
+            if stale[i]:
+                stale[i] = False
+                if readable(sock):
+                    ready |= 1 << i
+        if ready:
+            # Asked now; they stay stale, since the loop will use them.
+            for i in range(len(stale)):
+                if ready & (1 << i):
+                    stale[i] = True
+            return ready
+        for fd, _ in self.poll.poll(timeout_ms):
+            i = self.slot.get(fd)
+            if i is None:
+                self._drain_wake_pipe()
+            else:
+                stale[i] = True
+        return 0
+
+    def asked(self, sock):
+        """``sock`` was just found empty: its descriptor will tell."""
+        self.stale[self.sockets.index(sock)] = False
+
+    def _drain_wake_pipe(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self):
+        if self.previous_wakeup is not None:
+            signal.set_wakeup_fd(self.previous_wakeup)
+        os.close(self.wake_r)
+        os.close(self.wake_w)

@@ -21,8 +21,18 @@ import json
 import logging
 from collections import deque
 
-from . import protocol
 from .exc import ProtocolError
+
+# Names, not protocol.NAME: compiled, a module global is a cached lookup,
+# a module's attribute a dictionary lookup every time.
+from .protocol import (
+    DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_TIMEOUT, ERR_TOO_LARGE,
+    ERR_WORKER_LOST, HEARTBEAT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED,
+    MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, READY,
+    REPLY, Reply, STATUS_OK, backend_command, backend_request,
+    frontend_plain_reply, frontend_reply, frontend_worker_reply, parse_backend, parse_frontend,
+    reply_frames_ok,
+)
 
 log = logging.getLogger("pyramid_powerhose.broker")
 
@@ -76,7 +86,7 @@ class PendingJob:
         ttl = msg.request.ttl_ms
         self.deadline = now + ttl / 1000.0 if ttl else None
 
-    def ttl_ms(self, now):
+    def ttl_ms(self, now: float):
         if self.deadline is None:
             return 0
         return max(1, int((self.deadline - now) * 1000))
@@ -127,7 +137,7 @@ class Service:
         average = self.job_time
         self.job_time = seconds if average is None else average + 0.2 * (seconds - average)
 
-    def capacity(self, worker):
+    def capacity(self, worker: WorkerRef):
         """Jobs ``worker`` may hold now: its credit when jobs are short, else 1."""
         if self.job_time is not None and self.job_time < PREFETCH_BELOW:
             return worker.credit
@@ -174,8 +184,9 @@ class BrokerCore:
         """Milliseconds the loop may sleep before the next tick is due."""
         if self._probes_left or self.stopping_since is not None:
             return int(BUSY_POLL * 1000)
-        if any(s.queue for s in self.services.values()):
-            return int(BUSY_POLL * 1000)
+        for svc in self.services.values():
+            if svc.queue:
+                return int(BUSY_POLL * 1000)
         return int(self.heartbeat * 1000)
 
     def drained(self) -> bool:
@@ -213,22 +224,22 @@ class BrokerCore:
     def client_message(self, frames, now) -> list[Send]:
         """A message from the frontend: a job, or an 8/MMI query."""
         try:
-            msg = protocol.parse_frontend(frames)
+            msg = parse_frontend(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from a client (%d frames): %s",
                         len(frames), exc)
             return []
         service = msg.request.service
-        if service.startswith(protocol.MMI_PREFIX):
-            self._to_client(protocol.frontend_plain_reply(msg, [self.mmi(msg, now)]))
+        if service.startswith(MMI_PREFIX):
+            self._to_client(frontend_plain_reply(msg, [self.mmi(msg, now)]))
             return self._take()
         if self.stopping_since is not None:
-            self._fail(msg, protocol.ERR_NO_WORKER,
+            self._fail(msg, ERR_NO_WORKER,
                        f"broker at {self.settings.frontend} is shutting down; retry shortly")
             return self._take()
         size = len(msg.request.data)
         if size > self.settings.max_job_size:
-            self._fail(msg, protocol.ERR_TOO_LARGE,
+            self._fail(msg, ERR_TOO_LARGE,
                        f"job of {size} bytes is larger than the broker's "
                        f"max job size ({self.settings.max_job_size} bytes)")
             return self._take()
@@ -244,19 +255,19 @@ class BrokerCore:
 
     def mmi(self, msg, now) -> bytes:
         service = msg.request.service
-        if service == protocol.MMI_SERVICE:
+        if service == MMI_SERVICE:
             svc = self.services.get(msg.request.data)
             found = svc is not None and bool(svc.workers)
-            return protocol.MMI_FOUND if found else protocol.MMI_NOT_FOUND
-        if service == protocol.MMI_PING:
+            return MMI_FOUND if found else MMI_NOT_FOUND
+        if service == MMI_PING:
             return str(self.pid).encode()
-        if service == protocol.MMI_STATS:
+        if service == MMI_STATS:
             return json.dumps(self.stats(now)).encode()
-        return protocol.MMI_NOT_IMPLEMENTED
+        return MMI_NOT_IMPLEMENTED
 
     def _fail(self, msg, code, message):
-        reply = protocol.Reply.error(msg.request.job_id, code, message)
-        self._to_client(protocol.frontend_reply(msg, reply))
+        reply = Reply.error(msg.request.job_id, code, message)
+        self._to_client(frontend_reply(msg, reply))
         svc = self.services.get(msg.request.service)
         if svc is not None:
             svc.failed += 1
@@ -268,35 +279,35 @@ class BrokerCore:
     def worker_message(self, frames, now) -> list[Send]:
         """A message from the backend: READY, REPLY, HEARTBEAT or DISCONNECT."""
         try:
-            msg = protocol.parse_backend(frames)
+            msg = parse_backend(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from a worker (%d frames): %s",
                         len(frames), exc)
             return []
         worker = self.workers.get(msg.address)
         command = msg.command
-        if command == protocol.REPLY:
+        if command == REPLY:
             if worker is None:
                 self._disconnect(msg.address)
             else:
                 worker.expiry = now + self.liveness
                 self._reply(worker, msg, now)
-        elif command == protocol.HEARTBEAT:
+        elif command == HEARTBEAT:
             if worker is None:
                 # MDP: a valid but unexpected command gets DISCONNECT; this is
                 # how workers of a previous broker learn to register again.
                 self._disconnect(msg.address)
             else:
                 worker.expiry = now + self.liveness
-        elif command == protocol.READY:
+        elif command == READY:
             if worker is not None:  # MDP: a worker MUST NOT send a further READY
                 self._delete_worker(worker, now)
                 self._disconnect(msg.address)
-            elif msg.service.startswith(protocol.MMI_PREFIX):
+            elif msg.service.startswith(MMI_PREFIX):
                 self._disconnect(msg.address)
             else:
                 self._register(msg, now)
-        elif command == protocol.DISCONNECT:
+        elif command == DISCONNECT:
             if worker is not None:
                 self._delete_worker(worker, now, requeue=worker.extended)
         return self._take()
@@ -312,7 +323,7 @@ class BrokerCore:
                  msg.service, "powerhose" if msg.extended else "plain MDP", msg.credit)
         self._worker_ready(worker, now)
 
-    def _reply(self, worker, msg, now):
+    def _reply(self, worker: WorkerRef, msg, now: float):
         if not worker.jobs or msg.client != worker.jobs[0].msg.address:
             # 7/MDP: a valid but unexpected command costs the worker its place.
             log.warning("worker %s replied to a job it does not hold; disconnected",
@@ -321,40 +332,40 @@ class BrokerCore:
             self._disconnect(worker.address)
             return
         # A worker runs its jobs in the order it got them: this is the oldest.
-        job = worker.jobs.popleft()
+        job: PendingJob = worker.jobs.popleft()
         client = job.msg
-        svc = worker.service
+        svc: Service = worker.service
         svc.ran(now - max(job.sent, worker.last_reply))
         worker.last_reply = now
         if worker.extended:
             body = msg.body
-            if not protocol.reply_frames_ok(body) or body[0] != client.request.job_id:
-                self._fail(client, protocol.ERR_BAD_REQUEST,
+            if not reply_frames_ok(body) or body[0] != client.request.job_id:
+                self._fail(client, ERR_BAD_REQUEST,
                            f"worker {worker.address.hex()} sent a malformed reply")
                 self._delete_worker(worker, now)
                 self._disconnect(worker.address)
                 return
-            if body[1] == protocol.STATUS_OK:
+            if body[1] == STATUS_OK:
                 svc.done += 1
             else:
                 svc.failed += 1
-            self._to_client(protocol.frontend_worker_reply(client, body))
+            self._to_client(frontend_worker_reply(client, body))
         else:
             svc.done += 1
-            self._to_client(protocol.frontend_plain_reply(client, msg.body))
+            self._to_client(frontend_plain_reply(client, msg.body))
         self._worker_ready(worker, now)
 
-    def _worker_ready(self, worker, now):
+    def _worker_ready(self, worker: WorkerRef, now: float):
         """A worker has room: give it the oldest live jobs, or put it in line."""
         if worker.vanished:
             return
-        svc = worker.service
+        svc: Service = worker.service
         queue = svc.queue
         room = svc.capacity(worker)
         while queue and len(worker.jobs) < room:
-            job = queue.popleft()
+            job: PendingJob = queue.popleft()
             if job.deadline is not None and job.deadline <= now:
-                self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+                self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
             else:
                 self._send_job(worker, job, now)
         if not worker.jobs:
@@ -362,9 +373,10 @@ class BrokerCore:
         else:
             self._list_spare(worker)
 
-    def _dispatch(self, svc, job, now) -> bool:
+    def _dispatch(self, svc: Service, job: PendingJob, now: float) -> bool:
         """Send a new job to the LRU idle worker, else to a busy one with credit left."""
         idle = svc.idle
+        worker: WorkerRef
         if idle:
             worker = idle.popleft()
             self._send_job(worker, job, now)
@@ -382,22 +394,22 @@ class BrokerCore:
             return True
         return False
 
-    def _list_spare(self, worker):
+    def _list_spare(self, worker: WorkerRef):
         if len(worker.jobs) < worker.service.capacity(worker) and not worker.spare:
             worker.spare = True
             worker.service.spare.append(worker)
 
-    def _send_job(self, worker, job, now):
+    def _send_job(self, worker: WorkerRef, job: PendingJob, now: float):
         req = job.msg.request
         job.sent = now
         if job.deadline is not None:
             req.ttl_ms = job.ttl_ms(now)
         worker.jobs.append(job)
-        self._to_worker(protocol.backend_request(
+        self._to_worker(backend_request(
             worker.address, job.msg.address, req, worker.extended, job.msg.body), worker, job)
 
     def _disconnect(self, address):
-        self._to_worker(protocol.backend_command(address, protocol.DISCONNECT))
+        self._to_worker(backend_command(address, DISCONNECT))
 
     # -- events: sends that failed ------------------------------------------------------
 
@@ -467,6 +479,9 @@ class BrokerCore:
 
     def tick(self, now) -> list[Send]:
         """Expire what is dead, send heartbeats that are due, end the grace period."""
+        if now < self._next_expiry and now < self._next_heartbeat and \
+                self.stopping_since is None:
+            return []  # most turns of the loop: nothing is due
         if now >= self._next_expiry:
             self._expire_jobs(now)
             self._expire_workers(now)
@@ -498,9 +513,9 @@ class BrokerCore:
             keep = deque()
             for job in svc.queue:
                 if job.deadline is not None and job.deadline <= now:
-                    self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+                    self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
                 elif not svc.workers and now - job.received >= no_worker:
-                    self._fail(job.msg, protocol.ERR_NO_WORKER,
+                    self._fail(job.msg, ERR_NO_WORKER,
                                f"no worker serves {_name(svc.name)!r} on "
                                f"{self.settings.backend}; is powerhose-worker running "
                                "with that --service?")
@@ -515,13 +530,13 @@ class BrokerCore:
 
     def _send_heartbeats(self):
         for worker in self.workers.values():
-            self._to_worker(protocol.backend_command(worker.address, protocol.HEARTBEAT), worker)
+            self._to_worker(backend_command(worker.address, HEARTBEAT), worker)
         if self._probes_left:
             self._probes_left -= 1
 
     # -- workers leaving -------------------------------------------------------------------
 
-    def _delete_worker(self, worker, now, requeue=False):
+    def _delete_worker(self, worker: WorkerRef, now: float, requeue=False):
         """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
         svc = worker.service
@@ -541,19 +556,19 @@ class BrokerCore:
             self._serve_queue(svc, now)
         else:
             for job in jobs:
-                self._fail(job.msg, protocol.ERR_WORKER_LOST,
+                self._fail(job.msg, ERR_WORKER_LOST,
                            f"worker {worker.address.hex()} serving {_name(svc.name)!r} "
                            "died or disconnected while running the job; check the "
                            "worker's log")
 
-    def _serve_queue(self, svc, now):
+    def _serve_queue(self, svc: Service, now: float):
         """Jobs put back at the head of the queue go to idle workers, one each
         (credit beyond 1 is for when no worker is idle)."""
         queue, idle = svc.queue, svc.idle
         while queue and idle:
             job = queue.popleft()
             if job.deadline is not None and job.deadline <= now:
-                self._fail(job.msg, protocol.ERR_TIMEOUT, self._timeout_message(job, now))
+                self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
                 continue
             worker = idle.popleft()
             self._send_job(worker, job, now)
@@ -571,11 +586,11 @@ class BrokerCore:
     def _abandon_all(self):
         for svc in self.services.values():
             for job in svc.queue:
-                self._fail(job.msg, protocol.ERR_NO_WORKER, "broker stopped before the job ran")
+                self._fail(job.msg, ERR_NO_WORKER, "broker stopped before the job ran")
             svc.queue.clear()
         for worker in self.workers.values():
             for job in worker.jobs:
-                self._fail(job.msg, protocol.ERR_WORKER_LOST,
+                self._fail(job.msg, ERR_WORKER_LOST,
                            "broker stopped before the job finished (grace period over)")
             worker.jobs.clear()
 
