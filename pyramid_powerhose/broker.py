@@ -231,28 +231,31 @@ class _Readiness:
             self.previous_wakeup = None
 
     def wait(self, timeout_ms) -> int:
-        """The bits of the sockets with a message waiting; 0 after a sleep
-        (the next call asks the sockets whose descriptor fired)."""
-        ready = 0
-        stale = self.stale
-        for i, sock in enumerate(self.sockets):
-            if stale[i]:
-                stale[i] = False
-                if readable(sock):
-                    ready |= 1 << i
+        """The bits of the sockets with a message waiting, sleeping up to
+        ``timeout_ms`` if none has; 0 if none came."""
+        ready = self._ask()
         if ready:
-            # Asked now; they stay stale, since the loop will use them.
-            for i in range(len(stale)):
-                if ready & (1 << i):
-                    stale[i] = True
             return ready
+        stale = self.stale
         for fd, _ in self.poll.poll(timeout_ms):
             i = self.slot.get(fd)
             if i is None:
                 self._drain_wake_pipe()
             else:
                 stale[i] = True
-        return 0
+        return self._ask()
+
+    def _ask(self) -> int:
+        """Ask the stale sockets; those with a message stay stale, since
+        the loop is about to use them."""
+        ready = 0
+        stale = self.stale
+        for i in range(len(stale)):
+            if stale[i] and readable(self.sockets[i]):
+                ready |= 1 << i
+            else:
+                stale[i] = False
+        return ready
 
     def asked(self, sock):
         """``sock`` was just found empty: its descriptor will tell."""
