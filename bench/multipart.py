@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -41,7 +39,9 @@ import time
 import zmq
 
 from pyramid_powerhose import multipart
-from pyramid_powerhose.bench import cpu_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import machine  # noqa: E402  (the same header as the other scripts)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_COMMIT = "73e07e2"
@@ -116,18 +116,6 @@ def round_trips(send, recv, dealer, router, count):
         send(router, recv(router))
         recv(dealer)
     return (time.perf_counter() - started) / count
-
-
-def machine():
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("cpu", f"{cpu_model()}, {cores} cores"),
-        ("system", f"{platform.system()} {platform.release()}, load average "
-                   + " ".join(f"{x:.2f}" for x in os.getloadavg())),
-        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
-        ("zmq", f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}"),
-    ]
 
 
 def table(header, rows):
