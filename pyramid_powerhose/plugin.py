@@ -186,8 +186,6 @@ def _configure(config):
         settings = settings_from_mapping(registry.settings or {}, PREFIX)
     except SettingsError as exc:
         raise ConfigurationError(str(exc)) from None
-    except UnsafeDirectoryError as exc:  # while Settings resolves the default endpoints
-        raise _unsafe_directory(exc) from None
     factory = registry.queryUtility(IClientFactory)
     if factory is None and settings.cluster != "attach" and not settings.target:
         raise ConfigurationError(
