@@ -137,3 +137,32 @@ def test_default_directory_refused_when_others_can_enter(run_dir, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
     with pytest.raises(exc.UnsafeDirectoryError, match="chmod 700"):
         endpoints_module.runtime_dir()
+
+
+def free_tcp_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_explicit_tcp_endpoints_ignore_a_squatted_default_directory(procs, run_dir,
+                                                                   monkeypatch):
+    """Another user's /tmp/powerhose-$UID (here: an open XDG dir) must not stop
+    a broker, a worker and a client that were given their endpoints."""
+    runtime = os.path.join(run_dir, "xdg")
+    squatted = os.path.join(runtime, "powerhose")
+    os.makedirs(squatted)
+    os.chmod(squatted, 0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    frontend, backend = free_tcp_endpoint(), free_tcp_endpoint()
+    env = {"XDG_RUNTIME_DIR": runtime}
+    broker = procs.start(command("powerhose-broker") + [
+        "--frontend", frontend, "--backend", backend], "broker", env=env)
+    worker = procs.start(command("powerhose-worker") + [
+        "tests.targets:echo", "--backend", backend], "worker", env=env)
+    with Client(frontend=frontend) as client:
+        wait_for(lambda: client.ping(timeout=0.2) == broker.pid, what="broker")
+        wait_for(client.has_service, what="worker")
+        assert client.execute(b"over tcp") == b"over tcp"
+    assert worker.poll() is None, read_log(worker)
+    assert os.listdir(squatted) == []  # nothing was made in it
