@@ -54,6 +54,16 @@ def _name(service: bytes) -> str:
     return service.decode("utf-8", "replace")
 
 
+def _parsed(parse, frames, sender):
+    """``parse(frames)``, or None for a malformed message, which is logged and dropped."""
+    try:
+        return parse(frames)
+    except ProtocolError as exc:
+        log.warning("dropped malformed message from a %s (%d frames): %s",
+                    sender, len(frames), exc)
+        return None
+
+
 class Send:
     """One message to send: to a client (``worker`` is None) or to a worker.
 
@@ -223,11 +233,8 @@ class BrokerCore:
 
     def client_message(self, frames, now) -> list[Send]:
         """A message from the frontend: a job, or an 8/MMI query."""
-        try:
-            msg = parse_frontend(frames)
-        except ProtocolError as exc:
-            log.warning("dropped malformed message from a client (%d frames): %s",
-                        len(frames), exc)
+        msg = _parsed(parse_frontend, frames, "client")
+        if msg is None:
             return []
         service = msg.request.service
         if service.startswith(MMI_PREFIX):
@@ -278,11 +285,8 @@ class BrokerCore:
 
     def worker_message(self, frames, now) -> list[Send]:
         """A message from the backend: READY, REPLY, HEARTBEAT or DISCONNECT."""
-        try:
-            msg = parse_backend(frames)
-        except ProtocolError as exc:
-            log.warning("dropped malformed message from a worker (%d frames): %s",
-                        len(frames), exc)
+        msg = _parsed(parse_backend, frames, "worker")
+        if msg is None:
             return []
         worker = self.workers.get(msg.address)
         command = msg.command
