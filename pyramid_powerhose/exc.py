@@ -48,6 +48,10 @@ class JobTooLargeError(PowerhoseError, ValueError):
     """The job is larger than the max job size (client or broker)."""
 
 
+class OverloadedError(PowerhoseError):
+    """The service's queue is full (max queue, max queue bytes): retry later."""
+
+
 class ProtocolError(PowerhoseError, ValueError):
     """Frames that do not follow the protocol (PROTOCOL.rst).
 
@@ -83,7 +87,7 @@ class ClusterError(PowerhoseError):
 # (protocol.ERR_*); anything else is a plain PowerhoseError.
 _BY_CODE = {cls.__name__: cls for cls in (
     ExecutionError, TimeoutError, NoWorkerError, WorkerLostError, JobTooLargeError,
-    ProtocolError)}
+    OverloadedError, ProtocolError)}
 
 
 def from_reply(reply):

@@ -49,6 +49,7 @@ ERR_TIMEOUT = "TimeoutError"
 ERR_NO_WORKER = "NoWorkerError"
 ERR_WORKER_LOST = "WorkerLostError"
 ERR_TOO_LARGE = "JobTooLargeError"
+ERR_OVERLOADED = "OverloadedError"
 ERR_BAD_REQUEST = "ProtocolError"
 
 MAX_SERVICE_LENGTH = 255
