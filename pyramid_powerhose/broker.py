@@ -24,7 +24,7 @@ import zmq
 
 from . import endpoints
 from .multipart import NOBLOCK, readable, recv, send
-from .broker_core import BrokerCore
+from .broker_core import BrokerCore, Send
 from .exc import DuplicateBrokerError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class Broker:
         self._readiness = None
         self._parent = os.getppid() if settings.exit_with_parent else None
         self._next_parent_check = 0.0
+        self.frontend = self.backend = self.monitor = None
+        self.sockets = ()
 
     # -- life cycle -----------------------------------------------------------
 
@@ -96,11 +98,12 @@ class Broker:
 
     def close(self):
         """Close the sockets, once the last replies have left (up to 1 s)."""
-        if hasattr(self, "backend"):
+        if self.backend is not None:
             self.backend.disable_monitor()
-        for sock in ("monitor", "frontend", "backend"):
-            if hasattr(self, sock):
-                getattr(self, sock).close()
+        for sock in (self.monitor, self.frontend, self.backend):
+            if sock is not None:
+                sock.close()
+        self.frontend = self.backend = self.monitor = None
         if self._own_context:
             # Without term() a process exiting right after a final reply
             # can take that reply with it.
@@ -121,22 +124,22 @@ class Broker:
 
     def run(self):
         """Serve until stopped; returns once every accepted job is settled."""
-        core = self.core
-        frontend, backend, monitor = self.sockets
-        waiting = self._readiness = _Readiness(self.sockets)
+        core: BrokerCore = self.core
+        waiting: _Readiness = _Readiness(self.sockets)
+        self._readiness = waiting
         while True:
             ready = waiting.wait(core.poll_timeout())
             if ready & FRONTEND:
-                self._drain(frontend, core.client_message, waiting)
+                self._drain(FRONTEND)
             if ready & BACKEND:
-                self._drain(backend, core.worker_message, waiting)
+                self._drain(BACKEND)
             if ready & MONITOR:
                 self._read_monitor()
                 self._send(core.connection_closed(monotonic()))
             if core.vanished:
                 # Read the vanished workers' last words before the core decides.
-                while readable(backend):
-                    self._drain(backend, core.worker_message, waiting)
+                while readable(self.backend):
+                    self._drain(BACKEND)
                 self._send(core.bury_vanished(monotonic()))
             now = monotonic()
             if self._stop_signalled or self._parent_gone(now):
@@ -147,30 +150,37 @@ class Broker:
         waiting.close()
         self._send(core.disconnect_all())
 
-    def _drain(self, sock, handle, waiting):
-        for _ in range(BATCH):
+    def _drain(self, side):
+        """Up to BATCH messages from the FRONTEND or the BACKEND, to the core."""
+        core: BrokerCore = self.core
+        sock = self.frontend if side == FRONTEND else self.backend
+        for i in range(BATCH):
             try:
                 frames = recv(sock, NOBLOCK)
             except zmq.Again:
                 return
-            self._send(handle(frames, monotonic()))
+            if side == FRONTEND:
+                self._send(core.client_message(frames, monotonic()))
+            else:
+                self._send(core.worker_message(frames, monotonic()))
             # Ask rather than recv until EAGAIN: pyzmq's zmq.Again costs more
             # than a message, and most wake-ups bring just one.
             if not readable(sock):
-                waiting.asked(sock)
+                self._readiness.asked(side)
                 return
 
     def _send(self, sends):
         """Send what the core decided; report sends to vanished workers back to it."""
-        stale = self._readiness.stale
+        waiting: _Readiness = self._readiness
+        out: Send
         while sends:
             failed = []
             for out in sends:
                 if not out.to_worker:
                     send(self.frontend, out.frames)
-                    stale[0] = True  # a send may take the socket's wake-up
+                    waiting.stale |= FRONTEND  # a send may take the socket's wake-up
                     continue
-                stale[1] = True
+                waiting.stale |= BACKEND
                 try:
                     send(self.backend, out.frames, NOBLOCK)
                 except zmq.ZMQError as exc:
@@ -180,7 +190,7 @@ class Broker:
             sends = self.core.undelivered(failed, monotonic()) if failed else None
 
     def _read_monitor(self):
-        self._readiness.stale[2] = True
+        self._readiness.stale |= MONITOR
         while True:
             try:
                 recv(self.monitor, NOBLOCK)
@@ -216,12 +226,12 @@ class _Readiness:
 
     def __init__(self, sockets):
         self.sockets = sockets
-        self.stale = [True] * len(sockets)  # used (or fired) since last asked
+        self.stale = FRONTEND | BACKEND | MONITOR  # bits: used (or fired) since last asked
         self.poll = select.poll()
         self.slot = {}
         for i, sock in enumerate(sockets):
             fd = sock.getsockopt(zmq.FD)
-            self.slot[fd] = i
+            self.slot[fd] = 1 << i
             self.poll.register(fd, select.POLLIN)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poll.register(self.wake_r, select.POLLIN)
@@ -236,30 +246,30 @@ class _Readiness:
         ready = self._ask()
         if ready:
             return ready
-        stale = self.stale
         for fd, _ in self.poll.poll(timeout_ms):
-            i = self.slot.get(fd)
-            if i is None:
+            bit = self.slot.get(fd)
+            if bit is None:
                 self._drain_wake_pipe()
             else:
-                stale[i] = True
+                self.stale |= bit
         return self._ask()
 
     def _ask(self) -> int:
         """Ask the stale sockets; those with a message stay stale, since
         the loop is about to use them."""
         ready = 0
-        stale = self.stale
-        for i in range(len(stale)):
-            if stale[i] and readable(self.sockets[i]):
-                ready |= 1 << i
-            else:
-                stale[i] = False
+        for i in range(3):
+            bit = 1 << i
+            if self.stale & bit:
+                if readable(self.sockets[i]):
+                    ready |= bit
+                else:
+                    self.stale &= ~bit
         return ready
 
-    def asked(self, sock):
-        """``sock`` was just found empty: its descriptor will tell."""
-        self.stale[self.sockets.index(sock)] = False
+    def asked(self, side):
+        """The FRONTEND or the BACKEND was just found empty: its descriptor will tell."""
+        self.stale &= ~side
 
     def _drain_wake_pipe(self):
         try:

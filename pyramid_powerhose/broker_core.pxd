@@ -1,6 +1,11 @@
 # C types for broker_core.py when Cython compiles it (pure-Python mode): its
 # classes become extension types, so the broker's state is read and written
-# as C struct fields rather than through attribute dictionaries.
+# as C struct fields rather than through attribute dictionaries, and the
+# core's own methods call each other as C functions.  Events the loop calls
+# are cpdef (callable from Python too); internal steps are cdef.
+
+from pyramid_powerhose.protocol cimport ClientMessage, Request, WorkerMessage
+
 
 cdef class Send:
     cdef public object frames
@@ -9,22 +14,16 @@ cdef class Send:
     cdef public object job
 
 
+cdef Send _send_record(list frames, bint to_worker, worker, job)
+
+
 cdef class PendingJob:
-    cdef public object msg
+    cdef public ClientMessage msg
     cdef public double received
     cdef public object deadline
     cdef public double sent
 
-
-cdef class Service:
-    cdef public bytes name
-    cdef public set workers
-    cdef public object idle
-    cdef public object spare
-    cdef public object queue
-    cdef public long done
-    cdef public long failed
-    cdef public object job_time
+    cdef long long ttl_ms(self, double now)
 
 
 cdef class WorkerRef:
@@ -37,6 +36,20 @@ cdef class WorkerRef:
     cdef public bint spare
     cdef public bint vanished
     cdef public double last_reply
+
+
+cdef class Service:
+    cdef public bytes name
+    cdef public set workers
+    cdef public object idle
+    cdef public object spare
+    cdef public object queue
+    cdef public long done
+    cdef public long failed
+    cdef public object job_time
+
+    cdef void ran(self, double seconds)
+    cdef int capacity(self, WorkerRef worker)
 
 
 cdef class BrokerCore:
@@ -54,3 +67,31 @@ cdef class BrokerCore:
     cdef double _next_expiry
     cdef object _plain_ids
     cdef list _out
+    cdef long long _max_job_size
+
+    cdef list _take(self)
+    cdef void _to_client(self, list frames)
+    cdef void _to_worker(self, list frames, WorkerRef worker=*, PendingJob job=*)
+    cpdef int poll_timeout(self)
+    cpdef bint drained(self)
+    cpdef list client_message(self, list frames, double now)
+    cdef bytes mmi(self, ClientMessage msg, double now)
+    cdef void _fail(self, ClientMessage msg, code, message)
+    cpdef list worker_message(self, list frames, double now)
+    cdef void _register(self, WorkerMessage msg, double now)
+    cdef void _reply(self, WorkerRef worker, WorkerMessage msg, double now)
+    cdef void _worker_ready(self, WorkerRef worker, double now)
+    cdef bint _dispatch(self, Service svc, PendingJob job, double now)
+    cdef void _list_spare(self, WorkerRef worker)
+    cdef void _send_job(self, WorkerRef worker, PendingJob job, double now)
+    cdef void _disconnect(self, bytes address)
+    cpdef list undelivered(self, list sends, double now)
+    cpdef list bury_vanished(self, double now)
+    cpdef list connection_closed(self, double now)
+    cpdef list tick(self, double now)
+    cdef void _expire_workers(self, double now)
+    cdef void _expire_jobs(self, double now)
+    cdef void _send_heartbeats(self)
+    cdef void _delete_worker(self, WorkerRef worker, double now, bint requeue=*)
+    cdef void _serve_queue(self, Service svc, double now)
+    cdef void _abandon_all(self)

@@ -29,7 +29,7 @@ from .protocol import (
     DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_TIMEOUT, ERR_TOO_LARGE,
     ERR_WORKER_LOST, HEARTBEAT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED,
     MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, READY,
-    REPLY, Reply, STATUS_OK, backend_command, backend_request,
+    REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_reply, frontend_worker_reply, parse_backend, parse_frontend,
     reply_frames_ok,
 )
@@ -54,14 +54,11 @@ def _name(service: bytes) -> str:
     return service.decode("utf-8", "replace")
 
 
-def _parsed(parse, frames, sender):
-    """``parse(frames)``, or None for a malformed message, which is logged and dropped."""
-    try:
-        return parse(frames)
-    except ProtocolError as exc:
-        log.warning("dropped malformed message from a %s (%d frames): %s",
-                    sender, len(frames), exc)
-        return None
+def _dropped(frames, sender, exc) -> list:
+    """A malformed message is logged and dropped: nothing to send."""
+    log.warning("dropped malformed message from a %s (%d frames): %s",
+                sender, len(frames), exc)
+    return []
 
 
 class Send:
@@ -82,6 +79,16 @@ class Send:
     def __repr__(self):
         side = "worker" if self.to_worker else "client"
         return f"<Send to {side} {self.frames!r}>"
+
+
+def _send_record(frames, to_worker, worker, job) -> Send:
+    """A Send without a call to its constructor: compiled, a C function."""
+    send = Send.__new__(Send)
+    send.frames = frames
+    send.to_worker = to_worker
+    send.worker = worker
+    send.job = job
+    return send
 
 
 class PendingJob:
@@ -177,16 +184,17 @@ class BrokerCore:
         self._next_expiry = now
         self._plain_ids = itertools.count(1)
         self._out: list[Send] = []
+        self._max_job_size = settings.max_job_size
 
     def _take(self) -> list[Send]:
         out, self._out = self._out, []
         return out
 
     def _to_client(self, frames):
-        self._out.append(Send(frames))
+        self._out.append(_send_record(frames, False, None, None))
 
     def _to_worker(self, frames, worker=None, job=None):
-        self._out.append(Send(frames, True, worker, job))
+        self._out.append(_send_record(frames, True, worker, job))
 
     # -- queries --------------------------------------------------------------------
 
@@ -203,9 +211,13 @@ class BrokerCore:
         """Stopping, and every accepted job settled: the loop may end."""
         if self.stopping_since is None:
             return False
-        busy = any(w.jobs for w in self.workers.values())
-        queued = any(s.queue for s in self.services.values())
-        return not busy and not queued
+        for worker in self.workers.values():
+            if worker.jobs:
+                return False
+        for svc in self.services.values():
+            if svc.queue:
+                return False
+        return True
 
     def stats(self, now) -> dict:
         services = {}
@@ -233,10 +245,13 @@ class BrokerCore:
 
     def client_message(self, frames, now) -> list[Send]:
         """A message from the frontend: a job, or an 8/MMI query."""
-        msg = _parsed(parse_frontend, frames, "client")
-        if msg is None:
-            return []
-        service = msg.request.service
+        msg: ClientMessage
+        try:
+            msg = parse_frontend(frames)
+        except ProtocolError as exc:
+            return _dropped(frames, "client", exc)
+        req: Request = msg.request
+        service = req.service
         if service.startswith(MMI_PREFIX):
             self._to_client(frontend_plain_reply(msg, [self.mmi(msg, now)]))
             return self._take()
@@ -244,18 +259,18 @@ class BrokerCore:
             self._fail(msg, ERR_NO_WORKER,
                        f"broker at {self.settings.frontend} is shutting down; retry shortly")
             return self._take()
-        size = len(msg.request.data)
-        if size > self.settings.max_job_size:
+        size = len(req.data)
+        if size > self._max_job_size:
             self._fail(msg, ERR_TOO_LARGE,
                        f"job of {size} bytes is larger than the broker's "
                        f"max job size ({self.settings.max_job_size} bytes)")
             return self._take()
         if not msg.extended:
-            msg.request.job_id = b"mdp-%d" % next(self._plain_ids)
-        svc = self.services.get(service)
+            req.job_id = b"mdp-%d" % next(self._plain_ids)
+        svc: Service = self.services.get(service)
         if svc is None:
             svc = self.services[service] = Service(service)
-        job = PendingJob(msg, now)
+        job: PendingJob = PendingJob(msg, now)
         if svc.queue or not self._dispatch(svc, job, now):
             svc.queue.append(job)
         return self._take()
@@ -285,10 +300,12 @@ class BrokerCore:
 
     def worker_message(self, frames, now) -> list[Send]:
         """A message from the backend: READY, REPLY, HEARTBEAT or DISCONNECT."""
-        msg = _parsed(parse_backend, frames, "worker")
-        if msg is None:
-            return []
-        worker = self.workers.get(msg.address)
+        msg: WorkerMessage
+        try:
+            msg = parse_backend(frames)
+        except ProtocolError as exc:
+            return _dropped(frames, "worker", exc)
+        worker: WorkerRef = self.workers.get(msg.address)
         command = msg.command
         if command == REPLY:
             if worker is None:
@@ -337,7 +354,7 @@ class BrokerCore:
             return
         # A worker runs its jobs in the order it got them: this is the oldest.
         job: PendingJob = worker.jobs.popleft()
-        client = job.msg
+        client: ClientMessage = job.msg
         svc: Service = worker.service
         svc.ran(now - max(job.sent, worker.last_reply))
         worker.last_reply = now
@@ -399,12 +416,13 @@ class BrokerCore:
         return False
 
     def _list_spare(self, worker: WorkerRef):
-        if len(worker.jobs) < worker.service.capacity(worker) and not worker.spare:
+        svc: Service = worker.service
+        if len(worker.jobs) < svc.capacity(worker) and not worker.spare:
             worker.spare = True
-            worker.service.spare.append(worker)
+            svc.spare.append(worker)
 
     def _send_job(self, worker: WorkerRef, job: PendingJob, now: float):
-        req = job.msg.request
+        req: Request = job.msg.request
         job.sent = now
         if job.deadline is not None:
             req.ttl_ms = job.ttl_ms(now)

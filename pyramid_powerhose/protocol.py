@@ -13,8 +13,6 @@ MDP client or worker never sees a frame it does not expect.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from .exc import ProtocolError
 
 # -- 7/MDP -----------------------------------------------------------------
@@ -57,28 +55,67 @@ MAX_JOB_ID_LENGTH = 255
 MAX_CREDIT = 64  # jobs a worker may hold at once (one running, the rest waiting)
 
 
-@dataclass(slots=True)
-class Request:
-    """A job as it travels: client -> broker -> worker."""
+class _Message:
+    """Equality and repr by fields, as a dataclass has them.
 
-    service: bytes
-    job_id: bytes
-    data: bytes
-    ttl_ms: int = 0  # time left before the client gives up; 0: no deadline
-    headers: dict[str, str] = field(default_factory=dict)
+    Plain classes rather than dataclasses: compiled, each becomes an
+    extension type (``protocol.pxd``) whose fields are C struct members.
+    """
+
+    __slots__ = ()
+    _fields: tuple = ()
+
+    def _values(self):
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __repr__(self):
+        args = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, self._values()))
+        return f"{type(self).__name__}({args})"
 
 
-@dataclass(slots=True)
-class Reply:
-    """A result or an error as it travels back: worker -> broker -> client."""
+class Request(_Message):
+    """A job as it travels: client -> broker -> worker.
 
-    job_id: bytes
-    ok: bool
-    data: bytes = b""  # the result when ok
-    code: str = ""  # one of the ERR_* codes when not ok
-    message: str = ""
-    exc_type: str = ""  # remote exception type, for ExecutionError
-    traceback: str = ""
+    ``ttl_ms`` is the time left before the client gives up (0: no deadline);
+    ``headers`` map str to str.
+    """
+
+    __slots__ = ("service", "job_id", "data", "ttl_ms", "headers")
+    _fields = __slots__
+
+    def __init__(self, service, job_id, data, ttl_ms=0, headers=None):
+        self.service = service
+        self.job_id = job_id
+        self.data = data
+        self.ttl_ms = ttl_ms
+        self.headers = {} if headers is None else headers
+
+
+class Reply(_Message):
+    """A result or an error as it travels back: worker -> broker -> client.
+
+    ``data`` is the result when ``ok``; otherwise ``code`` is one of the
+    ERR_* codes, and ``exc_type`` and ``traceback`` describe a remote
+    exception (ExecutionError).
+    """
+
+    __slots__ = ("job_id", "ok", "data", "code", "message", "exc_type", "traceback")
+    _fields = __slots__
+
+    def __init__(self, job_id, ok, data=b"", code="", message="", exc_type="",
+                 traceback=""):
+        self.job_id = job_id
+        self.ok = ok
+        self.data = data
+        self.code = code
+        self.message = message
+        self.exc_type = exc_type
+        self.traceback = traceback
 
     @classmethod
     def error(cls, job_id, code, message, exc_type="", traceback=""):
@@ -181,14 +218,21 @@ def parse_reply_body(job_id: bytes, frames) -> Reply:
     raise ProtocolError(f"bad reply status {status[:10]!r} or frame count")
 
 
-@dataclass(slots=True)
-class ClientMessage:
-    """A request as the broker sees it arrive on the frontend."""
+class ClientMessage(_Message):
+    """A request as the broker sees it arrive on the frontend.
 
-    address: bytes
-    extended: bool  # PHC01 (ours) or MDPC01 (plain)
-    request: Request
-    body: list  # the plain client's body frames, kept as sent
+    ``extended``: PHC01 (ours) or MDPC01 (plain); ``body``: the plain
+    client's body frames, kept as sent.
+    """
+
+    __slots__ = ("address", "extended", "request", "body")
+    _fields = __slots__
+
+    def __init__(self, address, extended, request, body):
+        self.address = address
+        self.extended = extended
+        self.request = request
+        self.body = body
 
 
 def parse_frontend(frames) -> ClientMessage:
@@ -251,17 +295,26 @@ def frontend_plain_reply(msg: ClientMessage, body) -> list[bytes]:
 # On the broker's ROUTER every message starts [worker_address, b"", MDPW01, command].
 
 
-@dataclass(slots=True)
-class WorkerMessage:
-    """A command as the broker sees it arrive on the backend."""
+class WorkerMessage(_Message):
+    """A command as the broker sees it arrive on the backend.
 
-    address: bytes
-    command: bytes
-    service: bytes = b""  # READY
-    extended: bool = False  # READY carried the powerhose/1 token
-    credit: int = 1  # READY: jobs the worker accepts at once
-    client: bytes = b""  # REPLY: the client address frame
-    body: list = field(default_factory=list)  # REPLY: frames after the delimiter
+    READY sets ``service``, ``extended`` (it carried the powerhose/1 token)
+    and ``credit`` (jobs the worker accepts at once); REPLY sets ``client``
+    (the client address frame) and ``body`` (the frames after the delimiter).
+    """
+
+    __slots__ = ("address", "command", "service", "extended", "credit", "client", "body")
+    _fields = __slots__
+
+    def __init__(self, address, command, service=b"", extended=False, credit=1,
+                 client=b"", body=None):
+        self.address = address
+        self.command = command
+        self.service = service
+        self.extended = extended
+        self.credit = credit
+        self.client = client
+        self.body = [] if body is None else body
 
 
 def parse_backend(frames) -> WorkerMessage:
@@ -333,13 +386,17 @@ def worker_reply(client: bytes, reply: Reply) -> list[bytes]:
     return [b"", MDP_WORKER, REPLY, client, b"", reply.job_id, *reply.body()]
 
 
-@dataclass(slots=True)
-class BrokerCommand:
-    """A command as our worker sees it arrive from the broker."""
+class BrokerCommand(_Message):
+    """A command as our worker sees it arrive from the broker (``client`` and
+    ``request`` for a REQUEST)."""
 
-    command: bytes
-    client: bytes = b""
-    request: Request | None = None
+    __slots__ = ("command", "client", "request")
+    _fields = __slots__
+
+    def __init__(self, command, client=b"", request=None):
+        self.command = command
+        self.client = client
+        self.request = request
 
 
 def parse_broker_command(frames) -> BrokerCommand:

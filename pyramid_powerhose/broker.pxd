@@ -1,0 +1,51 @@
+# C types for broker.py when Cython compiles it (pure-Python mode): the loop
+# and its readiness check become extension types, their fields C struct
+# members, and the calls into the core C calls.
+
+from pyramid_powerhose.broker_core cimport BrokerCore, Send
+
+cimport cython
+
+cdef int BATCH
+cdef int FRONTEND, BACKEND, MONITOR
+
+
+cdef class Broker:
+    cdef public object settings
+    cdef public object context
+    cdef public BrokerCore core
+    cdef public object frontend
+    cdef public object backend
+    cdef public object monitor
+    cdef public tuple sockets
+    cdef bint _own_context
+    cdef list _locks
+    cdef bint _stop_signalled
+    cdef _Readiness _readiness
+    cdef object _parent
+    cdef double _next_parent_check
+
+    @cython.locals(ready=int)
+    cpdef run(self)
+    @cython.locals(core=BrokerCore, i=int)
+    cdef _drain(self, int side)
+    @cython.locals(waiting=_Readiness, out=Send)
+    cdef _send(self, list sends)
+    cdef _read_monitor(self)
+    cdef bint _parent_gone(self, double now) except -1
+
+
+cdef class _Readiness:
+    cdef tuple sockets
+    cdef public int stale
+    cdef object poll
+    cdef dict slot
+    cdef int wake_r, wake_w
+    cdef object previous_wakeup
+
+    @cython.locals(ready=int)
+    cdef int wait(self, int timeout_ms) except -1
+    @cython.locals(ready=int, i=int, bit=int)
+    cdef int _ask(self) except -1
+    cdef void asked(self, int side)
+    cdef _drain_wake_pipe(self)

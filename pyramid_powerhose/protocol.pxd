@@ -1,0 +1,59 @@
+# C types for protocol.py when Cython compiles it (pure-Python mode): the
+# message classes become extension types, whose fields the broker core
+# reads as C struct members, and the functions the broker calls per
+# message are callable from C (cpdef), without a Python call.
+
+cdef class _Message:
+    pass
+
+
+cdef class Request(_Message):
+    cdef public bytes service
+    cdef public bytes job_id
+    cdef public object data
+    cdef public long long ttl_ms
+    cdef public object headers
+
+
+cdef class Reply(_Message):
+    cdef public bytes job_id
+    cdef public bint ok
+    cdef public object data
+    cdef public object code
+    cdef public object message
+    cdef public object exc_type
+    cdef public object traceback
+
+
+cdef class ClientMessage(_Message):
+    cdef public bytes address
+    cdef public bint extended
+    cdef public Request request
+    cdef public list body
+
+
+cdef class WorkerMessage(_Message):
+    cdef public bytes address
+    cdef public bytes command
+    cdef public bytes service
+    cdef public bint extended
+    cdef public int credit
+    cdef public bytes client
+    cdef public list body
+
+
+cdef class BrokerCommand(_Message):
+    cdef public bytes command
+    cdef public bytes client
+    cdef public Request request
+
+
+cpdef list encode_headers(headers)
+cpdef ClientMessage parse_frontend(list frames)
+cpdef list frontend_reply(ClientMessage msg, Reply reply)
+cpdef list frontend_worker_reply(ClientMessage msg, list body)
+cpdef list frontend_plain_reply(ClientMessage msg, list body)
+cpdef bint reply_frames_ok(list frames)
+cpdef WorkerMessage parse_backend(list frames)
+cpdef list backend_request(bytes address, bytes client, Request req, bint extended, body=*)
+cpdef list backend_command(bytes address, bytes command)
