@@ -41,10 +41,29 @@ PARENT_CHECK_INTERVAL = 0.05  # seconds: getppid() is a system call
 COMPILED = not __file__.endswith(".py")
 
 
+# glibc serves an allocation this large or larger with its own mmap, and
+# gives it back to the system when freed.  Left to itself, it raises that
+# bound to the size of the largest block freed, so that after a burst of
+# large jobs their frames come from (and stay in) the heap.
+MMAP_THRESHOLD = 256 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter, from glibc's malloc.h
+
+
+def give_large_frames_back():
+    """Fix glibc's mmap threshold, so that the memory of large jobs goes back
+    to the system once they are sent on; a no-op without glibc."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: its own malloc, its own policy
+        pass
+
+
 class Broker:
     """Binds the frontend and backend and runs the core until stopped."""
 
     def __init__(self, settings, context=None):
+        give_large_frames_back()
         self.settings = settings.replace(
             frontend=endpoints.resolve(settings.frontend, "frontend"),
             backend=endpoints.resolve(settings.backend, "backend"))

@@ -4,6 +4,8 @@
 # core's own methods call each other as C functions.  Events the loop calls
 # are cpdef (callable from Python too); internal steps are cdef.
 
+cimport cython
+
 from pyramid_powerhose.protocol cimport ClientMessage, Request, WorkerMessage
 
 
@@ -22,6 +24,7 @@ cdef class PendingJob:
     cdef public double received
     cdef public object deadline
     cdef public double sent
+    cdef public long long size
 
     cdef long long ttl_ms(self, double now)
 
@@ -44,10 +47,17 @@ cdef class Service:
     cdef public object idle
     cdef public object spare
     cdef public object queue
+    cdef public long long queued_bytes
     cdef public long done
     cdef public long failed
     cdef public object job_time
+    cdef public double last_used
 
+    cdef void push(self, PendingJob job)
+    cdef void push_front(self, list jobs)
+    cdef PendingJob pop(self)
+    cdef void keep(self, list jobs)
+    cdef void clear(self)
     cdef void ran(self, double seconds)
     cdef int capacity(self, WorkerRef worker)
 
@@ -68,6 +78,10 @@ cdef class BrokerCore:
     cdef object _plain_ids
     cdef list _out
     cdef long long _max_job_size
+    cdef long _max_queue
+    cdef long long _max_queue_bytes
+    cdef set _queued
+    cdef double _next_sweep
 
     cdef list _take(self)
     cdef void _to_client(self, list frames)
@@ -75,6 +89,7 @@ cdef class BrokerCore:
     cpdef int poll_timeout(self)
     cpdef bint drained(self)
     cpdef list client_message(self, list frames, double now)
+    cdef Service _service(self, bytes name, double now)
     cdef bytes mmi(self, ClientMessage msg, double now)
     cdef void _fail(self, ClientMessage msg, code, message)
     cpdef list worker_message(self, list frames, double now)
@@ -85,13 +100,16 @@ cdef class BrokerCore:
     cdef void _list_spare(self, WorkerRef worker)
     cdef void _send_job(self, WorkerRef worker, PendingJob job, double now)
     cdef void _disconnect(self, bytes address)
+    @cython.locals(svc=Service)
     cpdef list undelivered(self, list sends, double now)
     cpdef list bury_vanished(self, double now)
     cpdef list connection_closed(self, double now)
     cpdef list tick(self, double now)
     cdef void _expire_workers(self, double now)
     cdef void _expire_jobs(self, double now)
+    cdef void _forget_idle_services(self, double now)
     cdef void _send_heartbeats(self)
     cdef void _delete_worker(self, WorkerRef worker, double now, bint requeue=*)
     cdef void _serve_queue(self, Service svc, double now)
+    @cython.locals(svc=Service)
     cdef void _abandon_all(self)

@@ -26,12 +26,12 @@ from .exc import ProtocolError
 # Names, not protocol.NAME: compiled, a module global is a cached lookup,
 # a module's attribute a dictionary lookup every time.
 from .protocol import (
-    DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_TIMEOUT, ERR_TOO_LARGE,
+    DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_OVERLOADED, ERR_TIMEOUT, ERR_TOO_LARGE,
     ERR_WORKER_LOST, HEARTBEAT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED,
     MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, READY,
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
-    frontend_plain_reply, frontend_reply, frontend_worker_reply, parse_backend, parse_frontend,
-    reply_frames_ok,
+    frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
+    parse_backend, parse_frontend, reply_frames_ok,
 )
 
 log = logging.getLogger("pyramid_powerhose.broker")
@@ -48,6 +48,11 @@ PROBES = 4  # heartbeats sent 50 ms apart after a connection closed
 PROBE_INTERVAL = 0.05
 BUSY_POLL = 0.05  # seconds: how often the loop wakes while jobs wait or workers are probed
 
+# A service with no worker and no job waiting is forgotten this long after
+# its last use: clients may send any name, and each costs memory and stats.
+SERVICE_TTL = 10.0  # seconds
+SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
+
 
 def _name(service: bytes) -> str:
     """A service name for a message: clients may send any bytes."""
@@ -59,6 +64,17 @@ def _dropped(frames, sender, exc) -> list:
     log.warning("dropped malformed message from a %s (%d frames): %s",
                 sender, len(frames), exc)
     return []
+
+
+def _rejected(frames, exc) -> list:
+    """A client's malformed request: answered with ProtocolError at once when
+    it can be (rather than left to the client's timeout), else dropped."""
+    answer = frontend_rejection(frames, str(exc))
+    if answer is None:
+        return _dropped(frames, "client", exc)
+    log.warning("refused a malformed request from a client (%d frames): %s",
+                len(frames), exc)
+    return [_send_record(answer, False, None, None)]
 
 
 class Send:
@@ -94,12 +110,13 @@ def _send_record(frames, to_worker, worker, job) -> Send:
 class PendingJob:
     """A client's request, queued or in flight."""
 
-    __slots__ = ("msg", "received", "deadline", "sent")
+    __slots__ = ("msg", "received", "deadline", "sent", "size")
 
-    def __init__(self, msg, now):
+    def __init__(self, msg, now, size=0):
         self.msg = msg
         self.received = now
         self.sent = now
+        self.size = size  # bytes, as max_job_size and max_queue_bytes count them
         ttl = msg.request.ttl_ms
         self.deadline = now + ttl / 1000.0 if ttl else None
 
@@ -138,17 +155,46 @@ class Service:
     they are used only when no worker is idle.
     """
 
-    __slots__ = ("name", "workers", "idle", "spare", "queue", "done", "failed", "job_time")
+    __slots__ = ("name", "workers", "idle", "spare", "queue", "queued_bytes", "done",
+                 "failed", "job_time", "last_used")
 
-    def __init__(self, name):
+    def __init__(self, name, now=0.0):
         self.name = name
         self.workers = set()
         self.idle = deque()  # left: idle the longest
         self.spare = deque()
-        self.queue = deque()
+        self.queue = deque()  # only through push, push_front, pop, keep and clear
+        self.queued_bytes = 0
         self.done = 0
         self.failed = 0
         self.job_time = None  # moving average of job run times, seconds
+        self.last_used = now
+
+    def push(self, job: PendingJob):
+        self.queue.append(job)
+        self.queued_bytes += job.size
+
+    def push_front(self, jobs):
+        """Jobs back at the head of the queue, in their order."""
+        self.queue.extendleft(reversed(jobs))
+        for job in jobs:
+            self.queued_bytes += job.size
+
+    def pop(self) -> PendingJob:
+        job: PendingJob = self.queue.popleft()
+        self.queued_bytes -= job.size
+        return job
+
+    def keep(self, jobs):
+        """The queue becomes ``jobs`` (those of it still waiting)."""
+        self.queue = deque(jobs)
+        self.queued_bytes = 0
+        for job in jobs:
+            self.queued_bytes += job.size
+
+    def clear(self):
+        self.queue.clear()
+        self.queued_bytes = 0
 
     def ran(self, seconds):
         average = self.job_time
@@ -185,6 +231,10 @@ class BrokerCore:
         self._plain_ids = itertools.count(1)
         self._out: list[Send] = []
         self._max_job_size = settings.max_job_size
+        self._max_queue = settings.max_queue
+        self._max_queue_bytes = settings.max_queue_bytes
+        self._queued: set[Service] = set()  # services that may have jobs waiting
+        self._next_sweep = now + SERVICE_SWEEP_INTERVAL
 
     def _take(self) -> list[Send]:
         out, self._out = self._out, []
@@ -200,11 +250,8 @@ class BrokerCore:
 
     def poll_timeout(self) -> int:
         """Milliseconds the loop may sleep before the next tick is due."""
-        if self._probes_left or self.stopping_since is not None:
+        if self._probes_left or self.stopping_since is not None or self._queued:
             return int(BUSY_POLL * 1000)
-        for svc in self.services.values():
-            if svc.queue:
-                return int(BUSY_POLL * 1000)
         return int(self.heartbeat * 1000)
 
     def drained(self) -> bool:
@@ -214,7 +261,7 @@ class BrokerCore:
         for worker in self.workers.values():
             if worker.jobs:
                 return False
-        for svc in self.services.values():
+        for svc in self._queued:
             if svc.queue:
                 return False
         return True
@@ -228,6 +275,7 @@ class BrokerCore:
                 "idle": len(svc.workers) - busy,
                 "busy": busy,
                 "queued": len(svc.queue),
+                "queued_bytes": svc.queued_bytes,
                 "done": svc.done,
                 "failed": svc.failed,
                 "job_ms": None if svc.job_time is None else round(svc.job_time * 1000, 3),
@@ -249,7 +297,7 @@ class BrokerCore:
         try:
             msg = parse_frontend(frames)
         except ProtocolError as exc:
-            return _dropped(frames, "client", exc)
+            return _rejected(frames, exc)
         req: Request = msg.request
         service = req.service
         if service.startswith(MMI_PREFIX):
@@ -259,7 +307,7 @@ class BrokerCore:
             self._fail(msg, ERR_NO_WORKER,
                        f"broker at {self.settings.frontend} is shutting down; retry shortly")
             return self._take()
-        size = len(req.data)
+        size = job_size(req)
         if size > self._max_job_size:
             self._fail(msg, ERR_TOO_LARGE,
                        f"job of {size} bytes is larger than the broker's "
@@ -267,13 +315,27 @@ class BrokerCore:
             return self._take()
         if not msg.extended:
             req.job_id = b"mdp-%d" % next(self._plain_ids)
-        svc: Service = self.services.get(service)
-        if svc is None:
-            svc = self.services[service] = Service(service)
-        job: PendingJob = PendingJob(msg, now)
+        svc: Service = self._service(service, now)
+        job: PendingJob = PendingJob(msg, now, size)
         if svc.queue or not self._dispatch(svc, job, now):
-            svc.queue.append(job)
+            if len(svc.queue) >= self._max_queue or \
+                    svc.queued_bytes + size > self._max_queue_bytes:
+                self._fail(msg, ERR_OVERLOADED,
+                           f"the queue for {_name(service)!r} is full ({len(svc.queue)} jobs, "
+                           f"{svc.queued_bytes} bytes; max queue {self._max_queue} jobs, "
+                           f"{self._max_queue_bytes} bytes): retry later or add workers")
+            else:
+                svc.push(job)
+                self._queued.add(svc)
         return self._take()
+
+    def _service(self, name, now) -> Service:
+        """The service ``name``, created on first use; its use is noted."""
+        svc: Service = self.services.get(name)
+        if svc is None:
+            svc = self.services[name] = Service(name, now)
+        svc.last_used = now
+        return svc
 
     def mmi(self, msg, now) -> bytes:
         service = msg.request.service
@@ -334,9 +396,7 @@ class BrokerCore:
         return self._take()
 
     def _register(self, msg, now):
-        svc = self.services.get(msg.service)
-        if svc is None:
-            svc = self.services[msg.service] = Service(msg.service)
+        svc: Service = self._service(msg.service, now)
         worker = WorkerRef(msg.address, svc, msg.extended, msg.credit, now + self.liveness)
         self.workers[msg.address] = worker
         svc.workers.add(msg.address)
@@ -384,11 +444,13 @@ class BrokerCore:
         queue = svc.queue
         room = svc.capacity(worker)
         while queue and len(worker.jobs) < room:
-            job: PendingJob = queue.popleft()
+            job: PendingJob = svc.pop()
             if job.deadline is not None and job.deadline <= now:
                 self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
             else:
                 self._send_job(worker, job, now)
+        if not queue:
+            self._queued.discard(svc)
         if not worker.jobs:
             svc.idle.append(worker)
         else:
@@ -465,7 +527,8 @@ class BrokerCore:
                     pass
                 self.vanished.append(worker)
         for svc, jobs in requeue.items():
-            svc.queue.extendleft(reversed(jobs))
+            svc.push_front(jobs)
+            self._queued.add(svc)
             self._serve_queue(svc, now)
         return self._take()
 
@@ -508,6 +571,9 @@ class BrokerCore:
             self._expire_jobs(now)
             self._expire_workers(now)
             self._next_expiry = now + EXPIRY_INTERVAL
+            if now >= self._next_sweep:
+                self._forget_idle_services(now)
+                self._next_sweep = now + SERVICE_SWEEP_INTERVAL
         if now >= self._next_heartbeat:
             self._send_heartbeats()
             if self._probes_left:
@@ -529,10 +595,9 @@ class BrokerCore:
     def _expire_jobs(self, now):
         """Fail queued jobs past their deadline, or waiting for no worker."""
         no_worker = self.settings.no_worker_timeout
-        for svc in self.services.values():
-            if not svc.queue:
-                continue
-            keep = deque()
+        svc: Service
+        for svc in list(self._queued):
+            keep = []
             for job in svc.queue:
                 if job.deadline is not None and job.deadline <= now:
                     self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
@@ -543,7 +608,16 @@ class BrokerCore:
                                "with that --service?")
                 else:
                     keep.append(job)
-            svc.queue = keep
+            svc.keep(keep)
+            if not keep:
+                self._queued.discard(svc)
+
+    def _forget_idle_services(self, now):
+        """Services with no worker, no job waiting and no recent use go."""
+        idle = [name for name, svc in self.services.items()
+                if not svc.workers and not svc.queue and now - svc.last_used >= SERVICE_TTL]
+        for name in idle:
+            del self.services[name]
 
     def _timeout_message(self, job, now):
         return (f"job waited {now - job.received:.2f}s in the queue for "
@@ -561,8 +635,9 @@ class BrokerCore:
     def _delete_worker(self, worker: WorkerRef, now: float, requeue=False):
         """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
-        svc = worker.service
+        svc: Service = worker.service
         svc.workers.discard(worker.address)
+        svc.last_used = now
         try:
             svc.idle.remove(worker)
         except ValueError:
@@ -574,7 +649,8 @@ class BrokerCore:
             # An extended worker sends DISCONNECT only once it has answered
             # every job it started, so the jobs we still count crossed that
             # DISCONNECT on the wire and never ran.
-            svc.queue.extendleft(reversed(jobs))
+            svc.push_front(list(jobs))
+            self._queued.add(svc)
             self._serve_queue(svc, now)
         else:
             for job in jobs:
@@ -588,13 +664,15 @@ class BrokerCore:
         (credit beyond 1 is for when no worker is idle)."""
         queue, idle = svc.queue, svc.idle
         while queue and idle:
-            job = queue.popleft()
+            job = svc.pop()
             if job.deadline is not None and job.deadline <= now:
                 self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
                 continue
             worker = idle.popleft()
             self._send_job(worker, job, now)
             self._list_spare(worker)
+        if not queue:
+            self._queued.discard(svc)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -606,10 +684,11 @@ class BrokerCore:
             self.stopping_since = now
 
     def _abandon_all(self):
-        for svc in self.services.values():
+        for svc in self._queued:
             for job in svc.queue:
                 self._fail(job.msg, ERR_NO_WORKER, "broker stopped before the job ran")
-            svc.queue.clear()
+            svc.clear()
+        self._queued.clear()
         for worker in self.workers.values():
             for job in worker.jobs:
                 self._fail(job.msg, ERR_WORKER_LOST,

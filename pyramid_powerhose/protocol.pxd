@@ -50,6 +50,8 @@ cdef class BrokerCommand(_Message):
 
 cpdef list encode_headers(headers)
 cpdef ClientMessage parse_frontend(list frames)
+cpdef long long job_size(Request req) except -1
+cpdef frontend_rejection(list frames, message)
 cpdef list frontend_reply(ClientMessage msg, Reply reply)
 cpdef list frontend_worker_reply(ClientMessage msg, list body)
 cpdef list frontend_plain_reply(ClientMessage msg, list body)

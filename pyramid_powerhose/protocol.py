@@ -256,6 +256,37 @@ def parse_frontend(frames) -> ClientMessage:
     raise ProtocolError(f"unknown client header {header[:10]!r}")
 
 
+def job_size(req: Request) -> int:
+    """A job's size as ``max_job_size`` counts it: its data and its headers'
+    keys and values, encoded (the client checks it before sending, the
+    broker again on arrival)."""
+    size = len(req.data)
+    if req.headers:
+        for frame in encode_headers(req.headers):
+            size += len(frame)
+    return size
+
+
+def frontend_rejection(frames, message):
+    """An error reply (ProtocolError) to a request :func:`parse_frontend`
+    refused, or None when it cannot be answered (no client address, or, for
+    PHC01, no usable job id to answer to)."""
+    if len(frames) < 5 or frames[1] != b"":
+        return None
+    address, _, header, service = frames[:4]
+    service = service[:MAX_SERVICE_LENGTH]  # echo a bounded name, not what was sent
+    if header == EXT_CLIENT:
+        job_id = frames[4]
+        if not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
+            return None
+        reply = Reply.error(job_id, ERR_BAD_REQUEST, message)
+        return [address, b"", EXT_CLIENT, service, job_id, *reply.body()]
+    if header == MDP_CLIENT:
+        return [address, b"", MDP_CLIENT, service, STATUS_ERROR, ERR_BAD_REQUEST.encode(),
+                message.encode("utf-8", "replace")]
+    return None
+
+
 def frontend_reply(msg: ClientMessage, reply: Reply) -> list[bytes]:
     """The broker's reply to a client, in that client's dialect."""
     head = [msg.address, b""]

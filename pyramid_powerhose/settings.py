@@ -212,7 +212,15 @@ class Settings:
                                       help="seconds a job waits for a service that has no "
                                       "worker before NoWorkerError")
     max_job_size: int = option(16 * MiB, roles={"broker", "client", "cluster", "plugin"},
-                               convert=_whole, help="largest job data, in bytes")
+                               convert=_whole,
+                               help="largest job, in bytes: its data and headers together")
+    max_queue: int = option(10_000, roles={"broker", "cluster", "plugin"}, convert=_whole,
+                            help="jobs a service may have waiting in the broker; more fail "
+                            "at once with OverloadedError")
+    max_queue_bytes: int = option(128 * MiB, roles={"broker", "cluster", "plugin"},
+                                  convert=_whole,
+                                  help="bytes of jobs a service may have waiting in the "
+                                  "broker; more fail at once with OverloadedError")
     grace: float = option(10.0, roles={"broker", "cluster", "plugin"}, convert=_seconds,
                           help="seconds the broker gives accepted jobs to finish on SIGTERM")
     numprocesses: int = option(5, roles={"cluster", "plugin"}, convert=_whole, ini="workers",
@@ -267,6 +275,11 @@ class Settings:
             raise SettingsError("max_age must be -1 (never) or positive seconds")
         if self.max_job_size < 1:
             raise SettingsError("max_job_size must be a positive number of bytes")
+        if self.max_queue < 1:
+            raise SettingsError("max_queue must be at least 1 job")
+        if self.max_queue_bytes < self.max_job_size:
+            raise SettingsError(f"max_queue_bytes ({self.max_queue_bytes}) must be at least "
+                                f"max_job_size ({self.max_job_size}), or no large job could wait")
         if self.numprocesses < 0:
             raise SettingsError("numprocesses must be 0 or more")
         if self.cluster not in CLUSTER_MODES:

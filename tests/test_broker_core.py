@@ -35,6 +35,8 @@ def make_settings(**overrides):
         heartbeat=1.0,
         liveness=3,
         max_job_size=1000,
+        max_queue=100,
+        max_queue_bytes=100_000,
         no_worker_timeout=1.0,
         grace=10.0,
     )
@@ -719,17 +721,38 @@ def test_extended_client_and_worker_pass_results_and_errors_through():
     [b"addr", b"", p.MDP_CLIENT, SVC],  # no body
     [b"addr", b"x", p.MDP_CLIENT, SVC, b"body"],  # no empty delimiter
     [b"addr", b"", b"MDPC02", SVC, b"body"],  # unknown header
-    [b"addr", b"", p.MDP_CLIENT, b"", b"body"],  # empty service
-    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"100"],  # no data
-    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"-5", b"d"],  # bad ttl
-    [b"addr", b"", p.EXT_CLIENT, SVC, b"", b"5", b"d"],  # empty job id
-    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"5", b"d", b"key"],  # odd headers
+    [b"addr", b"", p.EXT_CLIENT, SVC, b"", b"5", b"d"],  # empty job id: nothing to answer to
+    [b"addr", b"", p.EXT_CLIENT, SVC, b"i" * 256, b"5", b"d"],  # job id too long
 ])
-def test_malformed_client_messages_are_dropped(frames):
+def test_malformed_client_messages_that_cannot_be_answered_are_dropped(frames):
     core = make_core()
     ready(core, 0.0, b"w")
     assert core.client_message(frames, 0.0) == []
     assert not core.workers[b"w"].jobs and service_stats(core)["queued"] == 0
+
+
+@pytest.mark.parametrize("frames", [
+    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"100"],  # no data
+    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"-5", b"d"],  # bad ttl
+    [b"addr", b"", p.EXT_CLIENT, SVC, b"1", b"5", b"d", b"key"],  # odd headers
+    [b"addr", b"", p.EXT_CLIENT, b"s" * 256, b"1", b"5", b"d"],  # service name too long
+    [b"addr", b"", p.EXT_CLIENT, b"", b"1", b"5", b"d"],  # empty service name
+])
+def test_malformed_requests_get_a_protocol_error_at_once(frames):
+    core = make_core()
+    ready(core, 0.0, b"w")
+    assert outcomes(core.client_message(frames, 0.0)) == [(b"addr", b"1", p.ERR_BAD_REQUEST)]
+    assert not core.workers[b"w"].jobs and service_stats(core)["queued"] == 0
+    assert set(core.services) == {SVC}  # a refused name is not kept
+
+
+@pytest.mark.parametrize("service", [b"", b"s" * 256])
+def test_a_plain_client_with_a_bad_service_name_gets_an_error_body(service):
+    core = make_core()
+    (send,) = core.client_message([b"addr", b"", p.MDP_CLIENT, service, b"body"], 0.0)
+    assert send.frames[:3] == [b"addr", b"", p.MDP_CLIENT]
+    assert send.frames[3] == service[:p.MAX_SERVICE_LENGTH]
+    assert send.frames[4:6] == [p.STATUS_ERROR, p.ERR_BAD_REQUEST.encode()]
 
 
 @pytest.mark.parametrize("frames", [
@@ -767,6 +790,100 @@ def test_job_larger_than_max_job_size_fails_with_job_too_large():
     plain = submit_plain(core, 0.0, b"plain", SVC, b"x" * 6, b"y" * 5)  # 11 bytes joined
     assert [s.frames[:6] for s in plain] == [
         [b"plain", b"", p.MDP_CLIENT, SVC, b"ERR", p.ERR_TOO_LARGE.encode()]]
+
+
+def test_headers_count_toward_max_job_size():
+    core = make_core(max_job_size=10)
+    ready(core, 0.0, b"w")
+    # 4 bytes of data and 6 of headers fit; one byte more does not.
+    assert dispatched(submit(core, 0.0, b"c", b"1", data=b"dddd", headers={"kk": "vvvv"})) == [
+        (b"w", b"1")]
+    sends = submit(core, 0.0, b"c", b"2", data=b"dddd", headers={"kk": "vvvvv"})
+    assert outcomes(sends) == [(b"c", b"2", p.ERR_TOO_LARGE)] and worker_sends(sends) == []
+    assert p.job_size(Request(SVC, b"1", b"dddd", 0, {"kk": "vvvvv", "é": "ü"})) == 4 + 7 + 4
+
+
+def test_a_full_queue_fails_new_jobs_with_overloaded_at_once():
+    core = make_core(max_queue=2, max_queue_bytes=100_000)
+    ready(core, 0.0, b"w")
+    assert dispatched(submit(core, 0.0, b"c", b"run")) == [(b"w", b"run")]
+    assert submit(core, 0.0, b"c", b"q1") == [] and submit(core, 0.0, b"c", b"q2") == []
+    assert outcomes(submit(core, 0.0, b"c", b"q3")) == [(b"c", b"q3", p.ERR_OVERLOADED)]
+    assert service_stats(core)["queued"] == 2 and service_stats(core)["failed"] == 1
+    # A place frees up as soon as the worker takes the next job.
+    assert dispatched(reply(core, 0.1, b"w", b"c", b"run")) == [(b"w", b"q1")]
+    assert submit(core, 0.1, b"c", b"q4") == []
+    assert service_stats(core, 0.1)["queued"] == 2
+
+
+def test_queued_bytes_are_bounded_and_given_back():
+    core = make_core(max_job_size=1100, max_queue=100, max_queue_bytes=2500)
+    ready(core, 0.0, b"w")
+    submit(core, 0.0, b"c", b"run", data=b"x" * 1000)
+    assert submit(core, 0.0, b"c", b"q1", data=b"x" * 1000) == []
+    assert submit(core, 0.0, b"c", b"q2", data=b"x" * 1000, headers={"k": "v"}) == []
+    assert service_stats(core)["queued_bytes"] == 2002
+    assert outcomes(submit(core, 0.0, b"c", b"big", data=b"x" * 499)) == [
+        (b"c", b"big", p.ERR_OVERLOADED)]
+    assert submit(core, 0.0, b"c", b"small", data=b"x" * 498) == []  # 2500 exactly
+    reply(core, 0.1, b"w", b"c", b"run")
+    assert service_stats(core, 0.1)["queued_bytes"] == 1500
+    # Requeued, expired and abandoned jobs keep the count true.
+    command(core, 0.2, b"w", p.DISCONNECT)  # extended: q1 goes back to the queue
+    assert service_stats(core, 0.2)["queued_bytes"] == 2500
+    core.tick(0.2 + 1.0)  # no worker for no_worker_timeout: all fail
+    assert service_stats(core, 1.2)["queued_bytes"] == 0
+
+
+def test_services_with_no_worker_and_no_job_are_forgotten():
+    from pyramid_powerhose.broker_core import SERVICE_TTL
+    core = make_core()
+    ready(core, 0.0, b"w")
+    for i in range(1000):  # names from a client, none of them served
+        outcomes(submit(core, 0.0, b"c", b"%d" % i, service=b"svc%d" % i))
+    core.tick(1.0)  # no worker: the jobs fail
+    assert len(core.services) == 1001
+    core.tick(SERVICE_TTL + 1.0)
+    assert set(core.services) == {SVC}  # the served one stays
+    assert set(core.stats(SERVICE_TTL + 1.0)["services"]) == {"svc"}
+    # A name in use is not forgotten: a job keeps waiting for a worker...
+    core = make_core(no_worker_timeout=100.0)
+    submit(core, 0.0, b"c", b"1", service=b"waits")
+    core.tick(SERVICE_TTL + 1.0)
+    assert b"waits" in core.services
+    # ...and a worker that leaves keeps its service's stats a while.
+    core = make_core()
+    ready(core, 0.0, b"w")
+    command(core, 5.0, b"w", p.DISCONNECT)
+    core.tick(5.0 + SERVICE_TTL - 0.5)
+    assert SVC in core.services
+    core.tick(5.0 + SERVICE_TTL + 1.5)
+    assert SVC not in core.services
+
+
+def test_the_loop_does_not_look_at_every_service_ever_seen():
+    core = make_core(no_worker_timeout=100.0)
+    ready(core, 0.0, b"w")
+    for i in range(500):
+        core.services[b"idle%d" % i] = Poison(b"idle%d" % i)
+    submit(core, 0.0, b"c", b"1")
+    submit(core, 0.0, b"c", b"2")  # queued
+    assert core.poll_timeout() < 1000 * core.heartbeat  # a job waits: a short sleep
+    core.tick(0.5)
+    assert not core.drained()
+    reply(core, 0.6, b"w", b"c", b"1")
+    reply(core, 0.7, b"w", b"c", b"2")
+    assert core.poll_timeout() == 1000 * core.heartbeat
+
+
+class Poison:
+    """A service the loop must not touch between sweeps: any attribute raises."""
+
+    def __init__(self, name):
+        object.__setattr__(self, "_name", name)
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the loop looked at service {self._name!r}")
 
 
 def test_jobs_while_stopping_fail_with_no_worker():
@@ -832,7 +949,7 @@ def test_stats_after_a_scripted_sequence():
         "frontend": "ipc:///tmp/x/front.sock", "backend": "ipc:///tmp/x/back.sock",
         "stopping": False,
         "services": {"svc": {"workers": 3, "idle": 3, "busy": 0, "queued": 0,
-                             "done": 0, "failed": 0, "job_ms": None}},
+                             "queued_bytes": 0, "done": 0, "failed": 0, "job_ms": None}},
     }
     submit(core, 11.0, b"cl", b"1")  # a
     reply(core, 11.010, b"a", b"cl", b"1")  # 10 ms
@@ -851,7 +968,8 @@ def test_stats_after_a_scripted_sequence():
     stats = core.stats(15.25)
     assert stats["uptime"] == 5.25 and stats["stopping"] is False
     assert stats["services"] == {"svc": {"workers": 3, "idle": 0, "busy": 3, "queued": 1,
-                                         "done": 1, "failed": 2, "job_ms": 20.0}}
+                                         "queued_bytes": len(b"data"), "done": 1, "failed": 2,
+                                         "job_ms": 20.0}}
     core.request_stop(16.0)
     assert core.stats(16.0)["stopping"] is True
 
