@@ -6,7 +6,11 @@
 
 cimport cython
 
-from pyramid_powerhose.protocol cimport ClientMessage, Request, WorkerMessage
+from pyramid_powerhose.protocol cimport (
+    ClientMessage, Request, WorkerMessage, backend_command, backend_request,
+    frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
+    parse_backend, parse_frontend, reply_frames_ok,
+)
 
 
 cdef class Send:

@@ -99,7 +99,7 @@ class Send:
 
 def _send_record(frames, to_worker, worker, job) -> Send:
     """A Send without a call to its constructor: compiled, a C function."""
-    send = Send.__new__(Send)
+    send: Send = Send.__new__(Send)
     send.frames = frames
     send.to_worker = to_worker
     send.worker = worker
