@@ -38,6 +38,7 @@ cdef class Broker:
 cdef class _Readiness:
     cdef tuple sockets
     cdef public int stale
+    cdef public bint stop_signalled
     cdef object poll
     cdef dict slot
     cdef int wake_r, wake_w

@@ -161,7 +161,7 @@ class Broker:
                     self._drain(BACKEND)
                 self._send(core.bury_vanished(monotonic()))
             now = monotonic()
-            if self._stop_signalled or self._parent_gone(now):
+            if self._stop_signalled or waiting.stop_signalled or self._parent_gone(now):
                 core.request_stop(now)
             self._send(core.tick(now))
             if core.drained():
@@ -228,6 +228,7 @@ class Broker:
 
 
 FRONTEND, BACKEND, MONITOR = 1, 2, 4  # bits of _Readiness.wait()'s answer
+STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
 
 
 class _Readiness:
@@ -246,6 +247,7 @@ class _Readiness:
     def __init__(self, sockets):
         self.sockets = sockets
         self.stale = FRONTEND | BACKEND | MONITOR  # bits: used (or fired) since last asked
+        self.stop_signalled = False
         self.poll = select.poll()
         self.slot = {}
         for i, sock in enumerate(sockets):
@@ -291,9 +293,19 @@ class _Readiness:
         self.stale &= ~side
 
     def _drain_wake_pipe(self):
+        """Read the numbers of the signals that came.
+
+        Compiled, the loop runs no bytecode, so CPython may not run a
+        signal's Python handler until much later: SIGTERM and SIGINT are
+        seen here, in the bytes the C handler wrote, as soon as they wake
+        the loop."""
         try:
-            while os.read(self.wake_r, 512):
-                pass
+            while True:
+                signals = os.read(self.wake_r, 512)
+                if not signals:
+                    return
+                if STOP_SIGNALS.intersection(signals):
+                    self.stop_signalled = True
         except BlockingIOError:
             pass
 
