@@ -7,7 +7,7 @@ from pyramid_powerhose.broker_core cimport BrokerCore, Send
 cimport cython
 
 cdef int BATCH
-cdef int FRONTEND, BACKEND, MONITOR
+cdef int FRONTEND, BACKEND, MONITOR, ZAP
 
 
 cdef class Broker:
@@ -17,6 +17,9 @@ cdef class Broker:
     cdef public object frontend
     cdef public object backend
     cdef public object monitor
+    cdef public object zap
+    cdef public object allow
+    cdef object _curve_pair
     cdef public tuple sockets
     cdef bint _own_context
     cdef list _locks
@@ -31,6 +34,7 @@ cdef class Broker:
     cdef _drain(self, int side)
     @cython.locals(waiting=_Readiness, out=Send)
     cdef _send(self, list sends)
+    cdef _answer_zap(self)
     cdef _read_monitor(self)
     cdef bint _parent_gone(self, double now) except -1
 

@@ -22,10 +22,10 @@ from time import monotonic
 
 import zmq
 
-from . import endpoints
+from . import curve, endpoints
 from .multipart import NOBLOCK, readable, recv, send
 from .broker_core import BrokerCore, Send
-from .exc import DuplicateBrokerError
+from .exc import DuplicateBrokerError, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,16 @@ class Broker:
         self.settings = settings.replace(
             frontend=endpoints.resolve(settings.frontend, "frontend"),
             backend=endpoints.resolve(settings.backend, "backend"))
+        curve.check_exposure(self.settings)
+        self._curve_pair = None
+        self.allow = None
+        if settings.curve_secret:
+            curve.require_curve()
+            if not settings.curve_allow:
+                raise SettingsError("curve_secret needs curve_allow: the directory of the "
+                                    "clients' and workers' public keys the broker accepts")
+            self._curve_pair = curve.load_pair(settings.curve_secret)
+            self.allow = curve.AllowList(settings.curve_allow, monotonic())
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.core = BrokerCore(self.settings, monotonic(), os.getpid())
@@ -75,7 +85,7 @@ class Broker:
         self._readiness = None
         self._parent = os.getppid() if settings.exit_with_parent else None
         self._next_parent_check = 0.0
-        self.frontend = self.backend = self.monitor = None
+        self.frontend = self.backend = self.monitor = self.zap = None
         self.sockets = ()
 
     # -- life cycle -----------------------------------------------------------
@@ -87,6 +97,11 @@ class Broker:
             fd = endpoints.lock(endpoint, name)
             if fd is not None:
                 self._locks.append(fd)
+        if self.allow is not None:
+            # Bound before any CURVE socket: libzmq asks it during every handshake.
+            self.zap = self.context.socket(zmq.REP)
+            self.zap.linger = 0
+            self.zap.bind(curve.ZAP_ENDPOINT)
         self.frontend = self._bind_router(s.frontend, "frontend")
         self.backend = self._bind_router(s.backend, "backend")
         # Sending to a worker that went away must fail, not vanish: that is
@@ -94,13 +109,19 @@ class Broker:
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sockets = (self.frontend, self.backend, self.monitor)
-        log.info("broker pid %d: frontend %s, backend %s, heartbeat %.2fs (%s)",
+        if self.zap is not None:
+            self.sockets += (self.zap,)
+        log.info("broker pid %d: frontend %s, backend %s, heartbeat %.2fs (%s%s)",
                  os.getpid(), s.frontend, s.backend, s.heartbeat,
-                 "compiled" if COMPILED else "pure Python")
+                 "compiled" if COMPILED else "pure Python",
+                 f"; CURVE, {len(self.allow.keys)} keys allowed by {s.curve_allow}"
+                 if self.allow is not None else "")
 
     def _bind_router(self, endpoint, name):
         sock = self.context.socket(zmq.ROUTER)
         sock.linger = 1000
+        if self._curve_pair is not None:
+            curve.serve(sock, self._curve_pair)
         # Per-frame hard cap; jobs between max_job_size and this get a clear
         # JobTooLargeError, larger frames cost the sender its connection.
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.settings.max_job_size + 65536)
@@ -119,10 +140,10 @@ class Broker:
         """Close the sockets, once the last replies have left (up to 1 s)."""
         if self.backend is not None:
             self.backend.disable_monitor()
-        for sock in (self.monitor, self.frontend, self.backend):
+        for sock in (self.monitor, self.frontend, self.backend, self.zap):
             if sock is not None:
                 sock.close()
-        self.frontend = self.backend = self.monitor = None
+        self.frontend = self.backend = self.monitor = self.zap = None
         if self._own_context:
             # Without term() a process exiting right after a final reply
             # can take that reply with it.
@@ -155,12 +176,16 @@ class Broker:
             if ready & MONITOR:
                 self._read_monitor()
                 self._send(core.connection_closed(monotonic()))
+            if ready & ZAP:
+                self._answer_zap()
             if core.vanished:
                 # Read the vanished workers' last words before the core decides.
                 while readable(self.backend):
                     self._drain(BACKEND)
                 self._send(core.bury_vanished(monotonic()))
             now = monotonic()
+            if self.allow is not None:
+                self.allow.refresh(now)
             if self._stop_signalled or waiting.stop_signalled or self._parent_gone(now):
                 core.request_stop(now)
             self._send(core.tick(now))
@@ -208,6 +233,16 @@ class Broker:
                     failed.append(out)
             sends = self.core.undelivered(failed, monotonic()) if failed else None
 
+    def _answer_zap(self):
+        """Whether a peer may connect: the allow-list decides (ZAP, RFC 27)."""
+        self._readiness.stale |= ZAP
+        while True:
+            try:
+                frames = recv(self.zap, NOBLOCK)
+            except zmq.Again:
+                return
+            send(self.zap, self.allow.answer(frames))
+
     def _read_monitor(self):
         self._readiness.stale |= MONITOR
         while True:
@@ -227,7 +262,7 @@ class Broker:
         return False
 
 
-FRONTEND, BACKEND, MONITOR = 1, 2, 4  # bits of _Readiness.wait()'s answer
+FRONTEND, BACKEND, MONITOR, ZAP = 1, 2, 4, 8  # bits of _Readiness.wait()'s answer
 STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
 
 
@@ -246,7 +281,7 @@ class _Readiness:
 
     def __init__(self, sockets):
         self.sockets = sockets
-        self.stale = FRONTEND | BACKEND | MONITOR  # bits: used (or fired) since last asked
+        self.stale = (1 << len(sockets)) - 1  # bits: used (or fired) since last asked
         self.stop_signalled = False
         self.poll = select.poll()
         self.slot = {}
@@ -279,7 +314,7 @@ class _Readiness:
         """Ask the stale sockets; those with a message stay stale, since
         the loop is about to use them."""
         ready = 0
-        for i in range(3):
+        for i in range(len(self.sockets)):
             bit = 1 << i
             if self.stale & bit:
                 if readable(self.sockets[i]):

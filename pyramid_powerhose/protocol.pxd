@@ -42,6 +42,14 @@ cdef class WorkerMessage(_Message):
     cdef public list body
 
 
+cdef class ZapRequest(_Message):
+    cdef public bytes request_id
+    cdef public bytes domain
+    cdef public bytes address
+    cdef public bytes mechanism
+    cdef public bytes key
+
+
 cdef class BrokerCommand(_Message):
     cdef public bytes command
     cdef public bytes client

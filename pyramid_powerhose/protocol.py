@@ -444,3 +444,44 @@ def parse_broker_command(frames) -> BrokerCommand:
     if command in (HEARTBEAT, DISCONNECT):
         return BrokerCommand(command)
     raise ProtocolError(f"unexpected command {command[:4]!r} from broker")
+
+
+# -- 27/ZAP: libzmq asks the broker whether a peer may connect ---------------
+
+
+ZAP_VERSION = b"1.0"
+
+
+class ZapRequest(_Message):
+    """What libzmq asks during a handshake (RFC 27): ``key`` is the peer's
+    CURVE public key (32 bytes), empty for other mechanisms."""
+
+    __slots__ = ("request_id", "domain", "address", "mechanism", "key")
+    _fields = __slots__
+
+    def __init__(self, request_id, domain, address, mechanism, key):
+        self.request_id = request_id
+        self.domain = domain
+        self.address = address
+        self.mechanism = mechanism
+        self.key = key
+
+
+def parse_zap_request(frames) -> ZapRequest:
+    """[version, request id, domain, address, identity, mechanism, credentials...]."""
+    if len(frames) < 6 or frames[0] != ZAP_VERSION:
+        raise ProtocolError(f"not a ZAP 1.0 request ({len(frames)} frames)")
+    mechanism = frames[5]
+    key = b""
+    if mechanism == b"CURVE":
+        if len(frames) != 7 or len(frames[6]) != 32:
+            raise ProtocolError("a CURVE ZAP request carries one 32-byte key")
+        key = frames[6]
+    return ZapRequest(frames[1], frames[2], frames[3], mechanism, key)
+
+
+def zap_reply(request_id: bytes, allowed: bool, user_id: bytes = b"") -> list[bytes]:
+    """[version, request id, status code, status text, user id, metadata]."""
+    if allowed:
+        return [ZAP_VERSION, request_id, b"200", b"OK", user_id, b""]
+    return [ZAP_VERSION, request_id, b"400", b"key not allowed", b"", b""]

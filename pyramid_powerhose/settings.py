@@ -238,6 +238,21 @@ class Settings:
         to_text=format_params, default_factory=dict, shown="none",
         help="read back by pyramid_powerhose.get_params(); on the command line "
         "'key:value|key2:value2', in an ini file one powerhose.params.NAME per key")
+    curve_secret: str = option("", roles={"broker", "worker", "client", "plugin"},
+                               convert=_text, shown="none: no CURVE",
+                               help="this process's CURVE key pair, a .key_secret file of "
+                               "mode 0600 ('powerhose keys' writes them): encrypt and "
+                               "authenticate the connections to or from the broker")
+    curve_broker: str = option("", roles={"worker", "client", "plugin"}, convert=_text,
+                               shown="none",
+                               help="the broker's public key, a .key file: with "
+                               "curve_secret, connect to that broker only")
+    curve_allow: str = option("", roles={"broker"}, convert=_text, shown="none",
+                              help="a directory of .key files: the clients and workers the "
+                              "broker accepts (read again within seconds of a change)")
+    insecure: bool = option(False, roles={"broker"}, convert=_flag,
+                            help="let the broker bind a tcp address other hosts can reach "
+                            "without CURVE (only on a trusted network)")
     exit_with_parent: bool = option(False, roles={"broker", "worker", "cluster"},
                                     convert=_flag,
                                     help="stop (as on SIGTERM) when the parent process "
@@ -282,6 +297,12 @@ class Settings:
                                 f"max_job_size ({self.max_job_size}), or no large job could wait")
         if self.numprocesses < 0:
             raise SettingsError("numprocesses must be 0 or more")
+        if bool(self.curve_broker) and not self.curve_secret:
+            raise SettingsError("curve_broker needs curve_secret (this process's own key "
+                                "pair) too")
+        if self.curve_allow and not self.curve_secret:
+            raise SettingsError("curve_allow needs curve_secret (the broker's own key pair) "
+                                "too")
         if self.cluster not in CLUSTER_MODES:
             raise SettingsError(f"cluster must be one of {', '.join(CLUSTER_MODES)}, "
                                 f"got {self.cluster!r}")

@@ -7,7 +7,7 @@ import sys
 from .. import logs
 from ..broker import Broker
 from ..client import Client
-from ..exc import DuplicateBrokerError
+from ..exc import DuplicateBrokerError, SettingsError
 from ..settings import add_arguments, from_arguments
 from . import parse_or_exit
 
@@ -37,6 +37,9 @@ def main(argv=None):
         log.error("%s", exc)
         print(f"powerhose-broker: {exc}", file=sys.stderr)
         return 1
+    except SettingsError as exc:  # found when the broker starts: keys, exposure
+        print(f"powerhose-broker: {exc}", file=sys.stderr)
+        return 2
     log.info("broker stopped")
     return 0
 

@@ -29,6 +29,10 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:  # powerhose keys DIR NAME...
+        from . import keys
+        return keys.main(argv[1:])
     parser = make_parser()
     args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "cluster"), argv)
     logs.configure(settings.logfile, settings.debug)
