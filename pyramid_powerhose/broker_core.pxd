@@ -43,6 +43,7 @@ cdef class WorkerRef:
     cdef public bint spare
     cdef public bint vanished
     cdef public double last_reply
+    cdef public bint paused
 
 
 cdef class Service:
@@ -98,6 +99,7 @@ cdef class BrokerCore:
     cdef void _fail(self, ClientMessage msg, code, message)
     cpdef list worker_message(self, list frames, double now)
     cdef void _register(self, WorkerMessage msg, double now)
+    cdef void _pause(self, WorkerRef worker, bint paused, double now)
     cdef void _reply(self, WorkerRef worker, WorkerMessage msg, double now)
     cdef void _worker_ready(self, WorkerRef worker, double now)
     cdef bint _dispatch(self, Service svc, PendingJob job, double now)

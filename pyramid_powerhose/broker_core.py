@@ -28,7 +28,7 @@ from .exc import ProtocolError
 from .protocol import (
     DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_OVERLOADED, ERR_TIMEOUT, ERR_TOO_LARGE,
     ERR_WORKER_LOST, HEARTBEAT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED,
-    MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, READY,
+    MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, PAUSE, READY, RESUME,
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
     parse_backend, parse_frontend, reply_frames_ok,
@@ -134,7 +134,7 @@ class WorkerRef:
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
-                 "vanished", "last_reply")
+                 "vanished", "last_reply", "paused")
 
     def __init__(self, address, service, extended, credit, expiry):
         self.address = address
@@ -146,6 +146,7 @@ class WorkerRef:
         self.spare = False  # listed in service.spare
         self.vanished = False  # a send to it failed: its connection is gone
         self.last_reply = 0.0
+        self.paused = False  # running another broker's job: send it nothing
 
 
 class Service:
@@ -269,7 +270,11 @@ class BrokerCore:
     def stats(self, now) -> dict:
         services = {}
         for svc in self.services.values():
-            busy = sum(1 for w in svc.workers if self.workers[w].jobs)
+            busy = 0
+            for address in svc.workers:
+                worker: WorkerRef = self.workers[address]
+                if worker.jobs or worker.paused:  # paused: busy with another broker
+                    busy += 1
             services[_name(svc.name)] = {
                 "workers": len(svc.workers),
                 "idle": len(svc.workers) - busy,
@@ -393,7 +398,29 @@ class BrokerCore:
         elif command == DISCONNECT:
             if worker is not None:
                 self._delete_worker(worker, now, requeue=worker.extended)
+        elif command == PAUSE or command == RESUME:
+            if worker is None or not worker.extended:
+                self._disconnect(msg.address)  # unexpected: as for HEARTBEAT
+            else:
+                worker.expiry = now + self.liveness
+                self._pause(worker, command == PAUSE, now)
         return self._take()
+
+    def _pause(self, worker: WorkerRef, paused, now):
+        """A worker busy elsewhere gets no job until it resumes; jobs it
+        already holds stay its own."""
+        if worker.paused == paused:
+            return
+        worker.paused = paused
+        if paused:
+            try:
+                worker.service.idle.remove(worker)
+            except ValueError:
+                pass
+        elif not worker.jobs:
+            self._worker_ready(worker, now)
+        else:
+            self._list_spare(worker)
 
     def _register(self, msg, now):
         svc: Service = self._service(msg.service, now)
@@ -438,7 +465,7 @@ class BrokerCore:
 
     def _worker_ready(self, worker: WorkerRef, now: float):
         """A worker has room: give it the oldest live jobs, or put it in line."""
-        if worker.vanished:
+        if worker.vanished or worker.paused:
             return
         svc: Service = worker.service
         queue = svc.queue
@@ -469,7 +496,8 @@ class BrokerCore:
         while spare:
             worker = spare.popleft()
             worker.spare = False
-            if worker.vanished or self.workers.get(worker.address) is not worker or \
+            if worker.vanished or worker.paused or \
+                    self.workers.get(worker.address) is not worker or \
                     not 0 < len(worker.jobs) < svc.capacity(worker):
                 continue  # went idle or away since it was listed, or jobs got long
             self._send_job(worker, job, now)

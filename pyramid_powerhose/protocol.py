@@ -24,7 +24,12 @@ REQUEST = b"\x02"
 REPLY = b"\x03"
 HEARTBEAT = b"\x04"
 DISCONNECT = b"\x05"
-WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT}
+# Extension (powerhose/1 workers only): a worker registered with several
+# brokers runs one job at a time; while it runs one broker's job it tells
+# the others to send it nothing (PAUSE), then that it has room again (RESUME).
+PAUSE = b"\x06"
+RESUME = b"\x07"
+WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME}
 
 # -- 8/MMI -----------------------------------------------------------------
 MMI_PREFIX = b"mmi."
@@ -369,9 +374,9 @@ def parse_backend(frames) -> WorkerMessage:
         if len(frames) < 7 or frames[5] != b"":
             raise ProtocolError("REPLY needs client address, empty frame, body")
         return WorkerMessage(address, command, client=frames[4], body=frames[6:])
-    if command in (HEARTBEAT, DISCONNECT):
+    if command in (HEARTBEAT, DISCONNECT, PAUSE, RESUME):
         if len(frames) != 4:
-            raise ProtocolError("HEARTBEAT and DISCONNECT take no body")
+            raise ProtocolError("HEARTBEAT, DISCONNECT, PAUSE and RESUME take no body")
         return WorkerMessage(address, command)
     raise ProtocolError(f"unknown worker command {command[:4]!r}")
 

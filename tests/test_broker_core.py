@@ -778,6 +778,41 @@ def test_malformed_worker_messages_are_dropped(frames):
     assert len(core.workers[b"w"].jobs) == 1 and len(core.workers) == 1
 
 
+# -- a worker of several brokers: PAUSE and RESUME ---------------------------------------------
+
+
+def test_a_paused_worker_gets_no_job_until_it_resumes():
+    core = make_core()
+    ready(core, 0.0, b"w1", credit=2)
+    ready(core, 0.0, b"w2", credit=2)
+    assert command(core, 0.1, b"w1", p.PAUSE) == []
+    assert service_stats(core, 0.1)["busy"] == 1  # busy elsewhere
+    assert dispatched(submit(core, 0.2, b"c", b"1")) == [(b"w2", b"1")]
+    assert submit(core, 0.2, b"c", b"2") == []  # w2 busy, w1 paused: it waits
+    assert dispatched(command(core, 0.3, b"w1", p.RESUME)) == [(b"w1", b"2")]
+    assert command(core, 0.3, b"w1", p.RESUME) == []  # twice: nothing more
+
+
+def test_a_worker_paused_while_holding_a_job_finishes_it_then_waits():
+    core = make_core()
+    ready(core, 0.0, b"w")
+    assert dispatched(submit(core, 0.0, b"c", b"1")) == [(b"w", b"1")]
+    command(core, 0.1, b"w", p.PAUSE)
+    submit(core, 0.1, b"c", b"2")
+    sends = reply(core, 0.2, b"w", b"c", b"1")
+    assert outcomes(sends) == [(b"c", b"1", "OK")] and dispatched(sends) == []
+    assert dispatched(command(core, 0.3, b"w", p.RESUME)) == [(b"w", b"2")]
+
+
+@pytest.mark.parametrize("register", [None, ready_plain])
+def test_pause_from_an_unknown_or_plain_worker_costs_it_its_place(register):
+    core = make_core()
+    if register:
+        register(core, 0.0, b"w")
+    sends = command(core, 0.1, b"w", p.PAUSE)
+    assert [s.frames for s in sends] == [[b"w", b"", p.MDP_WORKER, p.DISCONNECT]]
+
+
 # -- refused jobs ----------------------------------------------------------------------------
 
 
