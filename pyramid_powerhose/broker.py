@@ -79,7 +79,8 @@ class Broker:
             self.allow = curve.AllowList(settings.curve_allow, monotonic())
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.core = BrokerCore(self.settings, monotonic(), os.getpid())
+        self.core = BrokerCore(self.settings, monotonic(), os.getpid(),
+                               "compiled" if COMPILED else "pure Python")
         self._locks = []
         self._stop_signalled = False
         self._readiness = None

@@ -23,6 +23,28 @@ cdef class Send:
 cdef Send _send_record(list frames, bint to_worker, worker, job)
 
 
+cdef double _BOUNDS[18]  # len(BUCKETS)
+cdef int _NBOUNDS
+
+
+cdef class Histogram:
+    cdef public list counts
+    cdef public double total
+    cdef public long count
+
+    @cython.locals(i=int)
+    cpdef void observe(self, double seconds)
+
+
+cdef class Rate:
+    cdef public list slots
+    cdef public long second
+
+    cdef void _advance(self, long second)
+    cpdef void add(self, double now)
+    cpdef double per_second(self, double now)
+
+
 cdef class PendingJob:
     cdef public ClientMessage msg
     cdef public double received
@@ -44,6 +66,9 @@ cdef class WorkerRef:
     cdef public bint vanished
     cdef public double last_reply
     cdef public bint paused
+    cdef public double registered
+    cdef public long jobs_done
+    cdef public object last_job
 
 
 cdef class Service:
@@ -57,6 +82,13 @@ cdef class Service:
     cdef public long failed
     cdef public object job_time
     cdef public double last_used
+    cdef public dict outcomes
+    cdef public Histogram wait
+    cdef public Histogram run
+    cdef public Histogram total
+    cdef public Rate rate
+
+    cdef void ended(self, code, double now)
 
     cdef void push(self, PendingJob job)
     cdef void push_front(self, list jobs)
@@ -70,6 +102,8 @@ cdef class Service:
 cdef class BrokerCore:
     cdef public object settings
     cdef public long pid
+    cdef public object engine
+    cdef public dict counters
     cdef public double started
     cdef public dict services
     cdef public dict workers

@@ -54,6 +54,76 @@ SERVICE_TTL = 10.0  # seconds
 SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
 
 
+# Upper bounds, in seconds, of the histograms' buckets (Prometheus' "le"),
+# from a tenth of a millisecond (a job of a token server) to a minute.
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+           0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_WINDOW = 60  # seconds over which jobs/s is counted
+# The same bounds, compiled: a C array (broker_core.pxd), compared without objects.
+_BOUNDS = BUCKETS
+_NBOUNDS = len(BUCKETS)
+
+
+class Histogram:
+    """Counts of durations by bucket, their sum and count: what an exporter
+    needs to serve a Prometheus histogram, and percentiles can be read from."""
+
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self):
+        self.counts = [0] * (len(BUCKETS) + 1)  # the last: above every bound
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds):
+        i = 0
+        while i < _NBOUNDS and seconds > _BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += seconds
+        self.count += 1
+
+    def snapshot(self) -> dict:
+        """Cumulative, as Prometheus has them: [[le, count of values <= le], ...]."""
+        buckets = []
+        running = 0
+        for bound, count in zip(BUCKETS, self.counts):
+            running += count
+            buckets.append([bound, running])
+        buckets.append(["+Inf", self.count])
+        return {"buckets": buckets, "sum": round(self.total, 6), "count": self.count}
+
+
+class Rate:
+    """Events per second over the last RATE_WINDOW seconds, one counter a second."""
+
+    __slots__ = ("slots", "second")
+
+    def __init__(self, now):
+        self.slots = [0] * RATE_WINDOW
+        self.second = int(now)
+
+    def _advance(self, second):
+        if second - self.second >= RATE_WINDOW:
+            self.slots = [0] * RATE_WINDOW
+        else:
+            for s in range(self.second + 1, second + 1):
+                self.slots[s % RATE_WINDOW] = 0
+        self.second = second
+
+    def add(self, now):
+        second = int(now)
+        if second > self.second:
+            self._advance(second)
+        self.slots[second % RATE_WINDOW] += 1
+
+    def per_second(self, now) -> float:
+        second = int(now)
+        if second > self.second:
+            self._advance(second)
+        return sum(self.slots) / RATE_WINDOW
+
+
 def _name(service: bytes) -> str:
     """A service name for a message: clients may send any bytes."""
     return service.decode("utf-8", "replace")
@@ -134,7 +204,7 @@ class WorkerRef:
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
-                 "vanished", "last_reply", "paused")
+                 "vanished", "last_reply", "paused", "registered", "jobs_done", "last_job")
 
     def __init__(self, address, service, extended, credit, expiry):
         self.address = address
@@ -147,6 +217,9 @@ class WorkerRef:
         self.vanished = False  # a send to it failed: its connection is gone
         self.last_reply = 0.0
         self.paused = False  # running another broker's job: send it nothing
+        self.registered = 0.0
+        self.jobs_done = 0
+        self.last_job = None  # seconds the last job ran
 
 
 class Service:
@@ -157,7 +230,8 @@ class Service:
     """
 
     __slots__ = ("name", "workers", "idle", "spare", "queue", "queued_bytes", "done",
-                 "failed", "job_time", "last_used")
+                 "failed", "job_time", "last_used", "outcomes", "wait", "run", "total",
+                 "rate")
 
     def __init__(self, name, now=0.0):
         self.name = name
@@ -170,6 +244,20 @@ class Service:
         self.failed = 0
         self.job_time = None  # moving average of job run times, seconds
         self.last_used = now
+        self.outcomes = {}  # error code: jobs that failed so (those that did not: done)
+        self.wait = Histogram()  # seconds from arrival to a worker
+        self.run = Histogram()  # seconds on the worker
+        self.total = Histogram()  # seconds from arrival to the result
+        self.rate = Rate(now)  # jobs ended, per second
+
+    def ended(self, code, now):
+        """A job ran on a worker: ``code`` is None if it succeeded."""
+        if code is None:
+            self.done += 1
+        else:
+            self.failed += 1
+            self.outcomes[code] = self.outcomes.get(code, 0) + 1
+        self.rate.add(now)
 
     def push(self, job: PendingJob):
         self.queue.append(job)
@@ -216,9 +304,13 @@ class BrokerCore:
     (named in messages and stats).  ``pid`` is what ``mmi.ping`` answers.
     """
 
-    def __init__(self, settings, now, pid=0):
+    def __init__(self, settings, now, pid=0, engine=""):
         self.settings = settings
         self.pid = pid
+        self.engine = engine  # named in the stats: "compiled" or "pure Python"
+        # Workers that registered, and how each one went: said DISCONNECT,
+        # connection closed without a word, missed its heartbeats.
+        self.counters = {"registered": 0, "left": 0, "lost": 0, "expired": 0}
         self.started = now
         self.services: dict[bytes, Service] = {}
         self.workers: dict[bytes, WorkerRef] = {}
@@ -284,14 +376,36 @@ class BrokerCore:
                 "done": svc.done,
                 "failed": svc.failed,
                 "job_ms": None if svc.job_time is None else round(svc.job_time * 1000, 3),
+                "outcomes": {**({"OK": svc.done} if svc.done else {}), **svc.outcomes},
+                "jobs_per_second": round(svc.rate.per_second(now), 3),
+                "wait_seconds": svc.wait.snapshot(),
+                "run_seconds": svc.run.snapshot(),
+                "total_seconds": svc.total.snapshot(),
             }
+        workers = []
+        for worker in self.workers.values():
+            workers.append({
+                "address": worker.address.hex(),
+                "service": _name(worker.service.name),
+                "extended": worker.extended,
+                "credit": worker.credit,
+                "holding": len(worker.jobs),
+                "paused": worker.paused,
+                "jobs": worker.jobs_done,
+                "age": round(now - worker.registered, 3),
+                "last_job_ms": None if worker.last_job is None else round(
+                    worker.last_job * 1000, 3),
+            })
         return {
             "pid": self.pid,
+            "engine": self.engine,
             "uptime": round(now - self.started, 3),
             "frontend": self.settings.frontend,
             "backend": self.settings.backend,
             "stopping": self.stopping_since is not None,
             "services": services,
+            "workers": workers,
+            "worker_events": dict(self.counters),
         }
 
     # -- events: clients ----------------------------------------------------------------
@@ -357,9 +471,10 @@ class BrokerCore:
     def _fail(self, msg, code, message):
         reply = Reply.error(msg.request.job_id, code, message)
         self._to_client(frontend_reply(msg, reply))
-        svc = self.services.get(msg.request.service)
+        svc: Service = self.services.get(msg.request.service)
         if svc is not None:
             svc.failed += 1
+            svc.outcomes[code] = svc.outcomes.get(code, 0) + 1
         log.info("job %r for %r failed: %s: %s",
                  msg.request.job_id, msg.request.service, code, message)
 
@@ -397,6 +512,7 @@ class BrokerCore:
                 self._register(msg, now)
         elif command == DISCONNECT:
             if worker is not None:
+                self.counters["left"] += 1
                 self._delete_worker(worker, now, requeue=worker.extended)
         elif command == PAUSE or command == RESUME:
             if worker is None or not worker.extended:
@@ -425,8 +541,10 @@ class BrokerCore:
     def _register(self, msg, now):
         svc: Service = self._service(msg.service, now)
         worker = WorkerRef(msg.address, svc, msg.extended, msg.credit, now + self.liveness)
+        worker.registered = now
         self.workers[msg.address] = worker
         svc.workers.add(msg.address)
+        self.counters["registered"] += 1
         log.info("worker %s registered for %r (%s, credit %d)", msg.address.hex(),
                  msg.service, "powerhose" if msg.extended else "plain MDP", msg.credit)
         self._worker_ready(worker, now)
@@ -443,8 +561,13 @@ class BrokerCore:
         job: PendingJob = worker.jobs.popleft()
         client: ClientMessage = job.msg
         svc: Service = worker.service
-        svc.ran(now - max(job.sent, worker.last_reply))
+        ran = now - max(job.sent, worker.last_reply)
+        svc.ran(ran)
+        svc.run.observe(ran)
+        svc.total.observe(now - job.received)
         worker.last_reply = now
+        worker.last_job = ran
+        worker.jobs_done += 1
         if worker.extended:
             body = msg.body
             if not reply_frames_ok(body) or body[0] != client.request.job_id:
@@ -454,12 +577,12 @@ class BrokerCore:
                 self._disconnect(worker.address)
                 return
             if body[1] == STATUS_OK:
-                svc.done += 1
+                svc.ended(None, now)
             else:
-                svc.failed += 1
+                svc.ended(body[2].decode("utf-8", "replace"), now)
             self._to_client(frontend_worker_reply(client, body))
         else:
-            svc.done += 1
+            svc.ended(None, now)
             self._to_client(frontend_plain_reply(client, msg.body))
         self._worker_ready(worker, now)
 
@@ -513,6 +636,8 @@ class BrokerCore:
 
     def _send_job(self, worker: WorkerRef, job: PendingJob, now: float):
         req: Request = job.msg.request
+        svc: Service = worker.service
+        svc.wait.observe(now - job.received)
         job.sent = now
         if job.deadline is not None:
             req.ttl_ms = job.ttl_ms(now)
@@ -574,6 +699,7 @@ class BrokerCore:
             if self.workers.get(worker.address) is worker:
                 log.warning("worker %s is gone without a word: its connection closed",
                             worker.address.hex())
+                self.counters["lost"] += 1
                 self._delete_worker(worker, now)
         return self._take()
 
@@ -617,6 +743,7 @@ class BrokerCore:
         for worker in [w for w in self.workers.values() if w.expiry < now]:
             log.warning("worker %s missed %d heartbeats; expired",
                         worker.address.hex(), self.settings.liveness)
+            self.counters["expired"] += 1
             self._delete_worker(worker, now)
             self._disconnect(worker.address)
 

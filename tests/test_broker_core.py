@@ -973,19 +973,88 @@ def test_mmi_for_an_extended_client_and_while_stopping():
 # -- statistics ---------------------------------------------------------------------------------
 
 
+def counts(service_stats):
+    """A service's stats without its histograms."""
+    return {k: v for k, v in service_stats.items() if not k.endswith("_seconds")}
+
+
+def test_histograms_count_wait_run_and_total_times_by_bucket():
+    from pyramid_powerhose.broker_core import BUCKETS
+    core = make_core()
+    ready(core, 0.0, b"w")
+    submit(core, 1.0, b"c", b"1")  # straight to the worker: waits 0
+    submit(core, 1.0, b"c", b"2")  # waits for the first: 0.3 s
+    reply(core, 1.3, b"w", b"c", b"1")  # ran 0.3 s
+    reply(core, 1.302, b"w", b"c", b"2")  # ran 2 ms
+    svc = service_stats(core, 2.0)
+
+    def per_bucket(histogram):
+        cumulative = [count for _, count in histogram["buckets"]]
+        return {bound: n for bound, n in zip(
+            [*BUCKETS, "+Inf"], [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])])
+            if n}
+
+    assert per_bucket(svc["wait_seconds"]) == {0.0001: 1, 0.5: 1}
+    assert per_bucket(svc["run_seconds"]) == {0.0025: 1, 0.5: 1}
+    assert per_bucket(svc["total_seconds"]) == {0.5: 2}
+    assert svc["run_seconds"]["count"] == 2 and svc["run_seconds"]["sum"] == 0.302
+    assert svc["wait_seconds"]["buckets"][-1] == ["+Inf", 2]
+
+
+def test_jobs_per_second_counts_the_last_minute_only():
+    core = make_core()
+    ready(core, 0.0, b"w")
+    for i in range(30):
+        submit(core, 10.0 + i, b"c", b"%d" % i)
+        reply(core, 10.5 + i, b"w", b"c", b"%d" % i)
+    assert service_stats(core, 40.0)["jobs_per_second"] == 0.5
+    assert service_stats(core, 69.0)["jobs_per_second"] == 0.5  # seconds 10 to 69
+    assert service_stats(core, 70.0)["jobs_per_second"] == round(29 / 60, 3)  # second 10 left
+    assert service_stats(core, 200.0)["jobs_per_second"] == 0.0
+
+
+def test_workers_are_listed_and_their_departures_counted():
+    core = make_core()
+    ready(core, 0.0, b"a", credit=2)
+    ready(core, 0.0, b"b")
+    ready_plain(core, 1.0, b"c")
+    submit(core, 2.0, b"cl", b"1")  # a
+    reply(core, 2.25, b"a", b"cl", b"1")
+    workers = {w["address"]: w for w in core.stats(3.0)["workers"]}
+    assert workers[b"a".hex()] == {"address": b"a".hex(), "service": "svc", "extended": True,
+                                   "credit": 2, "holding": 0, "paused": False, "jobs": 1,
+                                   "age": 3.0, "last_job_ms": 250.0}
+    assert workers[b"c".hex()]["extended"] is False and workers[b"c".hex()]["age"] == 2.0
+    command(core, 4.0, b"a", p.DISCONNECT)
+    core.undelivered([Send_to(core, b"b")], 4.0)
+    core.bury_vanished(4.0)
+    core.tick(4.0 + 3.0 * 1.0 + 0.1)  # c missed its heartbeats
+    assert core.stats(10.0)["worker_events"] == {"registered": 3, "left": 1, "lost": 1,
+                                                  "expired": 1}
+    assert core.stats(10.0)["workers"] == []
+
+
+def Send_to(core, address):
+    """A send to ``address`` that failed (its connection is gone)."""
+    from pyramid_powerhose.broker_core import Send
+    return Send(p.backend_command(address, p.HEARTBEAT), True, core.workers[address], None)
+
+
 def test_stats_after_a_scripted_sequence():
     core = make_core(now=10.0)
     ready(core, 10.0, b"a")
     ready(core, 10.0, b"b")
     ready(core, 10.0, b"c")
     stats = core.stats(10.0)
-    assert stats == {
-        "pid": PID, "uptime": 0.0,
+    assert {k: v for k, v in stats.items() if k not in ("services", "workers")} == {
+        "pid": PID, "engine": "", "uptime": 0.0,
         "frontend": "ipc:///tmp/x/front.sock", "backend": "ipc:///tmp/x/back.sock",
         "stopping": False,
-        "services": {"svc": {"workers": 3, "idle": 3, "busy": 0, "queued": 0,
-                             "queued_bytes": 0, "done": 0, "failed": 0, "job_ms": None}},
+        "worker_events": {"registered": 3, "left": 0, "lost": 0, "expired": 0},
     }
+    assert counts(stats["services"]["svc"]) == {
+        "workers": 3, "idle": 3, "busy": 0, "queued": 0, "queued_bytes": 0, "done": 0,
+        "failed": 0, "job_ms": None, "outcomes": {}, "jobs_per_second": 0.0}
     submit(core, 11.0, b"cl", b"1")  # a
     reply(core, 11.010, b"a", b"cl", b"1")  # 10 ms
     assert service_stats(core, 11.010)["job_ms"] == 10.0
@@ -1002,9 +1071,11 @@ def test_stats_after_a_scripted_sequence():
     assert outcomes(core.tick(13.5)) == [(b"cl", b"7", p.ERR_TIMEOUT)]
     stats = core.stats(15.25)
     assert stats["uptime"] == 5.25 and stats["stopping"] is False
-    assert stats["services"] == {"svc": {"workers": 3, "idle": 0, "busy": 3, "queued": 1,
-                                         "queued_bytes": len(b"data"), "done": 1, "failed": 2,
-                                         "job_ms": 20.0}}
+    assert counts(stats["services"]["svc"]) == {
+        "workers": 3, "idle": 0, "busy": 3, "queued": 1, "queued_bytes": len(b"data"),
+        "done": 1, "failed": 2, "job_ms": 20.0,
+        "outcomes": {"OK": 1, p.ERR_EXECUTION: 1, p.ERR_TIMEOUT: 1},
+        "jobs_per_second": round(2 / 60, 3)}  # two jobs ended within the last minute
     core.request_stop(16.0)
     assert core.stats(16.0)["stopping"] is True
 
