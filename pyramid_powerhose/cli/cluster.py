@@ -33,6 +33,9 @@ def main(argv=None):
     if argv[:1] == ["keys"]:  # powerhose keys DIR NAME...
         from . import keys
         return keys.main(argv[1:])
+    if argv[:1] == ["status"]:  # powerhose status [--json | --watch]
+        from . import status
+        return status.main(argv[1:])
     parser = make_parser()
     args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "cluster"), argv)
     logs.configure(settings.logfile, settings.debug)

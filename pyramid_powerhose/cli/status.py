@@ -1,0 +1,58 @@
+"""``powerhose status``: what the broker is doing, once, as JSON, or live.
+
+Reads the broker's statistics (``mmi.stats``) through a ``Client``; exits 1
+with one line when no broker answers.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from ..client import Client
+from ..exc import PowerhoseError
+from ..settings import add_arguments, from_arguments
+from ..status import render
+from . import parse_or_exit
+
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: a refresh in place
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="powerhose status",
+        description="Per service: workers idle and busy, queue, jobs/s, wait and run "
+        "times, errors; per worker: jobs, age, last job; the broker's pid and uptime.")
+    add_arguments(parser, "client")
+    parser.add_argument("--json", action="store_true",
+                        help="print the broker's statistics as one JSON object")
+    parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
+                        help="refresh in place every SECONDS (default 1) until Ctrl-C")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
+    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "client"), argv)
+    with Client(settings=settings) as client:
+        try:
+            while True:
+                try:
+                    stats = client.stats(timeout=min(settings.timeout, 2.0))
+                except PowerhoseError as exc:
+                    print(f"powerhose status: no broker answers on {client.frontend} "
+                          f"({type(exc).__name__})", file=sys.stderr)
+                    return 1
+                if args.json:
+                    print(json.dumps(stats), flush=True)
+                else:
+                    print((CLEAR if args.watch else "") + render(stats), flush=True)
+                if not args.watch:
+                    return 0
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
