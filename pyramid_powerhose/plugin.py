@@ -19,8 +19,8 @@ from pyramid.response import Response
 from zope.interface import Interface
 
 from .client import Client
-from .exc import (ClusterError, NoWorkerError, SettingsError, TimeoutError,
-                  UnsafeDirectoryError, WorkerLostError)
+from .exc import (BrokerLostError, ClusterError, NoWorkerError, OverloadedError,
+                  SettingsError, TimeoutError, UnsafeDirectoryError, WorkerLostError)
 from .settings import settings_from_mapping
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def includeme(config):
       stopped when this process exits, and exits by itself within seconds
       if the process is killed.  With ``attach``, nothing is started: the
       app expects a broker run elsewhere (``powerhose`` command, circus);
-    * unless ``powerhose.http_errors = false``, answers ``NoWorkerError``
-      and ``WorkerLostError`` with 503 and a ``Retry-After`` header, and
+    * unless ``powerhose.http_errors = false``, answers ``NoWorkerError``,
+      ``WorkerLostError``, ``BrokerLostError`` and ``OverloadedError`` with 503 and a ``Retry-After`` header, and
       ``TimeoutError`` with 504, each with a short JSON body.
 
     With ``auto``, server processes that start at once on the same ipc
@@ -231,6 +231,10 @@ HTTP_ERRORS = (
      "No worker is available to handle this request; try again shortly.", True),
     (WorkerLostError, 503, "worker-lost",
      "The worker handling this request stopped before finishing; try again.", True),
+    (BrokerLostError, 503, "broker-lost",
+     "The service is restarting or unavailable; try again shortly.", True),
+    (OverloadedError, 503, "overloaded",
+     "The service has too much work queued; try again shortly.", True),
     (TimeoutError, 504, "timeout",
      "The work for this request did not finish in time.", False),
 )

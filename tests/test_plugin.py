@@ -6,6 +6,7 @@ through ``webtest.TestApp``; the jobs go over real sockets.
 
 import os
 import threading
+import time
 
 import psutil
 import pytest
@@ -379,3 +380,45 @@ def test_spawn_starts_a_cluster_with_the_app_and_stops_it(make_app, client):
     wait_for(lambda: all_gone(processes), timeout=20, what="the cluster to stop")
     assert client.ping(timeout=0.3) is None
     assert live_children() <= before
+
+
+def test_no_broker_is_503_at_once(make_app, endpoints):
+    """attach with nothing listening: 503 within about a second, not 504 at the timeout."""
+    app = make_app(timeout="30", frontend=endpoints.frontend + ".none")
+    started = time.monotonic()
+    response = app.get("/job", {"data": "x"}, status=503)
+    assert time.monotonic() - started < 2.5
+    assert response.json["error"] == "broker-lost"
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_overloaded_is_503_with_retry_after(make_app, endpoints):
+    """A broker whose service queue is full answers OverloadedError (a stand-in broker here)."""
+    import zmq
+    from pyramid_powerhose import protocol
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(endpoints.frontend)
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            if router.poll(50):
+                address, *frames = router.recv_multipart()
+                request = protocol.parse_frontend([address, *frames])
+                reply = protocol.Reply.error(request.request.job_id, protocol.ERR_OVERLOADED,
+                                             "queue full")
+                router.send_multipart(protocol.frontend_reply(request, reply))
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        response = make_app().get("/job", {"data": "x"}, status=503)
+    finally:
+        stop.set()
+        thread.join()
+        context.destroy(linger=0)
+    assert response.json["error"] == "overloaded"
+    assert response.headers["Retry-After"] == "1"
