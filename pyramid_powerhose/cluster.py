@@ -26,7 +26,7 @@ import weakref
 from . import endpoints
 from .circusd import Circusd
 from .client import Client
-from .exc import ClusterError, PowerhoseError, SettingsError
+from .exc import ClusterError, PowerhoseError, SettingsError, UnsafeDirectoryError
 from .settings import Settings, parse_heartbeat, parse_params
 from .watchers import BROKER, CIRCUS, WORKERS, graceful_timeouts
 
@@ -390,11 +390,10 @@ def spawn_lock(frontend):
         return
     lock_path = path + ".spawn.lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
+        fd = endpoints.open_lock_file(lock_path)
+    except UnsafeDirectoryError as exc:
         raise ClusterError(
-            f"cannot create {lock_path} beside the frontend socket: {exc}; "
-            "does its directory exist and belong to this user?") from None
+            f"{exc}; does its directory exist and belong to this user?") from None
     try:
         deadline = time.monotonic() + SPAWN_LOCK_TIMEOUT
         while True:
