@@ -196,6 +196,10 @@ class Settings:
                                   convert=_seconds,
                                   help="random spread in seconds added to max_age, so "
                                   "workers do not all restart at once")
+    max_memory: int = option(0, roles={"worker", "cluster", "plugin"}, convert=_whole,
+                             help="recycle a worker whose resident memory passes this many "
+                             "MiB (checked a few times a second), after its current job, "
+                             "as max_age does; 0 never")
     broker_timeout: float = option(60.0, roles={"worker", "cluster", "plugin"},
                                    convert=_seconds,
                                    help="a worker exits (status 2) after this many seconds "
@@ -256,7 +260,7 @@ class Settings:
         if self.service.startswith("mmi."):
             raise SettingsError("service names starting with 'mmi.' are reserved")
         _positive(self, "heartbeat", "timeout", "no_worker_timeout", "grace")
-        _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout")
+        _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout", "max_memory")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
         if not 1 <= self.prefetch <= 64:

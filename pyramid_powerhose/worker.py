@@ -15,7 +15,7 @@ restarts the worker.
 
 Life cycle, in one place each: ``connect`` (READY), ``handle_request``
 (job started, job finished), ``reconnect`` (broker lost), ``retire``
-(max age or SIGTERM: DISCONNECT after the current job, then exit).
+(max age, max memory or SIGTERM: DISCONNECT after the current job, then exit).
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ class Worker:
         if age > 0:
             age += random.uniform(0, settings.max_age_delta)
         self.retire_at = time.monotonic() + age if age > 0 else None
+        self.over_memory = False  # set by the watchdog: retire after the current job
+        self._memory = _resident_memory if settings.max_memory else None
         self.parent = os.getppid() if settings.exit_with_parent else None
         _params.clear()
         _params.update(settings.params)
@@ -171,7 +173,8 @@ class Worker:
                 log.warning("parent process %d is gone; stopping", self.parent)
                 self.parent = None
                 self.stop_requested = True
-            if self.stop_requested or (self.retire_at is not None and now >= self.retire_at):
+            if (self.stop_requested or self.over_memory
+                    or (self.retire_at is not None and now >= self.retire_at)):
                 return self.retire()
             if now >= self.broker_expiry:
                 no_broker_since = no_broker_since or now - self.liveness
@@ -190,7 +193,12 @@ class Worker:
 
     def retire(self) -> int:
         """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
-        reason = "stop requested" if self.stop_requested else "max age reached"
+        if self.stop_requested:
+            reason = "stop requested"
+        elif self.over_memory:
+            reason = f"resident memory past --max-memory {self.settings.max_memory} MiB"
+        else:
+            reason = "max age reached"
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
         multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
         return EXIT_OK
@@ -257,6 +265,8 @@ class Worker:
             while not self._watchdog_stop.wait(tick):
                 self._arm_fault_timer()
                 last_beat = self._watch(limit, last_beat)
+                if self._memory is not None and not self.over_memory:
+                    self.over_memory = self._memory() > self.settings.max_memory << 20
         finally:
             if limit:
                 faulthandler.cancel_dump_traceback_later()
@@ -318,6 +328,13 @@ class Worker:
                 pass
         logging.shutdown()
         os._exit(EXIT_JOB_TIMEOUT)
+
+
+def _resident_memory() -> int:
+    """This process's resident memory, in bytes."""
+    import psutil  # only for workers with --max-memory
+
+    return psutil.Process().memory_info().rss
 
 
 def _fault_file():

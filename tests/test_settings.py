@@ -31,7 +31,8 @@ CHANGED = dict(
     target="tests.targets:echo", frontend="tcp://127.0.0.1:5001",
     backend="ipc:///tmp/powerhose-test/back.sock", service="resize", heartbeat=0.25,
     liveness=4, timeout=2.5, worker_timeout=30.5, max_age=600.0, max_age_delta=1 / 3,
-    broker_timeout=20.0, prefetch=3, nice=0, no_worker_timeout=2.0, max_job_size=1024,
+    broker_timeout=20.0, max_memory=512, prefetch=3, nice=0, no_worker_timeout=2.0,
+    max_job_size=1024,
     grace=3.5, numprocesses=3, working_dir="/srv/app", cluster="attach", http_errors=False,
     params={"region": "eu", "size": "a:b"}, exit_with_parent=True, logfile="stderr",
     debug=True)
