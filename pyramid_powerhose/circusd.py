@@ -21,6 +21,7 @@ import psutil
 
 from . import endpoints, watchers
 from .exc import ClusterError
+from .worker import load_params
 from .watchers import BROKER, CIRCUS, OWNER_GONE_GRACE, STOP_MARGIN, WORKERS
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class Circusd:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise ClusterError(f"{exc}; set TMPDIR to a shorter directory") from None
         python = watchers.interpreter()
+        try:
+            _write_params(settings, run_dir)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         config = watchers.circus_config(settings, run_dir, endpoint, background, python)
         config_path = os.path.join(run_dir, "circus.json")
         with open(config_path, "w") as f:
@@ -211,6 +217,16 @@ class Circusd:
             if lines:
                 text += f"\nlast lines of the {name} log:\n    " + "\n    ".join(lines)
         return text
+
+
+def _write_params(settings, run_dir):
+    """The workers' params, into the file :func:`watchers.params_in_file` names (mode 0600)."""
+    if not settings.params and not settings.params_file:
+        return
+    params = load_params(settings)
+    fd = os.open(watchers.params_path(run_dir), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(params, f)
 
 
 def _tree(pid) -> list:

@@ -132,6 +132,22 @@ def format_params(params) -> str:
     return "|".join(f"{name}:{value}" for name, value in params.items())
 
 
+def read_params_file(path: str) -> dict[str, str]:
+    """The params in ``path``, a JSON object of strings (``--params-file``)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"params_file {path}: cannot read a JSON object of params: "
+                            f"{exc}") from None
+    if not isinstance(params, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in params.items()):
+        raise SettingsError(f"params_file {path} must hold a JSON object of strings")
+    return params
+
+
 def parse_heartbeat(value) -> float | None:
     """The ``--heartbeat``/``heartbeat=`` converter, for callers outside the table."""
     return _heartbeat("heartbeat", value)
@@ -234,6 +250,13 @@ class Settings:
         to_text=format_params, default_factory=dict, shown="none",
         help="read back by pyramid_powerhose.get_params(); on the command line "
         "'key:value|key2:value2', in an ini file one powerhose.params.NAME per key")
+    params_file: str = option("", roles={"worker", "cluster", "plugin"}, convert=_text,
+                              shown="none",
+                              help="a JSON object of params (strings) that each worker "
+                              "reads at start, so that they stay off command lines, which "
+                              "every local user can see; params given directly override "
+                              "it.  A cluster passes its workers their params this way, in "
+                              "a file of mode 0600 in its private directory")
     exit_with_parent: bool = option(False, roles={"broker", "worker", "cluster"},
                                     convert=_flag,
                                     help="stop (as on SIGTERM) when the parent process "

@@ -37,6 +37,7 @@ from . import endpoints, multipart, protocol
 from .job import Job
 from .exc import ProtocolError, TargetError
 from .protocol import Reply
+from .settings import read_params_file
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,15 @@ _params: dict = {}
 
 
 def get_params() -> dict:
-    """The ``--params`` this worker was started with (``'k:v|k2:v2'``)."""
+    """The params this worker was started with: its ``--params-file``, then ``--params``."""
     return dict(_params)
+
+
+def load_params(settings) -> dict:
+    """A worker's params: those in ``settings.params_file``, overridden by ``settings.params``."""
+    params = read_params_file(settings.params_file) if settings.params_file else {}
+    params.update(settings.params)
+    return params
 
 
 def resolve_target(target: str):
@@ -109,8 +117,9 @@ class Worker:
         self.over_memory = False  # set by the watchdog: retire after the current job
         self._memory = _resident_memory if settings.max_memory else None
         self.parent = os.getppid() if settings.exit_with_parent else None
+        params = load_params(settings)
         _params.clear()
-        _params.update(settings.params)
+        _params.update(params)
 
     # -- life cycle -----------------------------------------------------------
 

@@ -34,7 +34,8 @@ CHANGED = dict(
     broker_timeout=20.0, max_memory=512, prefetch=3, nice=0, no_worker_timeout=2.0,
     max_job_size=1024,
     grace=3.5, numprocesses=3, working_dir="/srv/app", cluster="attach", http_errors=False,
-    params={"region": "eu", "size": "a:b"}, exit_with_parent=True, logfile="stderr",
+    params={"region": "eu", "size": "a:b"}, params_file="/etc/app/params.json",
+    exit_with_parent=True, logfile="stderr",
     debug=True)
 
 
