@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -36,8 +37,9 @@ class Circusd:
     the supervisor to stop everything by itself.
     """
 
-    def __init__(self, proc, run_dir, endpoint, background):
+    def __init__(self, proc, run_dir, endpoint, background, users_path=None):
         self.proc = proc
+        self.users_path = users_path  # where processes sharing the cluster count themselves
         self.run_dir = run_dir
         self.endpoint = endpoint  # circus's control endpoint
         self.background = background
@@ -64,6 +66,7 @@ class Circusd:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         config = watchers.circus_config(settings, run_dir, endpoint, background, python)
+        config["users_socket"] = endpoints.users_path(settings.frontend)
         config_path = os.path.join(run_dir, "circus.json")
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
@@ -86,7 +89,7 @@ class Circusd:
                 output.close()
         log.info("circus pid %d for %r, control endpoint %s", proc.pid, settings.target,
                  endpoint)
-        return cls(proc, run_dir, endpoint, background)
+        return cls(proc, run_dir, endpoint, background, config["users_socket"])
 
     @property
     def pid(self) -> int:
@@ -192,6 +195,26 @@ class Circusd:
             if proc.stdin is not None:
                 proc.stdin.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def users(self) -> int:
+        """How many other processes share this cluster (see supervisor.Users)."""
+        path = self.users_path
+        if path is None:
+            return 0
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(2.0)
+                conn.connect(path)
+                conn.sendall(b"?")
+                return int(conn.recv(32) or b"0")
+        except (OSError, ValueError):
+            return 0
+
+    def detach(self):
+        """The owner leaves a cluster others share: the supervisor stops it when they go."""
+        log.info("leaving the cluster (circus pid %d) to the processes that share it",
+                 self.pid)
+        self.proc.stdin.close()
 
     def forget(self):
         """In a forked child: drop the inherited pipe; circus stays the parent's."""

@@ -65,6 +65,18 @@ def ipc_path(endpoint: str):
     return None
 
 
+def users_path(frontend: str):
+    """The unix socket where processes sharing a spawned cluster count themselves.
+
+    Beside the frontend's ipc socket (in its private directory); None for
+    other transports, or where the path would be too long for a socket.
+    """
+    path = ipc_path(frontend)
+    if path is None or len((path + ".users").encode()) > 107:
+        return None
+    return path + ".users"
+
+
 def check(endpoint: str, name: str) -> str:
     """Reject endpoints libzmq would refuse with a cryptic error."""
     if not isinstance(endpoint, str) or "://" not in endpoint:
@@ -116,8 +128,8 @@ def open_lock_file(path: str) -> int:
                      | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise UnsafeDirectoryError(
-            f"cannot open the lock file {path}: {exc.strerror}; if it is a symlink "
-            "or not a regular file, someone else put it there: remove it") from None
+            f"cannot create {path}: {exc.strerror}; if it is a symlink or not a "
+            "regular file, someone else put it there: remove it") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UnsafeDirectoryError(f"the lock file {path} is not a regular file; "

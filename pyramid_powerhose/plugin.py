@@ -77,10 +77,12 @@ def includeme(config):
     both spawn one, the second broker cannot bind the port, and that
     process attaches to the first one's broker instead.
 
-    The spawned cluster lives and dies with the process that spawned it.
-    With a pre-forking server that recycles its worker processes, load
-    the app in the master (gunicorn ``--preload``) or run the cluster
-    separately and use ``attach``.
+    The spawned cluster lives as long as the process that spawned it, or
+    any process that attached to it with ``auto`` on the same ipc
+    frontend: when the spawner exits, the others keep it; when the last of
+    them exits or is killed, it stops.  With a pre-forking server that
+    recycles its worker processes, load the app in the master (gunicorn
+    ``--preload``) or run the cluster separately and use ``attach``.
     """
     config.add_request_method(_request_powerhose, "powerhose", reify=True)
     config.action(("pyramid_powerhose", "settings"), _configure, args=(config,))
@@ -159,9 +161,10 @@ class Powerhose:
         atexit.register(self.close)
 
     def close(self):
-        """Close the client, and stop the cluster if this process spawned it.
+        """Close the client, and leave the cluster if this process spawned it.
 
-        Called at exit.  A forked child (a pre-fork server's worker) does
+        Leaving stops it, unless other processes attached to it with
+        ``auto``: then the last of them stops it.  Called at exit.  A forked child (a pre-fork server's worker) does
         not own the cluster and leaves it alone.
         """
         client, self._client = self._client, None
@@ -170,8 +173,8 @@ class Powerhose:
         cluster, self.cluster = self.cluster, None
         if cluster is not None and self._cluster_pid == os.getpid():
             atexit.unregister(self.close)
-            log.info("stopping the powerhose cluster on %s", self.settings.frontend)
-            cluster.stop()
+            log.info("leaving the powerhose cluster on %s", self.settings.frontend)
+            cluster.leave()  # stops it, unless other processes attached to it
 
 
 def _request_powerhose(request):
