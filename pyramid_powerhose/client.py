@@ -61,6 +61,7 @@ WAIT_SLICE = 0.2
 CONNECT_TIMEOUT = 1.0
 
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+_monitor_ids = itertools.count()
 
 
 class _Channel:
@@ -82,8 +83,14 @@ class _Channel:
         self.connected = False
         self.losses = 0
         weakref.finalize(self, sock.close, 0)
-        # Monitored before connecting, so that no event is missed.
-        watcher.watch(self, sock.get_monitor_socket(_MONITORED))
+        # Monitored before connecting, so that no event is missed.  Our own
+        # address: pyzmq's get_monitor_socket() names it after the socket's
+        # fd, which a new socket may reuse while the old monitor is bound.
+        address = f"inproc://powerhose-monitor-{next(_monitor_ids)}"
+        sock.monitor(address, _MONITORED)
+        monitor = context.socket(zmq.PAIR)
+        monitor.connect(address)
+        watcher.watch(self, monitor)
         # Not ZMQ_IMMEDIATE: with it, libzmq throws away the replies a socket
         # has received but not yet read when the connection drops, e.g. the
         # last replies of a broker that finished its jobs and stopped.  Jobs
