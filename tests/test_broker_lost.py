@@ -70,3 +70,14 @@ def _outcome(call):
         return call()
     except Exception as error:
         return error
+
+
+def test_short_lived_threads_each_get_a_watched_socket(cluster, client):
+    """A new thread's socket may reuse a dead one's fd: its monitor must still start."""
+    results = []
+    for i in range(60):
+        thread = threading.Thread(target=lambda i=i: results.append(
+            _outcome(lambda: client.execute(b"%d" % i))))
+        thread.start()
+        thread.join()
+    assert results == [b"%d" % i for i in range(60)]
