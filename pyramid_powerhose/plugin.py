@@ -173,8 +173,9 @@ class Powerhose:
         cluster, self.cluster = self.cluster, None
         if cluster is not None and self._cluster_pid == os.getpid():
             atexit.unregister(self.close)
-            log.info("leaving the powerhose cluster on %s", self.settings.frontend)
-            cluster.leave()  # stops it, unless other processes attached to it
+            log.info("stopping the powerhose cluster on %s, unless other processes "
+                     "share it", self.settings.frontend)
+            cluster.leave()
 
 
 def _request_powerhose(request):
