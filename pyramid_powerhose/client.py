@@ -189,6 +189,9 @@ class Client:
 
     ``execute`` blocks for one result; ``submit`` returns a Future;
     ``map`` runs many jobs at once and returns their results in order.
+    A broker that dies with jobs in flight, or none listening, fails them
+    with ``BrokerLostError`` within about a second (see the module's
+    docstring and PROTOCOL.rst, "When the broker goes away").
     """
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,

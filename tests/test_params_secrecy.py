@@ -65,3 +65,18 @@ def test_a_worker_reads_a_params_file(start_broker, start_worker, wait_workers, 
     wait_workers(client, 1)
     assert client.execute(b"") == b"k=v"
     assert SECRET not in " ".join(psutil.Process(worker.pid).cmdline())
+
+
+def test_the_circus_configuration_names_the_file_not_the_params(run_dir):
+    from pyramid_powerhose.settings import Settings
+    from pyramid_powerhose.watchers import WORKERS, circus_config, params_path
+
+    settings = Settings(target="app:run", frontend="ipc:///x/f.sock", backend="ipc:///x/b.sock",
+                        params={"secret": SECRET})
+    config = circus_config(settings, run_dir, "ipc:///x/c.sock", background=True,
+                           python="/usr/bin/python3")
+    assert SECRET not in json.dumps(config)
+    workers = next(w for w in config["watchers"] if w["name"] == WORKERS)
+    args = workers["args"]
+    assert args[args.index("--params-file") + 1] == params_path(run_dir)
+    assert args[args.index("--params") + 1] == ""
