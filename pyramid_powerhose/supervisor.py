@@ -81,14 +81,20 @@ class Users:
         self._listener = None
         if path is None:
             return
-        try:
-            os.unlink(path)  # left by a cluster that was killed
-        except FileNotFoundError:
-            pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        os.chmod(path, 0o600)
-        listener.listen(64)
+        try:
+            try:
+                os.unlink(path)  # left by a cluster that was killed
+            except FileNotFoundError:
+                pass
+            listener.bind(path)
+            os.chmod(path, 0o600)
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            circus_logger.warning("cannot listen on %s (%s): no other process can share "
+                                  "this cluster", path, exc)
+            return
         self._listener = listener
         threading.Thread(target=self._serve, name="powerhose-users", daemon=True).start()
 
