@@ -133,8 +133,10 @@ class _ConnectionWatcher:
 
     def stop(self):
         """End the thread; idempotent, and a no-op in a forked child."""
+        if self._pid != os.getpid():
+            return  # before the lock: a fork may have copied it held
         with self._lock:
-            if self._stopped or self._pid != os.getpid():
+            if self._stopped:
                 return
             self._stopped = True
             self._wake_out.send(b"stop")
