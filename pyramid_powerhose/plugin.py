@@ -19,11 +19,14 @@ from pyramid.response import Response
 from zope.interface import Interface
 
 from .client import Client
+from .logs import RepeatFilter
 from .exc import (BrokerLostError, ClusterError, NoWorkerError, OverloadedError,
                   SettingsError, TimeoutError, UnsafeDirectoryError, WorkerLostError)
 from .settings import settings_from_mapping
 
 log = logging.getLogger(__name__)
+# A broker down means a warning per request: a few per interval, and a count.
+log.addFilter(RepeatFilter())
 
 PREFIX = "powerhose."
 

@@ -4,6 +4,7 @@ Every app is built with ``Configurator`` + ``config.include`` and driven
 through ``webtest.TestApp``; the jobs go over real sockets.
 """
 
+import logging
 import os
 import threading
 import time
@@ -392,8 +393,9 @@ def test_no_broker_is_503_at_once(make_app, endpoints):
     assert response.headers["Retry-After"] == "1"
 
 
-def test_overloaded_is_503_with_retry_after(make_app, endpoints):
-    """A broker whose service queue is full answers OverloadedError (a stand-in broker here)."""
+@pytest.fixture
+def overloaded_broker(endpoints):
+    """A stand-in broker whose every service is full: OverloadedError at once."""
     import zmq
     from pyramid_powerhose import protocol
 
@@ -414,11 +416,22 @@ def test_overloaded_is_503_with_retry_after(make_app, endpoints):
 
     thread = threading.Thread(target=answer)
     thread.start()
-    try:
-        response = make_app().get("/job", {"data": "x"}, status=503)
-    finally:
-        stop.set()
-        thread.join()
-        context.destroy(linger=0)
+    yield
+    stop.set()
+    thread.join()
+    context.destroy(linger=0)
+
+
+def test_overloaded_is_503_with_retry_after(overloaded_broker, make_app):
+    response = make_app().get("/job", {"data": "x"}, status=503)
     assert response.json["error"] == "overloaded"
     assert response.headers["Retry-After"] == "1"
+
+
+def test_a_storm_of_errors_logs_a_bounded_amount(overloaded_broker, make_app, caplog):
+    app = make_app()
+    with caplog.at_level(logging.WARNING, logger="pyramid_powerhose.plugin"):
+        for _ in range(100):
+            app.get("/job", {"data": "x"}, status=503)
+    warnings = [r for r in caplog.records if r.name == "pyramid_powerhose.plugin"]
+    assert len(warnings) <= 20  # of 100, whatever earlier tests logged
