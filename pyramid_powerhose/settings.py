@@ -213,9 +213,9 @@ class Settings:
                                   help="random spread in seconds added to max_age, so "
                                   "workers do not all restart at once")
     max_memory: int = option(0, roles={"worker", "cluster", "plugin"}, convert=_whole,
-                             help="recycle a worker whose resident memory passes this many "
-                             "MiB (checked a few times a second), after its current job, "
-                             "as max_age does; 0 never")
+                             help="recycle a worker whose resident memory has passed this "
+                             "many MiB (its peak, checked after each job) once that job is "
+                             "done, as max_age does; 0 never")
     broker_timeout: float = option(60.0, roles={"worker", "cluster", "plugin"},
                                    convert=_seconds,
                                    help="a worker exits (status 2) after this many seconds "

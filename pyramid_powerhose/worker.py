@@ -25,6 +25,7 @@ import importlib
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -114,8 +115,7 @@ class Worker:
         if age > 0:
             age += random.uniform(0, settings.max_age_delta)
         self.retire_at = time.monotonic() + age if age > 0 else None
-        self.over_memory = False  # set by the watchdog: retire after the current job
-        self._memory = _resident_memory if settings.max_memory else None
+        self.over_memory = False  # past --max-memory: retire after the current job
         self.parent = os.getppid() if settings.exit_with_parent else None
         params = load_params(settings)
         _params.clear()
@@ -260,6 +260,8 @@ class Worker:
         self.next_heartbeat = now + self.heartbeat
         self.jobs_done += 1
         multipart.send(self.socket, protocol.worker_reply(command.client, reply))
+        if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
+            self.over_memory = True  # checked after each job: one system call
 
     def execute(self, job) -> Reply:
         return run_target(self.target, job)
@@ -274,8 +276,6 @@ class Worker:
             while not self._watchdog_stop.wait(tick):
                 self._arm_fault_timer()
                 last_beat = self._watch(limit, last_beat)
-                if self._memory is not None and not self.over_memory:
-                    self.over_memory = self._memory() > self.settings.max_memory << 20
         finally:
             if limit:
                 faulthandler.cancel_dump_traceback_later()
@@ -339,11 +339,10 @@ class Worker:
         os._exit(EXIT_JOB_TIMEOUT)
 
 
-def _resident_memory() -> int:
-    """This process's resident memory, in bytes."""
-    import psutil  # only for workers with --max-memory
-
-    return psutil.Process().memory_info().rss
+def _peak_memory() -> int:
+    """The most resident memory this process has used, in bytes (one getrusage call)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB elsewhere
 
 
 def _fault_file():
