@@ -149,7 +149,11 @@ class _ConnectionWatcher:
         channels = {}  # monitor socket -> weakref to its channel
         try:
             while True:
-                for sock, _ in poller.poll():
+                try:
+                    ready = poller.poll()
+                except zmq.ZMQError:
+                    return  # the context was destroyed first (a client never closed)
+                for sock, _ in ready:
                     if sock is self._wake_in:
                         if self._wake_in.recv() == b"stop":
                             return
