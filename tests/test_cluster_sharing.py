@@ -51,6 +51,8 @@ def test_the_cluster_outlives_its_spawner_while_another_app_attached(procs, endp
     first, (how, circus) = start_app(procs, endpoints)
     assert how == "spawned"
     processes = cluster_processes(int(circus))
+    run_dir = processes[0].cwd()  # the cluster's private directory
+    assert os.path.isdir(run_dir)
     second, (how, *_) = start_app(procs, endpoints)
     assert how == "attached"
     with Client(frontend=endpoints.frontend, timeout=10) as client:
@@ -63,6 +65,7 @@ def test_the_cluster_outlives_its_spawner_while_another_app_attached(procs, endp
         wait_for(lambda: not [p for p in processes if alive(p)], timeout=20,
                  what="the cluster to stop after its last user")
     assert not os.path.exists(endpoints.frontend[len("ipc://"):] + ".users")
+    assert not os.path.exists(run_dir)
 
 
 def test_the_last_of_two_apps_to_exit_stops_the_cluster(procs, endpoints):
