@@ -34,7 +34,8 @@ class Circusd:
     """A running circus supervisor, owned by the process that spawned it.
 
     The owner holds the supervisor's stdin; closing it (or dying) tells
-    the supervisor to stop everything by itself.
+    the supervisor to stop everything by itself, once no other process
+    shares the cluster (:meth:`users`).
     """
 
     def __init__(self, proc, run_dir, endpoint, background, users_path=None):

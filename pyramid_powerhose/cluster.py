@@ -5,7 +5,8 @@ The small facade over :mod:`.watchers` (what circus runs) and
 :class:`Cluster` to start, wait until ready, scale and stop; and
 ``attach_or_spawn(settings)`` finds the broker an app should use or
 starts one, for the Pyramid plugin.  If the owning process dies, the
-supervisor notices and stops the cluster by itself.
+supervisor notices and stops the cluster by itself, unless processes that
+attached to it still share it: then it stops when the last of them goes.
 
 Readiness comes from ``Client.ping()`` and ``Client.stats()``: this layer
 knows commands and processes, not frames.
