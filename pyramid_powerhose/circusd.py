@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,7 @@ import psutil
 
 from . import endpoints, watchers
 from .exc import ClusterError
+from .worker import load_params
 from .watchers import BROKER, CIRCUS, OWNER_GONE_GRACE, STOP_MARGIN, WORKERS
 
 log = logging.getLogger(__name__)
@@ -32,11 +34,13 @@ class Circusd:
     """A running circus supervisor, owned by the process that spawned it.
 
     The owner holds the supervisor's stdin; closing it (or dying) tells
-    the supervisor to stop everything by itself.
+    the supervisor to stop everything by itself, once no other process
+    shares the cluster (:meth:`users`).
     """
 
-    def __init__(self, proc, run_dir, endpoint, background):
+    def __init__(self, proc, run_dir, endpoint, background, users_path=None):
         self.proc = proc
+        self.users_path = users_path  # where processes sharing the cluster count themselves
         self.run_dir = run_dir
         self.endpoint = endpoint  # circus's control endpoint
         self.background = background
@@ -57,7 +61,13 @@ class Circusd:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise ClusterError(f"{exc}; set TMPDIR to a shorter directory") from None
         python = watchers.interpreter()
+        try:
+            _write_params(settings, run_dir)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         config = watchers.circus_config(settings, run_dir, endpoint, background, python)
+        config["users_socket"] = endpoints.users_path(settings.frontend)
         config_path = os.path.join(run_dir, "circus.json")
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
@@ -80,7 +90,7 @@ class Circusd:
                 output.close()
         log.info("circus pid %d for %r, control endpoint %s", proc.pid, settings.target,
                  endpoint)
-        return cls(proc, run_dir, endpoint, background)
+        return cls(proc, run_dir, endpoint, background, config["users_socket"])
 
     @property
     def pid(self) -> int:
@@ -187,6 +197,26 @@ class Circusd:
                 proc.stdin.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    def users(self) -> int:
+        """How many other processes share this cluster (see supervisor.Users)."""
+        path = self.users_path
+        if path is None:
+            return 0
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(2.0)
+                conn.connect(path)
+                conn.sendall(b"?")
+                return int(conn.recv(32) or b"0")
+        except (OSError, ValueError):
+            return 0
+
+    def detach(self):
+        """The owner leaves a cluster others share: the supervisor stops it when they go."""
+        log.info("leaving the cluster (circus pid %d) to the processes that share it",
+                 self.pid)
+        self.proc.stdin.close()
+
     def forget(self):
         """In a forked child: drop the inherited pipe; circus stays the parent's."""
         if self.proc.stdin is not None:
@@ -211,6 +241,16 @@ class Circusd:
             if lines:
                 text += f"\nlast lines of the {name} log:\n    " + "\n    ".join(lines)
         return text
+
+
+def _write_params(settings, run_dir):
+    """The workers' params, into the file :func:`watchers.params_in_file` names (mode 0600)."""
+    if not settings.params and not settings.params_file:
+        return
+    params = load_params(settings)
+    fd = os.open(watchers.params_path(run_dir), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(params, f)
 
 
 def _tree(pid) -> list:

@@ -5,6 +5,15 @@ with no lock and no hand-off between them; each job carries an id, so a
 reply that arrives after its caller gave up is recognised and dropped and
 the socket stays usable.  After ``fork()`` a child opens its own context
 and sockets on first use.
+
+A broker that dies takes its jobs with it, and a client that waited for
+their timeout would hold a web request for seconds for nothing.  So one
+thread per client follows every socket's connection (libzmq's socket
+monitor: connected, disconnected) and counts its losses; a thread waiting
+for a reply looks at that count only when a short wait slice passes with
+no reply, so a job that gets its reply at once costs nothing more.  A job
+sent before its socket lost the broker, or on a socket that found no
+broker within ``CONNECT_TIMEOUT``, fails with ``BrokerLostError``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import time
 import weakref
 
 import zmq
+import zmq.utils.monitor
 
 from . import endpoints, exc, multipart, protocol
 from .job import Job, to_bytes
@@ -42,23 +52,50 @@ os.register_at_fork(after_in_child=_after_fork)
 
 MAP_WINDOW = 128  # jobs in flight at once per map() call
 
+# A thread waiting for a reply looks at its connection this often.
+WAIT_SLICE = 0.2
+# A socket that has not reached a broker within this many seconds of its
+# creation or of its last disconnection has none to reach (none listens, or
+# it is not coming back): its jobs fail with BrokerLostError, not at their
+# timeout.  A broker restarted faster than this keeps the jobs sent to it.
+CONNECT_TIMEOUT = 1.0
+
+_MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+_monitor_ids = itertools.count()
+
 
 class _Channel:
-    """One thread's socket to the broker, with its job id counter."""
+    """One thread's socket to the broker, with its job id counter.
 
-    __slots__ = ("socket", "ids", "__weakref__")
+    ``connected``, ``losses`` (connections dropped so far) and ``since``
+    (when it was created or last lost its broker) are written by the
+    client's :class:`_ConnectionWatcher` thread, read by the owner.
+    """
 
-    def __init__(self, context, frontend):
+    __slots__ = ("socket", "ids", "since", "connected", "losses", "__weakref__")
+
+    def __init__(self, context, frontend, watcher):
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
+        self.socket = sock
+        self.ids = itertools.count(1)
+        self.since = time.monotonic()
+        self.connected = False
+        self.losses = 0
+        weakref.finalize(self, sock.close, 0)
+        # Monitored before connecting, so that no event is missed.  Our own
+        # address: pyzmq's get_monitor_socket() names it after the socket's
+        # fd, which a new socket may reuse while the old monitor is bound.
+        address = f"inproc://powerhose-monitor-{next(_monitor_ids)}"
+        sock.monitor(address, _MONITORED)
+        monitor = context.socket(zmq.PAIR)
+        monitor.connect(address)
+        watcher.watch(self, monitor)
         # Not ZMQ_IMMEDIATE: with it, libzmq throws away the replies a socket
         # has received but not yet read when the connection drops, e.g. the
         # last replies of a broker that finished its jobs and stopped.  Jobs
-        # queued while no broker is up are discarded on timeout (_retire).
+        # queued while no broker is up are discarded with the socket (_retire).
         sock.connect(frontend)
-        self.socket = sock
-        self.ids = itertools.count(1)
-        weakref.finalize(self, sock.close, 0)
 
     def next_id(self):
         return b"%x" % next(self.ids)
@@ -67,11 +104,100 @@ class _Channel:
         self.socket.close(0)
 
 
+class _ConnectionWatcher:
+    """A thread that reads every channel's socket monitor and keeps its state.
+
+    Each monitor socket is created by its channel's thread and handed over
+    here under a lock; from then on only this thread touches it, and closes
+    it when libzmq says the monitored socket is gone.
+    """
+
+    def __init__(self, context):
+        self._pid = os.getpid()
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._new = []  # (channel, monitor socket) not yet polled
+        address = f"inproc://powerhose-watcher-{id(self):x}"
+        self._wake_in = context.socket(zmq.PAIR)
+        self._wake_in.bind(address)
+        self._wake_out = context.socket(zmq.PAIR)
+        self._wake_out.connect(address)
+        self._thread = threading.Thread(target=self._run, name="powerhose-connections",
+                                        daemon=True)
+        self._thread.start()
+
+    def watch(self, channel, monitor):
+        with self._lock:
+            self._new.append((weakref.ref(channel), monitor))
+            self._wake_out.send(b"")
+
+    def stop(self):
+        """End the thread; idempotent, and a no-op in a forked child."""
+        if self._pid != os.getpid():
+            return  # before the lock: a fork may have copied it held
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._wake_out.send(b"stop")
+        self._thread.join()
+        self._wake_out.close(0)
+
+    def _run(self):
+        poller = zmq.Poller()
+        poller.register(self._wake_in, zmq.POLLIN)
+        channels = {}  # monitor socket -> weakref to its channel
+        try:
+            while True:
+                try:
+                    ready = poller.poll()
+                except zmq.ZMQError:
+                    return  # the context was destroyed first (a client never closed)
+                for sock, _ in ready:
+                    if sock is self._wake_in:
+                        if self._wake_in.recv() == b"stop":
+                            return
+                        with self._lock:
+                            new, self._new = self._new, []
+                        for ref, monitor in new:
+                            channels[monitor] = ref
+                            poller.register(monitor, zmq.POLLIN)
+                        continue
+                    if not self._event(sock, channels[sock]):
+                        poller.unregister(sock)
+                        del channels[sock]
+                        sock.close(0)
+        finally:
+            for monitor in channels:
+                monitor.close(0)
+            self._wake_in.close(0)
+
+    @staticmethod
+    def _event(monitor, ref) -> bool:
+        """Apply one event to its channel; False once the channel's socket is gone."""
+        event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+        if event == zmq.EVENT_MONITOR_STOPPED:
+            return False
+        channel = ref()
+        if channel is None:
+            return True  # its socket is closing: MONITOR_STOPPED follows
+        if event == zmq.EVENT_CONNECTED:
+            channel.connected = True
+        elif event == zmq.EVENT_DISCONNECTED:
+            channel.since = time.monotonic()
+            channel.connected = False
+            channel.losses += 1
+        return True
+
+
 class Client:
     """Runs jobs on a powerhose cluster; thread-safe, fork-safe.
 
     ``execute`` blocks for one result; ``submit`` returns a Future;
     ``map`` runs many jobs at once and returns their results in order.
+    A broker that dies with jobs in flight, or none listening, fails them
+    with ``BrokerLostError`` within about a second (see the module's
+    docstring and PROTOCOL.rst, "When the broker goes away").
     """
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
@@ -104,6 +230,7 @@ class Client:
         self._local = threading.local()
         self._channels = weakref.WeakSet()
         self._executor = None
+        self._watcher = None  # started with the first channel
 
     def _channel(self) -> _Channel:
         if self._generation != _fork_generation:
@@ -116,7 +243,11 @@ class Client:
             pass
         if self._closed:
             raise exc.PowerhoseError("the client is closed")
-        channel = _Channel(self._context, self.frontend)
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = _ConnectionWatcher(self._context)
+                weakref.finalize(self, self._watcher.stop)  # a client never closed
+        channel = _Channel(self._context, self.frontend, self._watcher)
         self._local.channel = channel
         with self._lock:
             self._channels.add(channel)
@@ -140,15 +271,17 @@ class Client:
 
     def _request(self, data, headers, service, timeout):
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
-        service = service or self.service
-        req = Request(service.encode(), b"", data, max(1, int(timeout * 1000)), headers)
+        name = check_service(service or self.service)
+        req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
         return req, timeout
 
     def execute(self, data, timeout=None, headers=None, service=None) -> bytes:
         """Run one job and return its result (bytes).
 
-        Raises NoWorkerError, TimeoutError, ExecutionError, WorkerLostError
-        or JobTooLargeError from ``pyramid_powerhose.exc``.
+        Raises NoWorkerError, TimeoutError, ExecutionError, WorkerLostError,
+        BrokerLostError, OverloadedError or JobTooLargeError from
+        ``pyramid_powerhose.exc``, and SettingsError for a service name the
+        protocol cannot carry.
         """
         req, timeout = self._request(data, headers, service, timeout)
         channel = self._channel()
@@ -158,42 +291,78 @@ class Client:
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
         deadline = time.monotonic() + timeout
+        losses = channel.losses
         try:
-            self._send(channel.socket, req, deadline, timeout)
-            return self._receive(channel.socket, {req.job_id}, deadline, req, timeout)
-        except exc.TimeoutError:
+            self._send(channel, req, deadline, timeout, losses)
+            return self._receive(channel, {req.job_id}, deadline, req, timeout, losses)
+        except (exc.TimeoutError, exc.BrokerLostError):
             self._retire(channel)
             raise
 
-    def _send(self, sock, req, deadline, timeout):
+    def _send(self, channel, req, deadline, timeout, losses):
+        sock = channel.socket
         frames = protocol.client_request(req)
         try:
             multipart.send(sock, frames, multipart.NOBLOCK)
             return
         except zmq.Again:
             pass
-        # No connection yet (just created, or the broker is down): wait for one.
+        # The socket's queue is full (a broker that does not read): wait.
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000, zmq.POLLOUT):
+            if remaining <= 0:
                 raise exc.TimeoutError(
                     f"could not queue the job for the broker at {self.frontend} "
                     f"within {timeout}s; is powerhose-broker running?")
+            if not sock.poll(min(remaining, WAIT_SLICE) * 1000, zmq.POLLOUT):
+                self._check_broker(channel, req, losses)
+                continue
             try:
                 multipart.send(sock, frames, multipart.NOBLOCK)
                 return
             except zmq.Again:
                 continue
 
-    def _receive(self, sock, wanted, deadline, req, timeout):
-        """The next reply for one of ``wanted`` job ids; late ones are dropped."""
+    def _check_broker(self, channel, req, losses):
+        """Raise BrokerLostError if ``channel`` lost its broker since ``losses``, or never had one."""
+        if channel.losses != losses:
+            raise exc.BrokerLostError(
+                f"job {req.job_id.decode()} on {req.service.decode()!r}: the connection "
+                f"to the broker at {self.frontend} dropped while the job was in flight "
+                "(the broker died or restarted); the job will not run later, retry it")
+        if not channel.connected and time.monotonic() - channel.since > CONNECT_TIMEOUT:
+            raise exc.BrokerLostError(
+                f"job {req.job_id.decode()} on {req.service.decode()!r}: no broker "
+                f"accepted a connection at {self.frontend} within {CONNECT_TIMEOUT}s; "
+                "is powerhose-broker running?")
+
+    def _receive(self, channel, wanted, deadline, req, timeout, losses):
+        """The next reply for one of ``wanted`` job ids; late ones are dropped.
+
+        Waits in slices of WAIT_SLICE; after a slice with no reply, raises
+        BrokerLostError if the connection dropped (see _check_broker).
+        """
+        sock = channel.socket
         while True:
-            frames = multipart.recv_within(sock, int((deadline - time.monotonic()) * 1000))
+            remaining = deadline - time.monotonic()
+            frames = multipart.recv_within(sock, int(min(remaining, WAIT_SLICE) * 1000))
             if frames is None:
-                raise exc.TimeoutError(
-                    f"job {req.job_id.decode()} on {req.service.decode()!r} got no result "
-                    f"within {timeout}s from the broker at {self.frontend}; "
-                    "is powerhose-broker running, and are its workers overloaded or hung?")
+                if remaining <= WAIT_SLICE:
+                    raise exc.TimeoutError(
+                        f"job {req.job_id.decode()} on {req.service.decode()!r} got no "
+                        f"result within {timeout}s from the broker at {self.frontend}; "
+                        "is powerhose-broker running, and are its workers overloaded "
+                        "or hung?")
+                try:
+                    self._check_broker(channel, req, losses)
+                except exc.BrokerLostError:
+                    # A reply that came in just before the connection dropped
+                    # is still ours to read.
+                    frames = multipart.recv_within(sock, 0)
+                    if frames is None:
+                        raise
+                else:
+                    continue
             try:
                 reply = protocol.parse_client_reply(frames)
             except ProtocolError as error:
@@ -223,12 +392,13 @@ class Client:
         failed job (in input order) is raised once all have settled.
         """
         channel = self._channel()
-        sock = channel.socket
-        pending = {}  # job id -> (index, request, deadline)
+        losses = channel.losses
+        pending = {}  # job id -> (index, request, deadline, timeout)
         results = []
         jobs = iter(enumerate(iterable))
         exhausted = False
-        while True:
+        lost = None  # the BrokerLostError that ended the run, if any
+        while lost is None:
             while not exhausted and len(pending) < MAP_WINDOW:
                 item = next(jobs, None)
                 if item is None:
@@ -240,23 +410,31 @@ class Client:
                 deadline = time.monotonic() + job_timeout
                 results.append(None)
                 try:
-                    self._send(sock, req, deadline, job_timeout)
+                    self._send(channel, req, deadline, job_timeout, losses)
                 except exc.TimeoutError as error:
                     results[index] = error
                     continue
+                except exc.BrokerLostError as error:
+                    results[index] = lost = error
+                    break
                 pending[req.job_id] = (index, req, deadline, job_timeout)
-            if not pending:
+            if not pending or lost is not None:
                 break
             first = min(pending.values(), key=lambda p: p[2])
             try:
-                reply = self._receive(sock, pending, first[2], first[1], first[3])
+                reply = self._receive(channel, pending, first[2], first[1], first[3], losses)
             except exc.TimeoutError as error:
                 del pending[first[1].job_id]
                 results[first[0]] = error
                 continue
+            except exc.BrokerLostError as error:
+                lost = error
+                break
             index = pending.pop(reply.job_id)[0]
             results[index] = reply
-        if any(isinstance(outcome, exc.TimeoutError) for outcome in results):
+        for index, *_ in pending.values():
+            results[index] = lost  # the jobs in flight when the broker went
+        if lost is not None or any(isinstance(outcome, exc.TimeoutError) for outcome in results):
             self._retire(channel)
         values = []
         for outcome in results:
@@ -277,7 +455,7 @@ class Client:
         """The broker's pid, or None if no broker answers within ``timeout``."""
         try:
             return int(self._mmi(protocol.MMI_PING, timeout=timeout))
-        except exc.TimeoutError:
+        except (exc.TimeoutError, exc.BrokerLostError):
             return None
 
     def has_service(self, service=None, timeout=1.0) -> bool:
@@ -301,8 +479,11 @@ class Client:
             return  # the parent owns those sockets
         with self._lock:
             channels = list(self._channels)
+            watcher, self._watcher = self._watcher, None
         for channel in channels:
             channel.close()
+        if watcher is not None:
+            watcher.stop()
         self._local = threading.local()
         self._context.destroy(linger=0)
 
@@ -322,20 +503,33 @@ def check_job(settings, data, headers, timeout):
         headers = {**data.headers, **(headers or {})}
         data = data.data
     data = to_bytes(data)
-    if len(data) > settings.max_job_size:
-        raise exc.JobTooLargeError(
-            f"job of {len(data)} bytes is larger than the max job size "
-            f"({settings.max_job_size} bytes)")
     if timeout is None:
         timeout = settings.timeout
     if not timeout > 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+    size = len(data)
     if headers:
         headers = dict(headers)
-        protocol.encode_headers(headers)  # str to str, or TypeError now
+        # str to str, or TypeError now; their frames count towards the size
+        size += sum(map(len, protocol.encode_headers(headers)))
     else:
         headers = {}
+    if size > settings.max_job_size:
+        raise exc.JobTooLargeError(
+            f"job of {size} bytes (data and headers) is larger than the max job size "
+            f"({settings.max_job_size} bytes)")
     return data, headers, timeout
+
+
+def check_service(service: str) -> bytes:
+    """A job's service name as sent, or SettingsError for one no broker would take."""
+    name = service.encode()
+    if not 0 < len(name) <= protocol.MAX_SERVICE_LENGTH or name.startswith(protocol.MMI_PREFIX):
+        raise exc.SettingsError(
+            f"service {service[:40]!r}{'...' if len(service) > 40 else ''} "
+            f"({len(name)} bytes) cannot be sent: service names are 1 to "
+            f"{protocol.MAX_SERVICE_LENGTH} bytes and do not start with 'mmi.'")
+    return name
 
 
 def _result(reply):

@@ -5,7 +5,8 @@ The small facade over :mod:`.watchers` (what circus runs) and
 :class:`Cluster` to start, wait until ready, scale and stop; and
 ``attach_or_spawn(settings)`` finds the broker an app should use or
 starts one, for the Pyramid plugin.  If the owning process dies, the
-supervisor notices and stops the cluster by itself.
+supervisor notices and stops the cluster by itself, unless processes that
+attached to it still share it: then it stops when the last of them goes.
 
 Readiness comes from ``Client.ping()`` and ``Client.stats()``: this layer
 knows commands and processes, not frames.
@@ -19,6 +20,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import weakref
@@ -26,7 +28,7 @@ import weakref
 from . import endpoints
 from .circusd import Circusd
 from .client import Client
-from .exc import ClusterError, PowerhoseError, SettingsError
+from .exc import ClusterError, PowerhoseError, SettingsError, UnsafeDirectoryError
 from .settings import Settings, parse_heartbeat, parse_params
 from .watchers import BROKER, CIRCUS, WORKERS, graceful_timeouts
 
@@ -320,6 +322,23 @@ class Cluster:
                 atexit.unregister(self.stop)
                 log.info("cluster for %r stopped", self.settings.target)
 
+    def leave(self):
+        """Stop the cluster, unless other processes share it (:func:`attach_or_spawn`).
+
+        Then it is theirs: it keeps running, and stops by itself when the
+        last of them exits or is killed.  A no-op in a forked child.
+        """
+        with self._lock:
+            circusd = self._circusd
+            if circusd is None or os.getpid() != circusd.owner:
+                return
+            if circusd.running and circusd.users():
+                circusd.detach()
+                self._circusd = None
+                atexit.unregister(self.stop)
+                return
+        self.stop()
+
     def _forget(self):
         """In a forked child: drop the inherited pipe; the cluster stays the parent's."""
         circusd = self._circusd
@@ -348,12 +367,18 @@ def attach_or_spawn(settings: Settings):
     lock file beside its socket, so exactly one spawns.  A tcp frontend has
     no such place: a process that loses the race fails to bind, finds the
     winner's broker and attaches to it.
+
+    A process that attaches to a cluster another one spawned (on an ipc
+    frontend) shares it: the cluster keeps running while any of them lives
+    (the spawner calls :meth:`Cluster.leave`), and stops when the last goes.
     """
     settings = _resolved(settings)
     with spawn_lock(settings.frontend):
         pid = broker_pid(settings)
         if pid is not None:
-            log.info("attaching to the powerhose broker (pid %d) on %s", pid, settings.frontend)
+            shared = _share(settings.frontend)
+            log.info("attaching to the powerhose broker (pid %d) on %s%s", pid,
+                     settings.frontend, " (sharing its cluster)" if shared else "")
             return None
         try:
             return spawn(settings)
@@ -365,6 +390,30 @@ def attach_or_spawn(settings: Settings):
             log.info("another process started the powerhose broker (pid %d) on %s "
                      "first; attaching to it", pid, settings.frontend)
             return None
+
+
+# Connections that count this process among a cluster's users, open until it exits.
+_sharing = []
+
+
+def _share(frontend) -> bool:
+    """Count this process among the users of the cluster serving ``frontend``, if it
+    was spawned by another process; False for a broker run otherwise."""
+    path = endpoints.users_path(frontend)
+    if path is None or not os.path.exists(path):
+        return False
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(2.0)
+        conn.connect(path)
+        conn.sendall(b"A")
+    except OSError as exc:
+        conn.close()
+        log.warning("cannot share the cluster on %s (%s): it will stop with the process "
+                    "that started it", frontend, exc)
+        return False
+    _sharing.append(conn)  # the kernel closes it when this process dies
+    return True
 
 
 def broker_pid(settings: Settings):
@@ -390,11 +439,10 @@ def spawn_lock(frontend):
         return
     lock_path = path + ".spawn.lock"
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
+        fd = endpoints.open_lock_file(lock_path)
+    except UnsafeDirectoryError as exc:
         raise ClusterError(
-            f"cannot create {lock_path} beside the frontend socket: {exc}; "
-            "does its directory exist and belong to this user?") from None
+            f"{exc}; does its directory exist and belong to this user?") from None
     try:
         deadline = time.monotonic() + SPAWN_LOCK_TIMEOUT
         while True:

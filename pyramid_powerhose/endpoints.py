@@ -65,6 +65,18 @@ def ipc_path(endpoint: str):
     return None
 
 
+def users_path(frontend: str):
+    """The unix socket where processes sharing a spawned cluster count themselves.
+
+    Beside the frontend's ipc socket (in its private directory); None for
+    other transports, or where the path would be too long for a socket.
+    """
+    path = ipc_path(frontend)
+    if path is None or len((path + ".users").encode()) > 107:
+        return None
+    return path + ".users"
+
+
 def check(endpoint: str, name: str) -> str:
     """Reject endpoints libzmq would refuse with a cryptic error."""
     if not isinstance(endpoint, str) or "://" not in endpoint:
@@ -89,7 +101,7 @@ def lock(endpoint: str, name: str):
     path = ipc_path(endpoint)
     if path is None:
         return None
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock_file(path + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -101,4 +113,25 @@ def lock(endpoint: str, name: str):
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def open_lock_file(path: str) -> int:
+    """Open (or create) a lock file we are about to truncate, refusing a planted one.
+
+    In a shared directory another user could leave a symlink there to a
+    file of ours (we would truncate it), or a fifo (we would block):
+    O_NOFOLLOW refuses the link and the file must be a regular one.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UnsafeDirectoryError(
+            f"cannot create {path}: {exc.strerror}; if it is a symlink or not a "
+            "regular file, someone else put it there: remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeDirectoryError(f"the lock file {path} is not a regular file; "
+                                   "someone else put it there: remove it")
     return fd

@@ -44,8 +44,18 @@ class WorkerLostError(PowerhoseError):
     """The worker running the job died or disconnected before replying."""
 
 
+class BrokerLostError(PowerhoseError, builtins.ConnectionError):
+    """The client has no connection to a broker: it dropped with the job in flight
+    (the broker died or restarted), or none was made (nothing listens there).
+
+    Raised by the client itself within about a second, instead of waiting
+    for the job's timeout; the job may or may not have run, and will not run
+    later.  Also a builtin ``ConnectionError``.
+    """
+
+
 class JobTooLargeError(PowerhoseError, ValueError):
-    """The job is larger than the max job size (client or broker)."""
+    """The job (data and headers) is larger than the max job size (client or broker)."""
 
 
 class OverloadedError(PowerhoseError):

@@ -19,11 +19,14 @@ from pyramid.response import Response
 from zope.interface import Interface
 
 from .client import Client
-from .exc import (ClusterError, NoWorkerError, SettingsError, TimeoutError,
-                  UnsafeDirectoryError, WorkerLostError)
+from .logs import RepeatFilter
+from .exc import (BrokerLostError, ClusterError, NoWorkerError, OverloadedError,
+                  SettingsError, TimeoutError, UnsafeDirectoryError, WorkerLostError)
 from .settings import settings_from_mapping
 
 log = logging.getLogger(__name__)
+# A broker down means a warning per request: a few per interval, and a count.
+log.addFilter(RepeatFilter())
 
 PREFIX = "powerhose."
 
@@ -64,8 +67,8 @@ def includeme(config):
       stopped when this process exits, and exits by itself within seconds
       if the process is killed.  With ``attach``, nothing is started: the
       app expects a broker run elsewhere (``powerhose`` command, circus);
-    * unless ``powerhose.http_errors = false``, answers ``NoWorkerError``
-      and ``WorkerLostError`` with 503 and a ``Retry-After`` header, and
+    * unless ``powerhose.http_errors = false``, answers ``NoWorkerError``,
+      ``WorkerLostError``, ``BrokerLostError`` and ``OverloadedError`` with 503 and a ``Retry-After`` header, and
       ``TimeoutError`` with 504, each with a short JSON body.
 
     With ``auto``, server processes that start at once on the same ipc
@@ -77,10 +80,12 @@ def includeme(config):
     both spawn one, the second broker cannot bind the port, and that
     process attaches to the first one's broker instead.
 
-    The spawned cluster lives and dies with the process that spawned it.
-    With a pre-forking server that recycles its worker processes, load
-    the app in the master (gunicorn ``--preload``) or run the cluster
-    separately and use ``attach``.
+    The spawned cluster lives as long as the process that spawned it, or
+    any process that attached to it with ``auto`` on the same ipc
+    frontend: when the spawner exits, the others keep it; when the last of
+    them exits or is killed, it stops.  With a pre-forking server that
+    recycles its worker processes, load the app in the master (gunicorn
+    ``--preload``) or run the cluster separately and use ``attach``.
     """
     config.add_request_method(_request_powerhose, "powerhose", reify=True)
     config.action(("pyramid_powerhose", "settings"), _configure, args=(config,))
@@ -159,9 +164,10 @@ class Powerhose:
         atexit.register(self.close)
 
     def close(self):
-        """Close the client, and stop the cluster if this process spawned it.
+        """Close the client, and leave the cluster if this process spawned it.
 
-        Called at exit.  A forked child (a pre-fork server's worker) does
+        Leaving stops it, unless other processes attached to it with
+        ``auto``: then the last of them stops it.  Called at exit.  A forked child (a pre-fork server's worker) does
         not own the cluster and leaves it alone.
         """
         client, self._client = self._client, None
@@ -170,8 +176,9 @@ class Powerhose:
         cluster, self.cluster = self.cluster, None
         if cluster is not None and self._cluster_pid == os.getpid():
             atexit.unregister(self.close)
-            log.info("stopping the powerhose cluster on %s", self.settings.frontend)
-            cluster.stop()
+            log.info("stopping the powerhose cluster on %s, unless other processes "
+                     "share it", self.settings.frontend)
+            cluster.leave()
 
 
 def _request_powerhose(request):
@@ -231,6 +238,10 @@ HTTP_ERRORS = (
      "No worker is available to handle this request; try again shortly.", True),
     (WorkerLostError, 503, "worker-lost",
      "The worker handling this request stopped before finishing; try again.", True),
+    (BrokerLostError, 503, "broker-lost",
+     "The service is restarting or unavailable; try again shortly.", True),
+    (OverloadedError, 503, "overloaded",
+     "The service has too much work queued; try again shortly.", True),
     (TimeoutError, 504, "timeout",
      "The work for this request did not finish in time.", False),
 )

@@ -132,6 +132,22 @@ def format_params(params) -> str:
     return "|".join(f"{name}:{value}" for name, value in params.items())
 
 
+def read_params_file(path: str) -> dict[str, str]:
+    """The params in ``path``, a JSON object of strings (``--params-file``)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            params = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"params_file {path}: cannot read a JSON object of params: "
+                            f"{exc}") from None
+    if not isinstance(params, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in params.items()):
+        raise SettingsError(f"params_file {path} must hold a JSON object of strings")
+    return params
+
+
 def parse_heartbeat(value) -> float | None:
     """The ``--heartbeat``/``heartbeat=`` converter, for callers outside the table."""
     return _heartbeat("heartbeat", value)
@@ -196,6 +212,10 @@ class Settings:
                                   convert=_seconds,
                                   help="random spread in seconds added to max_age, so "
                                   "workers do not all restart at once")
+    max_memory: int = option(0, roles={"worker", "cluster", "plugin"}, convert=_whole,
+                             help="recycle a worker whose resident memory has passed this "
+                             "many MiB (its peak, checked after each job) once that job is "
+                             "done, as max_age does; 0 never")
     broker_timeout: float = option(60.0, roles={"worker", "cluster", "plugin"},
                                    convert=_seconds,
                                    help="a worker exits (status 2) after this many seconds "
@@ -238,6 +258,13 @@ class Settings:
         to_text=format_params, default_factory=dict, shown="none",
         help="read back by pyramid_powerhose.get_params(); on the command line "
         "'key:value|key2:value2', in an ini file one powerhose.params.NAME per key")
+    params_file: str = option("", roles={"worker", "cluster", "plugin"}, convert=_text,
+                              shown="none",
+                              help="a JSON object of params (strings) that each worker "
+                              "reads at start, so that they stay off command lines, which "
+                              "every local user can see; params given directly override "
+                              "it.  A cluster passes its workers their params this way, in "
+                              "a file of mode 0600 in its private directory")
     curve_secret: str = option("", roles={"broker", "worker", "client", "plugin"},
                                convert=_text, shown="none: no CURVE",
                                help="this process's CURVE key pair, a .key_secret file of "
@@ -279,7 +306,7 @@ class Settings:
         if self.service.startswith("mmi."):
             raise SettingsError("service names starting with 'mmi.' are reserved")
         _positive(self, "heartbeat", "timeout", "no_worker_timeout", "grace")
-        _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout")
+        _at_least(self, 0, "worker_timeout", "max_age_delta", "broker_timeout", "max_memory")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
         if not 1 <= self.prefetch <= 64:

@@ -8,7 +8,12 @@ A cluster belongs to the process that started it.  That process holds the
 write end of this one's stdin and never writes to it, so end-of-file means
 the owner is gone, even killed by SIGKILL (the kernel closes its files).
 Then the arbiter stops its watchers, and a few seconds later whatever is
-still alive is killed: no broker or worker outlives its owner.  Circus
+still alive is killed: no broker or worker outlives its owner.
+
+Other processes may share the cluster (web servers with ``cluster = auto``
+that found it running): each holds a connection to a unix socket beside
+the frontend's (see :class:`Users`), and the cluster stays up while any of
+them lives, owner or not; it stops when the last one goes, killed or not.  Circus
 starts each process in its own session, so no signal to a process group
 could reach them all; they are found as this process's children instead.
 
@@ -19,7 +24,9 @@ written by :mod:`pyramid_powerhose.circusd` from :mod:`pyramid_powerhose.watcher
 import json
 import logging
 import os
+import selectors
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -59,8 +66,97 @@ def tolerate_busy_arbiter(arbiter):
     arbiter.manage_watchers = manage_watchers  # read by the controller when it starts
 
 
-def watch_owner(arbiter, grace, run_dir, owner_gone):
-    """Block until the owner closes our stdin, then stop everything."""
+class Users:
+    """The processes sharing the cluster besides its owner, one connection each.
+
+    A process connects to the unix socket and sends ``A`` to be counted for
+    as long as the connection stays open (the kernel closes it when the
+    process dies, however it dies), or ``?`` to be told the count.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.count = 0
+        self._changed = threading.Condition()
+        self._listener = None
+        if path is None:
+            return
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                os.unlink(path)  # left by a cluster that was killed
+            except FileNotFoundError:
+                pass
+            listener.bind(path)
+            os.chmod(path, 0o600)
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            circus_logger.warning("cannot listen on %s (%s): no other process can share "
+                                  "this cluster", path, exc)
+            return
+        self._listener = listener
+        threading.Thread(target=self._serve, name="powerhose-users", daemon=True).start()
+
+    def wait_until_none(self):
+        """Block while any process shares the cluster."""
+        with self._changed:
+            while self.count:
+                self._changed.wait()
+
+    def close(self):
+        if self._listener is not None:
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _serve(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is self._listener:
+                    self._accept(selector)
+                    continue
+                try:
+                    gone = not key.fileobj.recv(64)
+                except OSError:
+                    gone = True
+                if gone:
+                    selector.unregister(key.fileobj)
+                    key.fileobj.close()
+                    self._add(-1)
+
+    def _accept(self, selector):
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        conn.settimeout(2.0)
+        try:
+            request = conn.recv(1)
+            if request == b"A":
+                conn.setblocking(True)
+                selector.register(conn, selectors.EVENT_READ)
+                self._add(1)
+                return
+            if request == b"?":
+                conn.sendall(str(self.count).encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def _add(self, delta):
+        with self._changed:
+            self.count += delta
+            self._changed.notify_all()
+        circus_logger.info("%d other processes share this cluster", self.count)
+
+
+def watch_owner(arbiter, grace, run_dir, owner_gone, users):
+    """Block until the owner closes our stdin and no other user is left, then stop everything."""
     while True:
         try:
             if not os.read(0, 4096):
@@ -69,6 +165,12 @@ def watch_owner(arbiter, grace, run_dir, owner_gone):
             continue
         except OSError:
             break
+    if users.count:
+        circus_logger.warning("the process that started this cluster is gone; %d other "
+                              "processes share it: running until the last one goes",
+                              users.count)
+        users.wait_until_none()
+    users.close()
     owner_gone.set()
     circus_logger.warning("the process that owns this cluster is gone; stopping")
     arbiter.loop.add_callback(arbiter.stop)
@@ -97,8 +199,10 @@ def main(argv=None):
     arbiter = load_arbiter(config)
     tolerate_busy_arbiter(arbiter)
     owner_gone = threading.Event()
+    users = Users(config.get("users_socket"))
     threading.Thread(target=watch_owner, name="powerhose-owner",
-                     args=(arbiter, config["owner_grace"], config["run_dir"], owner_gone),
+                     args=(arbiter, config["owner_grace"], config["run_dir"], owner_gone,
+                           users),
                      daemon=True).start()
     try:
         arbiter.start()
@@ -107,6 +211,7 @@ def main(argv=None):
         arbiter.loop.run_sync(arbiter._emergency_stop)
         raise
     finally:
+        users.close()
         kill_children()
         if owner_gone.is_set():
             shutil.rmtree(config["run_dir"], ignore_errors=True)

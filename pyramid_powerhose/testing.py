@@ -26,7 +26,7 @@ import threading
 import time
 
 from . import worker
-from .client import check_job
+from .client import check_job, check_service
 from .exc import NoWorkerError
 from .exc import from_reply as exc_from_reply
 from .job import Job
@@ -111,9 +111,10 @@ class DummyClient:
     def _job(self, data, timeout, headers, service):
         """The Job a worker would see, checked as the real client checks it."""
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
+        service = service or self.settings.service
+        check_service(service)
         return Job(data, headers, id=b"%x" % next(self._ids),
-                   deadline=time.monotonic() + timeout,
-                   service=service or self.settings.service)
+                   deadline=time.monotonic() + timeout, service=service)
 
 
 @contextlib.contextmanager

@@ -59,6 +59,24 @@ def _supervised(settings, logfile):
 
 
 
+# -- params: in a private file, not on the command line -----------------------------------------
+
+def params_path(run_dir) -> str:
+    """Where a cluster writes its workers' params (mode 0600, in its private ``run_dir``)."""
+    return os.path.join(run_dir, "params.json")
+
+
+def params_in_file(settings, run_dir):
+    """The workers' settings with their params in :func:`params_path`, off the command line.
+
+    Every local user can read every command line (``ps``); the params may
+    hold secrets.  The cluster writes the file before circus starts.
+    """
+    if not settings.params and not settings.params_file:
+        return settings
+    return settings.replace(params={}, params_file=params_path(run_dir))
+
+
 # -- the circus configuration ---------------------------------------------------------------
 
 def graceful_timeouts(settings) -> dict[str, float]:
@@ -90,10 +108,11 @@ def circus_config(settings, run_dir, endpoint, background, python=None) -> dict:
         if settings.logfile in ("stdout", "stderr"):
             logfile = "stdout"  # into those files
     grace = graceful_timeouts(settings)
+    workers = params_in_file(settings, run_dir)
     watchers = [
         watcher(BROKER, broker_argv(settings, logfile, python), 1, grace[BROKER],
                 settings.working_dir, broker_logs, priority=2, singleton=True),
-        watcher(WORKERS, worker_argv(settings, logfile, python), settings.numprocesses,
+        watcher(WORKERS, worker_argv(workers, logfile, python), settings.numprocesses,
                 grace[WORKERS], settings.working_dir, workers_logs, priority=1),
     ]
     loglevel = "debug" if settings.debug else ("info" if background else "warning")

@@ -5,17 +5,27 @@ thread hand-off.  While a job runs, the main thread lets go of the socket
 and a watchdog thread takes it over to keep heartbeating (so the broker
 can tell a long job from a dead worker) and to enforce ``--timeout``.
 
+That thread needs the GIL, which a target stuck in C code (a regular
+expression that backtracks for ever) never lets go.  So the watchdog also
+keeps re-arming ``faulthandler``'s timer, a thread written in C that needs
+no GIL: if the watchdog has not re-armed it for ``--timeout`` plus a
+margin, it writes every thread's stack to the log and ends the process,
+and the broker fails the job with WorkerLostError; the supervisor
+restarts the worker.
+
 Life cycle, in one place each: ``connect`` (READY), ``handle_request``
 (job started, job finished), ``reconnect`` (broker lost), ``retire``
-(max age or SIGTERM: DISCONNECT after the current job, then exit).
+(max age, max memory or SIGTERM: DISCONNECT after the current job, then exit).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -28,6 +38,7 @@ from . import endpoints, multipart, protocol
 from .job import Job
 from .exc import ProtocolError, TargetError
 from .protocol import Reply
+from .settings import read_params_file
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +46,23 @@ EXIT_OK = 0
 EXIT_NO_BROKER = 2
 EXIT_JOB_TIMEOUT = 3
 
+# Seconds past --timeout before faulthandler ends a worker whose watchdog
+# thread cannot run: time for that thread to end it first, politely.
+FAULT_MARGIN = 2.0
+
 _params: dict = {}
 
 
 def get_params() -> dict:
-    """The ``--params`` this worker was started with (``'k:v|k2:v2'``)."""
+    """The params this worker was started with: its ``--params-file``, then ``--params``."""
     return dict(_params)
+
+
+def load_params(settings) -> dict:
+    """A worker's params: those in ``settings.params_file``, overridden by ``settings.params``."""
+    params = read_params_file(settings.params_file) if settings.params_file else {}
+    params.update(settings.params)
+    return params
 
 
 def resolve_target(target: str):
@@ -88,13 +110,16 @@ class Worker:
         self._client_address = b""
         self.backlog_since = None  # when the requests now in our socket may have arrived
         self._watchdog_stop = threading.Event()
+        self._fault_file = None
         age = settings.max_age
         if age > 0:
             age += random.uniform(0, settings.max_age_delta)
         self.retire_at = time.monotonic() + age if age > 0 else None
+        self.over_memory = False  # past --max-memory: retire after the current job
         self.parent = os.getppid() if settings.exit_with_parent else None
+        params = load_params(settings)
         _params.clear()
-        _params.update(settings.params)
+        _params.update(params)
 
     # -- life cycle -----------------------------------------------------------
 
@@ -115,6 +140,7 @@ class Worker:
     def run(self) -> int:
         """Serve jobs until retired, stopped, or without a broker too long."""
         self._lock.acquire()
+        self._arm_fault_timer()  # before any job: the watchdog may not get to run
         watchdog = threading.Thread(target=self._watchdog, name="powerhose-watchdog", daemon=True)
         watchdog.start()
         try:
@@ -156,7 +182,8 @@ class Worker:
                 log.warning("parent process %d is gone; stopping", self.parent)
                 self.parent = None
                 self.stop_requested = True
-            if self.stop_requested or (self.retire_at is not None and now >= self.retire_at):
+            if (self.stop_requested or self.over_memory
+                    or (self.retire_at is not None and now >= self.retire_at)):
                 return self.retire()
             if now >= self.broker_expiry:
                 no_broker_since = no_broker_since or now - self.liveness
@@ -175,7 +202,12 @@ class Worker:
 
     def retire(self) -> int:
         """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
-        reason = "stop requested" if self.stop_requested else "max age reached"
+        if self.stop_requested:
+            reason = "stop requested"
+        elif self.over_memory:
+            reason = f"resident memory past --max-memory {self.settings.max_memory} MiB"
+        else:
+            reason = "max age reached"
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
         multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
         return EXIT_OK
@@ -228,6 +260,8 @@ class Worker:
         self.next_heartbeat = now + self.heartbeat
         self.jobs_done += 1
         multipart.send(self.socket, protocol.worker_reply(command.client, reply))
+        if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
+            self.over_memory = True  # checked after each job: one system call
 
     def execute(self, job) -> Reply:
         return run_target(self.target, job)
@@ -236,22 +270,50 @@ class Worker:
 
     def _watchdog(self):
         limit = self.settings.worker_timeout
-        tick = min(self.heartbeat / 2, limit / 4 if limit else self.heartbeat, 0.5)
+        tick = self._tick()
         last_beat = 0.0
-        while not self._watchdog_stop.wait(tick):
-            started = self._busy_since
-            if started is None:
-                continue
-            now = time.monotonic()
-            if limit and now - started > limit:
-                self._job_timed_out(now - started)
-            if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
-                try:
-                    if self._busy_since is not None:
-                        multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
-                        last_beat = now
-                finally:
-                    self._lock.release()
+        try:
+            while not self._watchdog_stop.wait(tick):
+                self._arm_fault_timer()
+                last_beat = self._watch(limit, last_beat)
+        finally:
+            if limit:
+                faulthandler.cancel_dump_traceback_later()
+
+    def _tick(self) -> float:
+        limit = self.settings.worker_timeout
+        return min(self.heartbeat / 2, limit / 4 if limit else self.heartbeat, 0.5)
+
+    def _arm_fault_timer(self):
+        """(Re-)arm faulthandler's timer, if there is a --timeout.
+
+        From the watchdog thread every tick, not per job: each arming starts
+        a thread, and a job must not pay for one.  The timer fires at least
+        limit + margin after any job began, only if the watchdog stopped.
+        """
+        limit = self.settings.worker_timeout
+        if limit:
+            if self._fault_file is None:
+                self._fault_file = _fault_file()
+            faulthandler.dump_traceback_later(limit + FAULT_MARGIN + self._tick(), exit=True,
+                                              file=self._fault_file)
+
+    def _watch(self, limit, last_beat) -> float:
+        """One tick: end a job past ``limit``, heartbeat while busy; the last beat's time."""
+        started = self._busy_since
+        if started is None:
+            return last_beat
+        now = time.monotonic()
+        if limit and now - started > limit:
+            self._job_timed_out(now - started)
+        if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
+            try:
+                if self._busy_since is not None:
+                    multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
+                    last_beat = now
+            finally:
+                self._lock.release()
+        return last_beat
 
     def _job_timed_out(self, elapsed):
         """Past --timeout: log every stack, tell the client, exit for a restart."""
@@ -275,6 +337,24 @@ class Worker:
                 pass
         logging.shutdown()
         os._exit(EXIT_JOB_TIMEOUT)
+
+
+def _peak_memory() -> int:
+    """The most resident memory this process has used, in bytes (one getrusage call)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # KiB elsewhere
+
+
+def _fault_file():
+    """Where faulthandler writes: the log's stream, if it is a real file, else stderr."""
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            continue
+        return stream
+    return sys.stderr
 
 
 def run_target(target, job) -> Reply:

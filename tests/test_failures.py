@@ -166,13 +166,14 @@ def test_a_reply_read_after_the_broker_stopped_is_not_lost(start_broker, start_w
     wait_workers(client, 1)
     channel = client._channel()
     req = Request(b"default", channel.next_id(), b"0.5", 10_000)
+    losses = channel.losses
     multipart.send(channel.socket, protocol.client_request(req))
     wait_busy(client)
     assert multipart.recv_within(channel.socket, 0) is None  # nothing yet
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(10) == 0  # the job finished, its reply went out, then the connection closed
     time.sleep(0.5)  # time for the client's I/O thread to see the connection go
-    reply = client._receive(channel.socket, {req.job_id}, time.monotonic() + 1, req, 1)
+    reply = client._receive(channel, {req.job_id}, time.monotonic() + 1, req, 1, losses)
     assert reply.ok and reply.data.isdigit()
 
 

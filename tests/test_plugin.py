@@ -4,8 +4,10 @@ Every app is built with ``Configurator`` + ``config.include`` and driven
 through ``webtest.TestApp``; the jobs go over real sockets.
 """
 
+import logging
 import os
 import threading
+import time
 
 import psutil
 import pytest
@@ -379,3 +381,57 @@ def test_spawn_starts_a_cluster_with_the_app_and_stops_it(make_app, client):
     wait_for(lambda: all_gone(processes), timeout=20, what="the cluster to stop")
     assert client.ping(timeout=0.3) is None
     assert live_children() <= before
+
+
+def test_no_broker_is_503_at_once(make_app, endpoints):
+    """attach with nothing listening: 503 within about a second, not 504 at the timeout."""
+    app = make_app(timeout="30", frontend=endpoints.frontend + ".none")
+    started = time.monotonic()
+    response = app.get("/job", {"data": "x"}, status=503)
+    assert time.monotonic() - started < 2.5
+    assert response.json["error"] == "broker-lost"
+    assert response.headers["Retry-After"] == "1"
+
+
+@pytest.fixture
+def overloaded_broker(endpoints):
+    """A stand-in broker whose every service is full: OverloadedError at once."""
+    import zmq
+    from pyramid_powerhose import protocol
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(endpoints.frontend)
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            if router.poll(50):
+                address, *frames = router.recv_multipart()
+                request = protocol.parse_frontend([address, *frames])
+                reply = protocol.Reply.error(request.request.job_id, protocol.ERR_OVERLOADED,
+                                             "queue full")
+                router.send_multipart(protocol.frontend_reply(request, reply))
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+    context.destroy(linger=0)
+
+
+def test_overloaded_is_503_with_retry_after(overloaded_broker, make_app):
+    response = make_app().get("/job", {"data": "x"}, status=503)
+    assert response.json["error"] == "overloaded"
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_a_storm_of_errors_logs_a_bounded_amount(overloaded_broker, make_app, caplog):
+    app = make_app()
+    with caplog.at_level(logging.WARNING, logger="pyramid_powerhose.plugin"):
+        for _ in range(100):
+            app.get("/job", {"data": "x"}, status=503)
+    warnings = [r for r in caplog.records if r.name == "pyramid_powerhose.plugin"]
+    assert len(warnings) <= 20  # of 100, whatever earlier tests logged

@@ -31,11 +31,12 @@ CHANGED = dict(
     target="tests.targets:echo", frontend="tcp://127.0.0.1:5001",
     backend="ipc:///tmp/powerhose-test/back.sock", service="resize", heartbeat=0.25,
     liveness=4, timeout=2.5, worker_timeout=30.5, max_age=600.0, max_age_delta=1 / 3,
-    broker_timeout=20.0, prefetch=3, nice=0, no_worker_timeout=2.0, max_job_size=1024, max_queue=7,
-    max_queue_bytes=4096, curve_secret="/k/me.key_secret", curve_broker="/k/broker.key",
-    curve_allow="/k/allowed", insecure=True,
+    broker_timeout=20.0, max_memory=512, prefetch=3, nice=0, no_worker_timeout=2.0,
+    max_job_size=1024, max_queue=7, max_queue_bytes=4096, curve_secret="/k/me.key_secret",
+    curve_broker="/k/broker.key", curve_allow="/k/allowed", insecure=True,
     grace=3.5, numprocesses=3, working_dir="/srv/app", cluster="attach", http_errors=False,
-    params={"region": "eu", "size": "a:b"}, exit_with_parent=True, logfile="stderr",
+    params={"region": "eu", "size": "a:b"}, params_file="/etc/app/params.json",
+    exit_with_parent=True, logfile="stderr",
     debug=True)
 
 

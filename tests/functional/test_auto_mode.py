@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import urllib.request
 
 import psutil
@@ -96,7 +97,7 @@ def brokers(procs_list, run_dir):
     return found
 
 
-def test_three_servers_share_one_broker_and_it_dies_with_its_spawner(procs, endpoints):
+def test_three_servers_share_one_broker_and_it_outlives_its_spawner(procs, endpoints):
     servers = [start_server(procs, endpoints) for _ in range(3)]
     ports = [port_of(server) for server in servers]
 
@@ -127,8 +128,17 @@ def test_three_servers_share_one_broker_and_it_dies_with_its_spawner(procs, endp
     assert len(cluster) >= 4  # supervisor, broker, 2 workers
     os.kill(spawner.pid, signal.SIGKILL)
     spawner.wait(5)
+    # The others still use it, past the supervisor's grace for a dead owner.
+    time.sleep(5)
+    for i, port in enumerate(ports):
+        if servers[i] is not spawner:
+            assert int(get(port, "/ping")) == broker_pid
+            assert get(port, f"/job?data=after{i}") == f"after{i}".encode()
+    for server in servers:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGKILL)
     wait_for(lambda: all_gone(cluster), timeout=GONE_TIMEOUT, interval=0.1,
-             what="the orphaned cluster to exit")
+             what="the cluster to exit after its last user")
     assert brokers(psutil.process_iter(), endpoints.dir) == []
 
 
