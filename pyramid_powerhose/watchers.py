@@ -161,7 +161,8 @@ def circus_ini(settings, endpoint, pubsub_endpoint, python=None) -> str:
     # run_dir only places a background cluster's logs and events: unused here.
     config = circus_config(settings, None, endpoint, background=False, python=python)
     lines = [
-        "# A powerhose cluster for circusd: a broker and its workers.",
+        "# A powerhose cluster for circusd: a broker and its workers.  Run it with",
+        "#     circusd FILE",
         f"# Clients connect to {settings.frontend}, workers to {settings.backend}.",
         "",
         "[circus]",

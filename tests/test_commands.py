@@ -1,4 +1,4 @@
-"""powerhose-broker and powerhose-worker as a user runs them."""
+"""powerhose-broker, powerhose-worker and powerhose as a user runs them."""
 
 import os
 import shutil
@@ -271,6 +271,25 @@ def test_printed_circus_ini_runs_under_circusd(procs, run_dir, endpoints):
     assert circusd.wait(60) == 0, read_log(circusd)
     wait_for(lambda: all_gone(processes), what="the broker and workers to exit")
     assert mentioning(run_dir) == []
+
+
+def test_printed_circus_ini_for_a_tcp_frontend_keeps_circus_private(run_dir):
+    """With no ipc frontend to sit beside, circus's sockets go to the private
+    default directory, not to circus's default tcp://127.0.0.1:5555."""
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    ini = os.path.join(run_dir, "circus.ini")
+    with open(ini, "w") as f:
+        printed = subprocess.run(command("powerhose") + [
+            "tests.targets:echo", "--frontend", free_tcp_endpoint(), "--print-circus-ini"],
+            stdout=f, stderr=subprocess.PIPE, text=True, timeout=30,
+            env=dict(os.environ, XDG_RUNTIME_DIR=runtime))
+    assert printed.returncode == 0, printed.stderr
+    config = circus_config.get_config(ini)
+    private = os.path.join(runtime, "powerhose")
+    assert config["endpoint"].startswith(f"ipc://{private}/")
+    assert config["pubsub_endpoint"].startswith(f"ipc://{private}/")
+    assert config["endpoint"] != config["pubsub_endpoint"]
 
 
 @pytest.mark.parametrize("path", ["examples/circus.ini", "examples/cpp_worker/circus.ini",
