@@ -326,7 +326,8 @@ def report(contestants, skipped, lat, tput, measured, args):
                f"[{min(medians):.1f}-{max(medians):.1f}]",
                f"{statistics.median(s[2] for s in lat[name]):.1f}"]
         if "relay" in lat:
-            value, per_round = harness.ratio([(a[1], b[1]) for a, b in zip(lat[name], lat["relay"])])
+            value, per_round = harness.ratio([(a[1], b[1])
+                                              for a, b in zip(lat[name], lat["relay"])])
             verdicts[name]["round trip"] = value
             row += [f"{value:.2f}", per_round]
         rows.append(row)
