@@ -292,6 +292,16 @@ def test_printed_circus_ini_for_a_tcp_frontend_keeps_circus_private(run_dir):
     assert config["endpoint"] != config["pubsub_endpoint"]
 
 
+def test_circus_ini_refuses_what_circus_would_cut(endpoints):
+    """circus's parser ends a value at ' ;' (a comment): such a setting cannot be
+    written, and the command says so in one line rather than print a broken file."""
+    result = run(command("powerhose") + [
+        "tests.targets:echo", "--backend", endpoints.backend, "--frontend", endpoints.frontend,
+        "--params", "note:one ;two", "--print-circus-ini"])
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize("path", ["examples/circus.ini", "examples/cpp_worker/circus.ini",
                                   "demo_app/circus.ini"])
 def test_shipped_circus_files_pass_the_environment_on(path, run_dir, monkeypatch):
