@@ -14,11 +14,13 @@ machine they run on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import math
 import os
 import platform
+import signal
 import statistics
 import threading
 import time
@@ -115,9 +117,10 @@ def run_threads(call, data, jobs, threads, progress=None):
             start.abort()
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
     try:
+        with _signals_held():
+            for worker in workers:
+                worker.start()
         start.wait()
         started = time.perf_counter()
         for worker in workers:
@@ -134,6 +137,25 @@ def run_threads(call, data, jobs, threads, progress=None):
     if errors:
         raise errors[0]
     return time.perf_counter() - started, [r for out in results for r in out]
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until every thread is started and watched.
+
+    Raised between two starts, the exception would leave a started thread
+    calling unwatched while its socket is closed.  The threads inherit the
+    mask: the signals reach the main thread, as Python delivers them anyway.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def overhead(local, remote, data, count):
