@@ -2,7 +2,7 @@
 
 import sys
 
-from pyramid_powerhose.bench import main
+from pyramid_powerhose.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,7 +31,7 @@ order rotates from round to round), medians over rounds:
     python bench/engines.py             # 7 rounds of each measure, about 6 minutes
     python bench/engines.py --quick     # smoke run, about 20 seconds
     python bench/engines.py --only relay,current,current-pure --rounds 3
-    python bench/engines.py --baseline HEAD~5 --rst
+    python bench/engines.py --baseline HEAD~5 --rst   # header as an RST sentence
 """
 
 from __future__ import annotations
@@ -41,33 +41,24 @@ import glob
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import floor  # noqa: E402
-import overhead  # noqa: E402
-from overhead import PAYLOAD, Load, Processes, machine, table, wait_until  # noqa: E402
+import harness
+from harness import PAYLOAD, REPO, THREADS, Load, Processes, ReqCaller, say, wait_until
 
-from pyramid_powerhose import Client  # noqa: E402
-from pyramid_powerhose.bench import (  # noqa: E402
-    BUILTIN_TARGET, break_even, jobs_for, rounds_per_ms)
-from pyramid_powerhose.settings import Settings  # noqa: E402
+from pyramid_powerhose.bench import (
+    BUILTIN_TARGET, break_even, describe_machine, jobs_for, rounds_per_ms, table)
 
-REPO = overhead.REPO
 CONTESTANTS = ("relay", "baseline-native", "baseline-python", "current", "current-pure")
 SHORT = dict(zip(CONTESTANTS, ("r", "bn", "bp", "c", "cp")))  # ipc paths are limited to 107 bytes
 BASELINE = "73e07e2"
-ECHO_TARGET = "tests.targets:echo"
 WORKERS = 2
-THREADS = overhead.THREADS  # 8, for jobs/s
+BREAK_EVEN_THREADS = 4  # as floor.py and powerhose-bench
 SIZES_MS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 TARGETS = {"round trip": 1.3, "jobs/s": 0.9}  # from the issue
 # A broker started in a tree must import that tree's modules only.  An
@@ -118,10 +109,6 @@ def launch(*args, module="pyramid_powerhose.cli.broker"):
 
 
 # -- preparing the contestants -----------------------------------------------
-
-
-def say(text):
-    print(f"# {text}", file=sys.stderr, flush=True)
 
 
 def run_quietly(name, argv, cwd, work_dir, what):
@@ -223,38 +210,15 @@ def prepare(names, rev, work_dir):
 def start_broker(procs, contestant, run_dir, tag, target):
     """A contestant's broker and WORKERS powerhose-workers; returns a Client, once all are ready."""
     name, short = f"{tag}-{contestant.name}", f"{run_dir}/{tag}-{SHORT[contestant.name]}"
-    front, back = f"ipc://{short}-f.sock", f"ipc://{short}-b.sock"
-    broker = procs.start(f"{name}-broker", contestant.argv + [
-        "--frontend", front, "--backend", back], path=contestant.path)
-    for i in range(WORKERS):
-        procs.start(f"{name}-worker-{i}", overhead.console_script(
-            "powerhose-worker", "pyramid_powerhose.cli.worker") + [target, "--backend", back])
-    client = Client(settings=Settings(frontend=front, backend=back, timeout=60.0))
-    try:
-        wait_until(lambda: client.ping(timeout=0.2) == broker.pid, procs,
-                   f"{contestant.name}'s broker")
-        wait_until(lambda: client.stats()["services"].get("default", {}).get("workers")
-                   == WORKERS, procs, f"{WORKERS} workers behind {contestant.name}")
-    except BaseException:
-        client.close()
-        raise
-    with open(os.path.join(run_dir, f"{name}-broker.log"), errors="replace") as log:
-        head = log.read(4000)
+    client, _, _ = harness.start_powerhose(
+        procs, f"ipc://{short}-f.sock", f"ipc://{short}-b.sock", target, WORKERS, name,
+        broker=contestant.argv, broker_path=contestant.path)
     # Today's broker logs "(compiled)" or "(pure Python)"; 73e07e2's, "engine: X".
-    engine = re.search(r"engine\W+(\w+)|\((compiled|pure Python)\)", head)
+    engine = re.search(r"engine\W+(\w+)|\((compiled|pure Python)\)",
+                       procs.log(f"{name}-broker")[:4000])
     contestant.engine = ("?" if engine is None else engine.group(1)
                          or {"compiled": "compiled", "pure Python": "python"}[engine.group(2)])
     return client
-
-
-def start_echo_relay(procs, run_dir):
-    """overhead.py's (c), with WORKERS REP echo workers; returns its frontend."""
-    front, back = f"ipc://{run_dir}/rt-r-f.sock", f"ipc://{run_dir}/rt-r-b.sock"
-    serve = [sys.executable, overhead.__file__, "_serve"]
-    procs.start("rt-relay", serve + ["proxy", front, back])
-    for i in range(WORKERS):
-        procs.start(f"rt-relay-worker-{i}", serve + ["rep-connect", back])
-    return front
 
 
 # -- measuring -----------------------------------------------------------------
@@ -286,20 +250,20 @@ def round_trips(contestants, run_dir, args):
         latency, throughput = {}, {}
         for c in contestants:
             if c.name == "relay":
-                front = start_echo_relay(phase.procs, run_dir)
-                latency[c.name] = overhead.req_caller(phase.context, front, phase.procs)
-                caller = floor.ReqCaller(phase.context, [front])  # a REQ socket per thread
+                front = harness.start_relay(phase.procs, run_dir, "rt-r", WORKERS)
+                latency[c.name] = harness.req_caller(phase.context, front, phase.procs)
+                caller = ReqCaller(phase.context, [front])  # a REQ socket per thread
                 phase.callers.append(caller)
                 phase.loads.append(Load(lambda caller=caller: caller(PAYLOAD)))
             else:
-                client = start_broker(phase.procs, c, run_dir, "rt", ECHO_TARGET)
+                client = start_broker(phase.procs, c, run_dir, "rt", harness.ECHO_TARGET)
                 phase.clients.append(client)
                 latency[c.name] = lambda client=client: client.execute(PAYLOAD)
                 phase.loads.append(Load(latency[c.name]))
             throughput[c.name] = phase.loads[-1]
         say("round trip and jobs/s: processes ready; warming up")
-        lat, tput = overhead.run_rounds(latency, throughput, args.rounds, args.count,
-                                        args.tput_count, args.warmup, say)
+        lat, tput = harness.run_rounds(latency, throughput, args.rounds, args.count,
+                                       args.tput_count, args.warmup)
         phase.procs.check()
         return lat, tput
     finally:
@@ -310,11 +274,11 @@ def break_evens(contestants, run_dir, args):
     """Measure 3: per size, per path, jobs/s per round; and in-process CPU ms per job."""
     phase = Phase(run_dir)
     try:
-        calls = {"in-process": floor.in_process}
+        calls = {"in-process": harness.in_process}
         for c in contestants:
             if c.name == "relay":
-                caller = floor.ReqCaller(phase.context, [floor.start_relay(
-                    phase.procs, run_dir, "be-r")])
+                caller = ReqCaller(phase.context, [harness.start_relay(
+                    phase.procs, run_dir, "be-r", WORKERS, job="jobs")])
                 phase.callers.append(caller)
                 calls[c.name] = caller
             else:
@@ -322,23 +286,16 @@ def break_evens(contestants, run_dir, args):
                 phase.clients.append(client)
                 calls[c.name] = client.execute
         for name, call in calls.items():  # every worker has answered before anything is timed
-            wait_until(lambda: all(call(b"1") == floor.in_process(b"1")
+            wait_until(lambda: all(call(b"1") == harness.in_process(b"1")
                                    for _ in range(2 * WORKERS)), phase.procs, name)
-        paths = tuple(calls)
-        total = len(args.sizes) * args.be_rounds * len(paths)
-        done = [0]
-
-        def progress():
-            done[0] += 1
-            print(f"# break-even: {done[0]}/{total} runs", file=sys.stderr, end="\r",
-                  flush=True)
-
+        progress = harness.counter(len(args.sizes) * args.be_rounds * len(calls), "break-even")
         # Sized once, from the median of three timings: sized anew for each
         # size (as floor.py does), a busy moment could make a larger size
         # smaller than the one before it.
         per_ms = statistics.median(rounds_per_ms() for _ in range(3))
-        measured = [floor.measure_size(calls, ms, args.jobs or jobs_for(ms) // 2,
-                                       args.be_rounds, i, progress, paths, per_ms)
+        measured = [harness.measure_size(calls, ms, args.jobs or jobs_for(ms) // 2,
+                                         args.be_rounds, i, progress, BREAK_EVEN_THREADS,
+                                         per_ms)
                     for i, ms in enumerate(args.sizes)]
         print(file=sys.stderr)
         phase.procs.check()
@@ -350,28 +307,17 @@ def break_evens(contestants, run_dir, args):
 # -- reporting -----------------------------------------------------------------
 
 
-def ratio(pairs):
-    """Ratio of the medians, and the range of the per-round ratios."""
-    value = statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
-    rounds = [a / b for a, b in pairs]
-    return value, f"[{min(rounds):.2f}-{max(rounds):.2f}]"
-
-
 def report(contestants, skipped, lat, tput, measured, args):
-    rst, out = args.rst, []
-    if rst:
-        out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
-    else:
-        out += [f"{k:8}{v}" for k, v in machine()] + [""]
+    out = [describe_machine(args.rst), ""]
     names = [c.name for c in contestants]
     out.append(table(["contestant", "broker", "engine", "compiled", "broker module"],
                      [[c.name, c.source, c.engine, c.compiled, c.module]
-                      for c in contestants], rst))
+                      for c in contestants]))
     out += [""] + [f"skipped: {line}" for line in skipped] + ([""] if skipped else [])
 
     out.append(f"Round trip of a {len(PAYLOAD)}-byte echo, one client thread, {WORKERS} "
                f"workers: {args.rounds} rounds x {args.count} round trips, taking turns "
-               f"every {overhead.BLOCK}; median across rounds [range of the rounds' medians].")
+               f"every {harness.BLOCK}; median across rounds [range of the rounds' medians].")
     out.append("")
     rows, verdicts = [], {name: {} for name in names}
     for name in names:
@@ -380,12 +326,13 @@ def report(contestants, skipped, lat, tput, measured, args):
                f"[{min(medians):.1f}-{max(medians):.1f}]",
                f"{statistics.median(s[2] for s in lat[name]):.1f}"]
         if "relay" in lat:
-            value, per_round = ratio([(a[1], b[1]) for a, b in zip(lat[name], lat["relay"])])
+            value, per_round = harness.ratio([(a[1], b[1])
+                                              for a, b in zip(lat[name], lat["relay"])])
             verdicts[name]["round trip"] = value
             row += [f"{value:.2f}", per_round]
         rows.append(row)
     out.append(table(["round trip (us)", "median", "range", "p99", "x relay", "per round"]
-                     [:6 if "relay" in lat else 4], rows, rst))
+                     [:6 if "relay" in lat else 4], rows))
     out.append("")
 
     out.append(f"{THREADS} client threads, {WORKERS} workers: {args.rounds} rounds x "
@@ -397,15 +344,15 @@ def report(contestants, skipped, lat, tput, measured, args):
         row = [name, f"{statistics.median(tput[name]):.0f}",
                f"[{min(tput[name]):.0f}-{max(tput[name]):.0f}]"]
         if ref:
-            value, per_round = ratio(list(zip(tput[name], tput[ref])))
+            value, per_round = harness.ratio(list(zip(tput[name], tput[ref])))
             verdicts[name]["jobs/s"] = value
             row += [f"{value:.2f}", per_round]
         rows.append(row)
     out.append(table(["jobs/s", "median", "range", "x baseline-native", "per round"]
-                     [:5 if ref else 3], rows, rst))
+                     [:5 if ref else 3], rows))
     out.append("")
 
-    out.append(f"Break-even: {floor.THREADS} threads, {WORKERS} workers, the built-in job "
+    out.append(f"Break-even: {BREAK_EVEN_THREADS} threads, {WORKERS} workers, the built-in job "
                f"({BUILTIN_TARGET}); speed-up over in-process threads, median over "
                f"{args.be_rounds} rounds of the ratio within a round.  CPU ms: the "
                "in-process runs' CPU time per job.")
@@ -421,7 +368,7 @@ def report(contestants, skipped, lat, tput, measured, args):
     evens = {name: break_even(line) for name, line in points.items()}
     rows.append(["break-even", "", ""] + [f"{evens[n]:.3f} ms" if evens[n] else "not reached"
                                            for n in names])
-    out.append(table(["job ms", "CPU ms", "in-process jobs/s", *names], rows, rst))
+    out.append(table(["job ms", "CPU ms", "in-process jobs/s", *names], rows))
     out.append("")
 
     relay_even = evens.get("relay", False)
@@ -453,7 +400,7 @@ def report(contestants, skipped, lat, tput, measured, args):
     out.append(table(["targets (from the issue)",
                       f"round trip <= {TARGETS['round trip']} x relay",
                       f"jobs/s >= {TARGETS['jobs/s']} x baseline-native",
-                      f"break-even <= relay's ({relay_text})", "verdict"], rows, rst))
+                      f"break-even <= relay's ({relay_text})", "verdict"], rows))
     return "\n".join(out)
 
 
@@ -481,7 +428,8 @@ def parse_args(argv):
     parser.add_argument("--jobs", type=int, default=0,
                         help="break-even: jobs per path per round (default: about 1 s "
                         "of work)")
-    parser.add_argument("--rst", action="store_true", help="print the tables as RST")
+    parser.add_argument("--rst", action="store_true",
+                        help="the machine header as one sentence, for an RST document")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 rounds of 200 round trips, break-even at 2 "
                         "sizes, 1 round of 40 jobs")
@@ -504,13 +452,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    def on_term(*_):
-        raise SystemExit(143)  # cleanup in the finally block below
-    signal.signal(signal.SIGTERM, on_term)
-
-    work_dir = tempfile.mkdtemp(prefix="ph-engines-")
-    try:
+    with harness.private_dir("ph-engines-") as work_dir:
         contestants, skipped = prepare(args.only, args.baseline, work_dir)
         for line in skipped:
             say(f"skipped: {line}")
@@ -522,13 +464,7 @@ def main(argv=None):
         measured = break_evens(contestants, run_dir, args)
         print(report(contestants, skipped, lat, tput, measured, args))
         return 0
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the children are stopped and the temp dir removed
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    harness.run_script(main)

@@ -36,27 +36,17 @@ in this project's code.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
-import threading
-import time
 
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from overhead import Processes, machine, serve, table, wait_until  # noqa: E402
+import harness
+from harness import SERVE, Processes, ReqCaller, in_process, wait_until
 
-from pyramid_powerhose import Client  # noqa: E402
-from pyramid_powerhose.bench import (  # noqa: E402
-    BUILTIN_TARGET, break_even, hmac_chain, jobs_for, rounds_per_ms, run_threads)
-from pyramid_powerhose.cluster import get_cluster  # noqa: E402
-from pyramid_powerhose.job import Job  # noqa: E402
-from pyramid_powerhose.settings import Settings  # noqa: E402
+from pyramid_powerhose import Client
+from pyramid_powerhose.bench import BUILTIN_TARGET, break_even, describe_machine, jobs_for, table
+from pyramid_powerhose.cluster import get_cluster
 
 PATHS = ("in-process", "powerhose", "relay", "direct")
 SIZES_MS = (0.1, 0.2, 0.3, 0.5, 1.0)
@@ -64,95 +54,14 @@ THREADS = 4
 WORKERS = 2
 
 
-def serve_jobs(how, *endpoints):
-    """Run in a child: a REP worker running the built-in job, until killed."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.nice(Settings().nice)  # as a powerhose-worker does
-    sock = zmq.Context().socket(zmq.REP)
-    for endpoint in endpoints:
-        if how == "bind":
-            sock.bind(endpoint)
-        else:
-            sock.connect(endpoint)
-    while True:
-        sock.send(hmac_chain(Job(sock.recv())))
-
-
-def in_process(data):
-    return hmac_chain(Job(data))
-
-
-class ReqCaller:
-    """One REQ socket per calling thread, connected to ``endpoints``."""
-
-    def __init__(self, context, endpoints):
-        self.context, self.endpoints = context, endpoints
-        self.local = threading.local()
-        self.sockets = []
-        self.lock = threading.Lock()
-
-    def __call__(self, data):
-        sock = getattr(self.local, "sock", None)
-        if sock is None:
-            sock = self.local.sock = self.context.socket(zmq.REQ)
-            sock.linger = 0
-            sock.rcvtimeo = 60_000  # a worker that died fails the run instead of hanging it
-            for endpoint in self.endpoints:
-                sock.connect(endpoint)
-            with self.lock:
-                self.sockets.append(sock)
-        sock.send(data)
-        return sock.recv()
-
-    def close(self):
-        for sock in self.sockets:
-            sock.close(0)
-
-
-SERVE = [sys.executable, os.path.abspath(__file__), "_serve"]
-
-
-def start_relay(procs, run_dir, name="relay"):
-    """The relay and its WORKERS job workers; returns its frontend endpoint."""
-    front, back = f"ipc://{run_dir}/{name}-front.sock", f"ipc://{run_dir}/{name}-back.sock"
-    procs.start(name, SERVE + ["proxy", front, back])
-    for i in range(WORKERS):
-        procs.start(f"{name}-worker-{i}", SERVE + ["jobs", "connect", back])
-    return front
-
-
 def start_floors(procs, run_dir):
     """The relay and the direct workers; returns their callers."""
-    front = start_relay(procs, run_dir)
+    front = harness.start_relay(procs, run_dir, "relay", WORKERS, job="jobs")
     direct = [f"ipc://{run_dir}/direct-{i}.sock" for i in range(WORKERS)]
     for i in range(WORKERS):
-        procs.start(f"direct-worker-{i}", SERVE + ["jobs", "bind", direct[i]])
+        procs.start(f"direct-worker-{i}", SERVE + ["jobs-bind", direct[i]])
     context = zmq.Context()
     return context, {"relay": ReqCaller(context, [front]), "direct": ReqCaller(context, direct)}
-
-
-def measure_size(calls, ms, jobs, rounds, first_round, progress, paths=PATHS, per_ms=None):
-    """Rounds at one size: per path, jobs/s per round; and in-process CPU ms per job.
-
-    ``paths`` name the ``calls`` to take turns, "in-process" among them;
-    ``per_ms``, the job's rounds per millisecond, is measured anew if not given.
-    """
-    data = b"%d" % max(1, round((per_ms or rounds_per_ms()) * ms))
-    expected = in_process(data)
-    rates = {path: [] for path in paths}
-    cpu_ms = []
-    for r in range(rounds):
-        shift = (first_round + r) % len(paths)
-        for path in paths[shift:] + paths[:shift]:
-            cpu = time.process_time()
-            seconds, results = run_threads(calls[path], data, jobs, THREADS)
-            if path == "in-process":  # with each thread's warm-up call
-                cpu_ms.append((time.process_time() - cpu) / (jobs + THREADS) * 1000)
-            if any(result != expected for result in results):
-                raise RuntimeError(f"{path} returned a wrong result at {ms} ms")
-            rates[path].append(jobs / seconds)
-            progress()
-    return rates, statistics.median(cpu_ms)
 
 
 def report(sizes, measured, rounds):
@@ -168,9 +77,10 @@ def report(sizes, measured, rounds):
         row.append(f"{statistics.median(mine):.2f}")
         rows.append(row)
     print(table(["job ms", "CPU ms", "in-process jobs/s", "powerhose", "relay", "direct",
-                 "powerhose/relay"], rows, False))
-    print(f"(speed-ups over in-process and powerhose/relay: medians over {rounds} rounds of "
-          "the ratio within a round; CPU ms: the in-process runs' CPU time per job)")
+                 "powerhose/relay"], rows))
+    over = f"medians over {rounds} rounds of" if rounds > 1 else "one round:"
+    print(f"(speed-ups over in-process and powerhose/relay: {over} the ratio within a round; "
+          "CPU ms: the in-process runs' CPU time per job)")
     for path, line in points.items():
         even = break_even(line)
         print(f"break-even, {path}: " + (f"{even:.3f} ms" if even else "not reached"))
@@ -198,62 +108,42 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    if len(sys.argv) > 2 and sys.argv[1] == "_serve":
-        if sys.argv[2] == "jobs":
-            return serve_jobs(*sys.argv[3:])
-        return serve(*sys.argv[2:])
     args = parse_args(argv)
-
-    def on_term(*_):
-        raise SystemExit(143)  # cleanup in the finally block below
-    signal.signal(signal.SIGTERM, on_term)
-
-    for key, value in machine():
-        print(f"{key:7s} {value}")
+    print(describe_machine())
     print(f"{THREADS} threads; {WORKERS} workers behind powerhose, the relay and direct")
-    run_dir = tempfile.mkdtemp(prefix="ph-floor-")
-    procs = Processes(run_dir)
-    cluster = context = callers = client = None
-    try:
-        cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS, background=True,
-                              timeout=0)
-        cluster.start()
-        client = Client(frontend=cluster.frontend, timeout=60)
-        context, callers = start_floors(procs, run_dir)
-        calls = {"in-process": in_process, "powerhose": client.execute, **callers}
-        for path in PATHS[1:]:  # every worker has answered before anything is timed
-            wait_until(lambda: all(calls[path](b"1") == in_process(b"1")
-                                   for _ in range(2 * WORKERS)), procs, path)
-        total = len(args.sizes) * args.rounds * len(PATHS)
-        done = [0]
-
-        def progress():
-            done[0] += 1
-            print(f"# {done[0]}/{total} runs", file=sys.stderr, end="\r", flush=True)
-
-        measured = [measure_size(calls, ms, args.jobs or jobs_for(ms), args.rounds, i, progress)
-                    for i, ms in enumerate(args.sizes)]
-        print(file=sys.stderr)
-        report(args.sizes, measured, args.rounds)
-        return 0
-    finally:
-        procs.close()
-        if cluster is not None:
-            cluster.stop()
-        # The calling threads are done, even after Ctrl-C (run_threads
-        # waits for them): their sockets can be closed.
-        if client is not None:
-            client.close()
-        if callers is not None:
-            for caller in callers.values():
-                caller.close()
-            context.term()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with harness.private_dir("ph-floor-") as run_dir:
+        procs = Processes(run_dir)
+        cluster = context = callers = client = None
+        try:
+            cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS, background=True,
+                                  timeout=0)
+            cluster.start()
+            client = Client(frontend=cluster.frontend, timeout=60)
+            context, callers = start_floors(procs, run_dir)
+            calls = {"in-process": in_process, "powerhose": client.execute, **callers}
+            for path in PATHS[1:]:  # every worker has answered before anything is timed
+                wait_until(lambda: all(calls[path](b"1") == in_process(b"1")
+                                       for _ in range(2 * WORKERS)), procs, path)
+            progress = harness.counter(len(args.sizes) * args.rounds * len(PATHS), "floor")
+            measured = [harness.measure_size(calls, ms, args.jobs or jobs_for(ms), args.rounds, i,
+                                             progress, THREADS)
+                        for i, ms in enumerate(args.sizes)]
+            print(file=sys.stderr)
+            report(args.sizes, measured, args.rounds)
+            return 0
+        finally:
+            procs.close()
+            if cluster is not None:
+                cluster.stop()
+            # The calling threads are done, even after Ctrl-C (run_threads
+            # waits for them): their sockets can be closed.
+            if client is not None:
+                client.close()
+            if callers is not None:
+                for caller in callers.values():
+                    caller.close()
+                context.term()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # the children are stopped and the temp dir removed
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    harness.run_script(main)

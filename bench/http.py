@@ -37,25 +37,23 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE
 import argparse  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 import psutil  # noqa: E402
 
-REPO = os.path.dirname(_HERE)
+# The standard library's http is imported now: the harness beside this file may come back.
+sys.path.insert(0, _HERE)
+import harness  # noqa: E402
+from harness import BIN, REPO, Processes  # noqa: E402
+
 sys.path.insert(0, REPO)
-
 from demo_app import assertion  # noqa: E402
-from pyramid_powerhose.bench import cpu_model  # noqa: E402
+from pyramid_powerhose.bench import describe_machine, table  # noqa: E402
 
-BIN = os.path.dirname(sys.executable)
 INI = os.path.join(REPO, "demo_app", "development.ini")
 VARIANTS = ("in-process", "offloaded")
 TARGET_RATIO = 1.6  # offloaded / in-process requests/s, on 2 cores
@@ -74,20 +72,18 @@ def free_port():
 class Server:
     """One ``pserve development.ini`` in its own session, with its cluster."""
 
-    def __init__(self, name, offload, run_dir, workers):
+    def __init__(self, name, offload, procs, workers):
         self.name = name
         self.port = free_port()
         self.offload = offload
         self.workers = workers
-        self.log_path = os.path.join(run_dir, f"{name}.log")
-        sock_dir = os.path.join(run_dir, name)
+        self.procs = procs
+        sock_dir = os.path.join(procs.run_dir, name)
         os.mkdir(sock_dir, 0o700)
         argv = [os.path.join(BIN, "pserve"), INI, f"http_port={self.port}",
                 f"offload={'true' if offload else 'false'}", f"workers={workers}",
                 f"frontend=ipc://{sock_dir}/front.sock", f"backend=ipc://{sock_dir}/back.sock"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+        self.proc = procs.start(name, argv, preexec_fn=_die_with_parent)
         self.family = []
 
     def wait_ready(self, timeout=90.0):
@@ -121,23 +117,14 @@ class Server:
         return web, cluster
 
     def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-4000:]
+        return self.procs.log(self.name, tail=4000)
 
-    def stop(self):
-        """SIGINT (pserve exits and stops its cluster), then kill what is left."""
+    def remember_family(self):
+        """The cluster's processes, known before pserve exits and they are reparented."""
         self.family = self.family or _family(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
+
+    def reap(self):
+        """Once pserve has stopped (its cluster follows it), kill what is left of the cluster."""
         _, alive = psutil.wait_procs(self.family, timeout=10)
         for proc in alive:
             try:
@@ -273,27 +260,12 @@ def percentile(samples, fraction):
 # -- report -------------------------------------------------------------------------
 
 
-def machine():
-    model = cpu_model()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load1, load5, _ = os.getloadavg()
-    return [
-        f"cpu:    {model}, {cores} cores",
-        f"system: {platform.system()} {platform.release()}, "
-        f"load average {load1:.2f} {load5:.2f} at start",
-        f"python: {platform.python_implementation()} {platform.python_version()}",
-    ]
-
-
 def report(args, results):
     print()
     print(f"POST /token, {args.requests} requests x {args.rounds} rounds, "
           f"{args.concurrency} concurrent keep-alive connections, waitress 8 threads, "
           f"{args.workers} workers; medians across rounds")
-    print(f"{'variant':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}   "
-          f"{'CPU ms/request: load':>21} {'web':>5} {'cluster':>7} {'total':>6}"
-          f"  {'others':>6}   req/s per round")
-    medians, ceilings = {}, {}
+    medians, ceilings, rows = {}, {}, []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for name in VARIANTS:
         rounds = results[name]
@@ -308,8 +280,11 @@ def report(args, results):
         ceilings[name] = min(cores * 1000 / sum(cpu), 1000 / cpu[0], 1000 / cpu[1])
         per_round = " ".join(f"{r[0]:.0f}" for r in rounds)
         others = statistics.median(r[5] for r in rounds)
-        print(f"{name:<12} {rps:8.1f} {p50:8.2f} {p99:8.2f}   {cpu[0]:21.2f} {cpu[1]:5.2f} "
-              f"{cpu[2]:7.2f} {sum(cpu):6.2f}  {others:6.2f}   {per_round}")
+        rows.append([name, f"{rps:.1f}", f"{p50:.2f}", f"{p99:.2f}", f"{cpu[0]:.2f}",
+                     f"{cpu[1]:.2f}", f"{cpu[2]:.2f}", f"{sum(cpu):.2f}", f"{others:.2f}",
+                     per_round])
+    print(table(["variant", "req/s", "p50 ms", "p99 ms", "CPU ms/request: load", "web",
+                 "cluster", "total", "others", "req/s per round"], rows))
     ratio = medians["offloaded"] / medians["in-process"]
     verdict = "meets" if ratio >= TARGET_RATIO else "BELOW"
     print(f"offloaded / in-process requests/s: {ratio:.2f}x "
@@ -319,12 +294,7 @@ def report(args, results):
     print(f"CPU-bound ceilings from those CPU costs on {cores} cores: in-process "
           f"{ceilings['in-process']:.0f} req/s, offloaded {ceilings['offloaded']:.0f} req/s "
           f"({ceilings['offloaded'] / ceilings['in-process']:.2f}x)")
-    for line in machine_info:
-        print(line)
     return ratio
-
-
-machine_info: list = []
 
 
 # -- main -------------------------------------------------------------------------
@@ -352,47 +322,41 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    machine_info[:] = machine()
-
-    def on_term(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    run_dir = tempfile.mkdtemp(prefix="ph-bench-", dir="/tmp")
-    os.chmod(run_dir, 0o700)
+    print(describe_machine(), flush=True)
     servers = {}
-    try:
-        print(f"minting {ASSERTIONS} assertions, starting servers in {run_dir} ...",
-              flush=True)
-        bodies = [json.dumps({"assertion": assertion.mint(f"user{i}@example.com",
-                                                          ttl=3600)}).encode()
-                  for i in range(ASSERTIONS)]
-        servers["in-process"] = Server("in-process", False, run_dir, args.workers)
-        servers["offloaded"] = Server("offloaded", True, run_dir, args.workers)
-        for server in servers.values():
-            server.wait_ready()
-        for name, server in servers.items():  # warm-up: keys loaded, connections made
-            _, _, errors = load(server.port, bodies, args.warmup, args.concurrency, 30)
-            if errors:
-                raise RuntimeError(f"{name} warm-up failed: {errors[:3]}\n{server.log()}")
-        results = {name: [] for name in VARIANTS}
-        for round_no in range(args.rounds):
-            order = VARIANTS if round_no % 2 == 0 else VARIANTS[::-1]
-            for name in order:
-                result = measure(servers[name], bodies, args)
-                results[name].append(result)
-                print(f"round {round_no + 1}/{args.rounds} {name:<11} {result[0]:7.1f} req/s "
-                      f"({result[4]} requests)", flush=True)
-        report(args, results)
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        for server in servers.values():
-            server.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with harness.private_dir("ph-bench-") as run_dir:
+        procs = Processes(run_dir)
+        try:
+            print(f"minting {ASSERTIONS} assertions, starting servers in {run_dir} ...",
+                  flush=True)
+            bodies = [json.dumps({"assertion": assertion.mint(f"user{i}@example.com",
+                                                              ttl=3600)}).encode()
+                      for i in range(ASSERTIONS)]
+            servers["in-process"] = Server("in-process", False, procs, args.workers)
+            servers["offloaded"] = Server("offloaded", True, procs, args.workers)
+            for server in servers.values():
+                server.wait_ready()
+            for name, server in servers.items():  # warm-up: keys loaded, connections made
+                _, _, errors = load(server.port, bodies, args.warmup, args.concurrency, 30)
+                if errors:
+                    raise RuntimeError(f"{name} warm-up failed: {errors[:3]}\n{server.log()}")
+            results = {name: [] for name in VARIANTS}
+            for round_no in range(args.rounds):
+                order = VARIANTS if round_no % 2 == 0 else VARIANTS[::-1]
+                for name in order:
+                    result = measure(servers[name], bodies, args)
+                    results[name].append(result)
+                    print(f"round {round_no + 1}/{args.rounds} {name:<11} {result[0]:7.1f} "
+                          f"req/s ({result[4]} requests)", flush=True)
+            report(args, results)
+            return 0
+        finally:
+            for server in servers.values():
+                server.remember_family()
+            procs.close(signal.SIGINT, grace=20)  # pserve exits and stops its cluster
+            for server in servers.values():
+                server.reap()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

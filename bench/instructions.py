@@ -28,6 +28,7 @@ worker
 
     python bench/instructions.py              # 2000 jobs each, about 3 minutes
     python bench/instructions.py --jobs 300   # quicker, less exact (see below)
+    python bench/instructions.py --only worker --jobs 20   # a smoke run, about a minute
 
 Work not per job (a process's heartbeats and timers, valgrind's own
 zeroing and dumping) is counted too, spread over the jobs: with fewer
@@ -45,18 +46,15 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import zmq
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from overhead import (  # noqa: E402  (this directory's sibling script)
-    PAYLOAD, Processes, console_script, machine, table, wait_until)
+import harness
+from harness import PAYLOAD, SERVE, Processes, console_script, wait_until
 
-from pyramid_powerhose import Client, multipart, protocol  # noqa: E402
-from pyramid_powerhose.exc import PowerhoseError  # noqa: E402
-from pyramid_powerhose.protocol import Request  # noqa: E402
+from pyramid_powerhose import Client, multipart, protocol
+from pyramid_powerhose.bench import describe_machine, table
+from pyramid_powerhose.protocol import Request
 
 SERVICE = "default"
 
@@ -133,9 +131,8 @@ def client_runner(client):
 def setup_relay(procs, run_dir, valgrind):
     """zmq.proxy under valgrind with a REP echo behind it; driven by a REQ here."""
     front, back = f"ipc://{run_dir}/proxy-f.sock", f"ipc://{run_dir}/proxy-b.sock"
-    serve = [sys.executable, os.path.join(HERE, "overhead.py"), "_serve"]
-    relay = procs.start("proxy", valgrind + serve + ["proxy", front, back])
-    procs.start("proxy-rep", serve + ["rep-connect", back])
+    relay = procs.start("proxy", valgrind + SERVE + ["proxy", front, back])
+    procs.start("proxy-rep", SERVE + ["echo-connect", back])
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.linger = 0
     sock.connect(front)
@@ -164,13 +161,9 @@ def setup_cluster(variant, procs, run_dir, valgrind):
                              python_script("powerhose-worker", "pyramid_powerhose.cli.worker") +
                              ["tests.targets:echo", "--backend", back])
     probe = Client(frontend=front, timeout=60)
-
-    def registered():
-        try:  # a process under valgrind starts slowly: it may not answer yet
-            return probe.stats(timeout=2)["services"].get(SERVICE, {}).get("workers") == 1
-        except PowerhoseError:
-            return False
-    wait_until(registered, procs, f"the {variant} run's worker", timeout=180)
+    # A process under valgrind starts slowly: it may not answer for a while.
+    wait_until(lambda: harness.registered(probe, 1, SERVICE), procs,
+               f"the {variant} run's worker", timeout=180)
     if variant not in ("client", "floor-client"):
         return (broker if variant == "broker" else worker).pid, client_runner(probe)
     loop = procs.start(variant, valgrind + me + [variant, front], pipes=True)
@@ -218,34 +211,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Instructions per job, per process (callgrind).")
     parser.add_argument("--jobs", type=int, default=2000,
                         help="jobs counted per process (default %(default)s)")
+    names = [ours for ours, _, _ in COMPARISONS]
+    parser.add_argument("--only", default=",".join(names), metavar="A,B",
+                        help="the processes to count, each next to its floor "
+                        "(default: all of %(default)s)")
     args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    if not only or set(only) - set(names):
+        parser.error(f"--only: choose among {', '.join(names)}")
     if args.jobs < 1:
         parser.error("--jobs must be positive")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         parser.error("valgrind is not installed (apt-get install valgrind)")
 
-    def progress(text):
-        print(f"# {text}", file=sys.stderr, flush=True)
-
-    run_dir = tempfile.mkdtemp(prefix="ph-", dir="/tmp")
     rows = []
-    try:
+    with harness.private_dir("ph-") as run_dir:
         for ours, floor, what in COMPARISONS:
+            if ours not in only:
+                continue
             counts = []
             for variant in (ours, floor):
                 counts.append(measure(variant, run_dir, args.jobs))
-                progress(f"{variant}: {counts[-1]:.0f} instructions per job")
+                harness.say(f"{variant}: {counts[-1]:.0f} instructions per job")
             rows.append([ours, f"{counts[0] / 1000:.1f}k", f"{counts[1] / 1000:.1f}k",
                          f"{counts[0] / counts[1]:.2f}", what])
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    for key, value in machine():
-        print(f"{key:8}{value}")
+    print(describe_machine())
     print(f"\n{len(PAYLOAD)}-byte echo, {args.jobs} jobs counted per process, "
           "user-space instructions of all its threads (callgrind)\n")
-    print(table(["process", "ours", "floor", "ours/floor", "the floor"], rows, False))
+    print(table(["process", "ours", "floor", "ours/floor", "the floor"], rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

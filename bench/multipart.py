@@ -38,12 +38,10 @@ import time
 
 import zmq
 
+from harness import REPO
+
 from pyramid_powerhose import multipart
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import machine  # noqa: E402  (the same header as the other scripts)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from pyramid_powerhose.bench import describe_machine, table
 OLD_COMMIT = "73e07e2"
 BLOCK = 50  # round trips a variant runs before the next one's turn
 MESSAGE = [b"", b"MDPW01", b"\x02", b"\x00k\x8bEg", b"", b"PHX01",
@@ -118,17 +116,6 @@ def round_trips(send, recv, dealer, router, count):
     return (time.perf_counter() - started) / count
 
 
-def table(header, rows):
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "  ".join("=" * w for w in widths)
-    return "\n".join([rule, line(header), rule, *map(line, rows), rule])
-
-
 def run(rounds, count, with_old):
     """Seconds per round trip, round by round: {transport: {variant: [...]}}."""
     variants = {
@@ -176,8 +163,7 @@ def interleaved(variants, asking, answering, rounds, count):
 
 
 def report(results, rounds, count):
-    for key, value in machine():
-        print(f"{key:<7} {value}")
+    print(describe_machine())
     print(f"\n{rounds} rounds x {count} round trips of an {len(MESSAGE)}-frame message, "
           "one thread")
     for transport, times in results.items():

@@ -35,24 +35,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
+import harness
+from harness import Processes
+
+from pyramid_powerhose.bench import describe_machine, hmac_chain, rounds_per_ms, table
+from pyramid_powerhose.job import Job
+from pyramid_powerhose.settings import Settings
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from overhead import (  # noqa: E402  (this directory's sibling script)
-    Processes, console_script, machine, table, wait_until)
-
-from pyramid_powerhose import Client  # noqa: E402
-from pyramid_powerhose.bench import hmac_chain, rounds_per_ms  # noqa: E402
-from pyramid_powerhose.job import Job  # noqa: E402
-from pyramid_powerhose.settings import Settings  # noqa: E402
-
 TICK = os.sysconf("SC_CLK_TCK")
 
 # Rows of the report: (process, thread kind), in pipeline order.
@@ -229,13 +224,10 @@ def report(args, rounds, rst):
     body.append(["all of the above", f"{outside:.0f}", "", ""])
     body.append(["the job itself, in the workers", f"{job:.0f}", "", ""])
     body.append(["the job itself, in-process", f"{med(lambda r: r['local_job']):.0f}", "", ""])
-    out = []
-    if rst:
-        out += ["Measured " + "; ".join(f"{k}: {v}" for k, v in machine()) + ".", ""]
-    else:
-        out += [f"{k:7s} {v}" for k, v in machine()] + [""]
+    out = [describe_machine(rst), ""]
+    over = f"median of {len(rounds)} rounds" if len(rounds) > 1 else "one round"
     out += [f"{args.threads} client threads, {args.workers} workers, "
-            f"{args.jobs} jobs of {args.ms:g} ms per round, median of {len(rounds)} rounds: "
+            f"{args.jobs} jobs of {args.ms:g} ms per round, {over}: "
             f"{med(lambda r: r['rate']):.0f} jobs/s, the jobs themselves "
             f"{med(lambda r: r['rate'] * r['job'] / 1e4 / os.cpu_count()):.0f}% of the "
             f"machine's time, idle {med(lambda r: r['idle']) * 100:.0f}%.",
@@ -244,7 +236,7 @@ def report(args, rounds, rst):
             f"{med(lambda r: r['rate'] / r['local_rate']):.2f}x; the job itself took "
             f"{med(lambda r: r['job'] / r['local_job'] - 1) * 100:+.0f}% in the workers.", ""]
     out.append(table(["CPU outside the job", "us/job", "sleeps/job", "preempted/job"],
-                     body, rst))
+                     body))
     return "\n".join(out)
 
 
@@ -255,7 +247,8 @@ def parse_args(argv):
     parser.add_argument("--workers", type=int, default=2, help="workers (default 2)")
     parser.add_argument("--jobs", type=int, default=4000, help="jobs per round (default 4000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--rst", action="store_true", help="the table as RST")
+    parser.add_argument("--rst", action="store_true",
+                        help="the machine header as one sentence, for an RST document")
     args = parser.parse_args(argv)
     if min(args.threads, args.workers, args.rounds) < 1 or args.jobs < args.threads:
         parser.error("--threads, --workers and --rounds must be at least 1, "
@@ -267,48 +260,35 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.exists("/proc/self/task"):
         sys.exit("threads.py reads /proc: Linux only")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    run_dir = tempfile.mkdtemp(prefix="powerhose-threads-")
-    procs = Processes(run_dir)
-    client = callers = None
-    try:
-        data = b"%d" % max(1, round(rounds_per_ms() * args.ms))
-        # The workers import timed_job from this file.
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-        settings = Settings(frontend=f"ipc://{run_dir}/frontend.sock",
-                            backend=f"ipc://{run_dir}/backend.sock")
-        broker = procs.start("broker", console_script(
-            "powerhose-broker", "pyramid_powerhose.cli.broker") + [
-            "--frontend", settings.frontend, "--backend", settings.backend])
-        workers = [procs.start(f"worker-{i}", console_script(
-            "powerhose-worker", "pyramid_powerhose.cli.worker") + [
-            "threads:timed_job", "--backend", settings.backend, "--nice", str(settings.nice)])
-            for i in range(args.workers)]
-        client = Client(settings=settings, timeout=60)
-        wait_until(lambda: client.ping(timeout=0.2) == broker.pid, procs, "the broker")
-        wait_until(lambda: client.stats()["services"].get("default", {}).get("workers")
-                   == args.workers, procs, f"{args.workers} workers")
-        processes = [("client", os.getpid()), ("broker", broker.pid)]
-        processes += [("worker", w.pid) for w in workers]
-        callers = Callers(client.execute, data, args.threads)
-        callers.run(args.threads * 50)  # warm-up: connections, caches
-        callers.run(args.threads * 50, in_process)
-        rounds = []
-        for r in range(args.rounds):
-            rounds.append(measure(callers, processes, args.jobs, local_first=r % 2 == 1))
-            print(f"round {r + 1}/{args.rounds}: {rounds[-1]['rate']:.0f} jobs/s",
-                  file=sys.stderr, flush=True)
-        print(report(args, rounds, args.rst))
-        return 0
-    finally:
-        if callers is not None:
-            callers.close()
-        if client is not None:
-            client.close()
-        procs.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with harness.private_dir("powerhose-threads-") as run_dir:
+        procs = Processes(run_dir)
+        client = callers = None
+        try:
+            data = b"%d" % max(1, round(rounds_per_ms() * args.ms))
+            # The workers import timed_job from this file.
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+            client, broker, workers = harness.start_powerhose(
+                procs, f"ipc://{run_dir}/frontend.sock", f"ipc://{run_dir}/backend.sock",
+                "threads:timed_job", args.workers, worker_args=["--nice", str(Settings().nice)])
+            processes = [("client", os.getpid()), ("broker", broker.pid)]
+            processes += [("worker", w.pid) for w in workers]
+            callers = Callers(client.execute, data, args.threads)
+            callers.run(args.threads * 50)  # warm-up: connections, caches
+            callers.run(args.threads * 50, in_process)
+            rounds = []
+            for r in range(args.rounds):
+                rounds.append(measure(callers, processes, args.jobs, local_first=r % 2 == 1))
+                harness.say(f"round {r + 1}/{args.rounds}: {rounds[-1]['rate']:.0f} jobs/s")
+            print(report(args, rounds, args.rst))
+            return 0
+        finally:
+            if callers is not None:
+                callers.close()
+            if client is not None:
+                client.close()
+            procs.close()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run_script(main)

@@ -34,7 +34,7 @@ import struct
 import sys
 import time
 
-from overhead import machine, table  # noqa: E402  (this directory's sibling script)
+from pyramid_powerhose.bench import describe_machine, table
 
 GAP_NS = 50_000  # between round trips
 STOP = 2  # a value the pinger never sends otherwise: the ponger exits
@@ -169,10 +169,11 @@ def report(results, skipped, rounds, count):
         rows.append([label, f"{statistics.median(medians):.1f}",
                      f"{statistics.median(results[case]['p90']):.1f}",
                      f"[{min(medians):.1f}-{max(medians):.1f}]"])
+    over = f"median of {rounds} rounds" if rounds > 1 else "one round"
     print(f"eventfd ping-pong between two processes, {count} round trips per case "
-          f"and round, median of {rounds} rounds")
+          f"and round, {over}")
     print()
-    print(table(["hand-off round trip (us)", "median", "p90", "round medians"], rows, False))
+    print(table(["hand-off round trip (us)", "median", "p90", "round medians"], rows))
 
 
 def parse_args(argv):
@@ -192,8 +193,7 @@ def main(argv=None):
     args = parse_args(argv)
     if sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2:
         sys.exit("wakeups.py needs Linux and at least 2 CPUs")
-    for key, value in machine():
-        print(f"{key:7s} {value}")
+    print(describe_machine())
     print()
     results, skipped = measure(args.rounds, args.count)
     report(results, skipped, args.rounds, args.count)

@@ -34,8 +34,8 @@ CLUSTER_MODES = ("auto", "spawn", "attach")
 # Who takes an option.  broker, worker and cluster are commands
 # (powerhose-broker, powerhose-worker, powerhose); client is the Client's
 # keywords; plugin is the Pyramid app's powerhose.* ini keys.
-ROLES = ("broker", "worker", "client", "cluster", "plugin")
-COMMANDS = ("broker", "worker", "cluster")
+ROLES = ("broker", "worker", "client", "cluster", "plugin", "status")
+COMMANDS = ("broker", "worker", "cluster", "status")
 PREFIX = "powerhose."
 
 
@@ -183,7 +183,8 @@ class Settings:
                          flag="target", shown="none",
                          help="the worker callable: pkg.module:func or pkg.module.func, "
                          "importable from the working directory")
-    frontend: str = option("", roles={"broker", "client", "cluster", "plugin"}, convert=_text,
+    frontend: str = option("", roles={"broker", "client", "cluster", "plugin", "status"},
+                           convert=_text,
                            shown="ipc socket in a private per-user directory",
                            help="ZeroMQ endpoint where clients reach the broker")
     backend: str = option("", roles={"broker", "worker", "cluster", "plugin"}, convert=_text,
@@ -265,12 +266,13 @@ class Settings:
                               "every local user can see; params given directly override "
                               "it.  A cluster passes its workers their params this way, in "
                               "a file of mode 0600 in its private directory")
-    curve_secret: str = option("", roles={"broker", "worker", "client", "plugin"},
+    curve_secret: str = option("", roles={"broker", "worker", "client", "plugin", "status"},
                                convert=_text, shown="none: no CURVE",
                                help="this process's CURVE key pair, a .key_secret file of "
                                "mode 0600 ('powerhose keys' writes them): encrypt and "
                                "authenticate the connections to or from the broker")
-    curve_broker: str = option("", roles={"worker", "client", "plugin"}, convert=_text,
+    curve_broker: str = option("", roles={"worker", "client", "plugin", "status"},
+                               convert=_text,
                                shown="none",
                                help="the broker's public key, a .key file: with "
                                "curve_secret, connect to that broker only")

@@ -11,9 +11,11 @@ private defaults before building them.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 
+from . import endpoints
 from .exc import ClusterError
 from .settings import command_line
 
@@ -72,8 +74,8 @@ def params_in_file(settings, run_dir):
     Every local user can read every command line (``ps``); the params may
     hold secrets.  The cluster writes the file before circus starts.
     """
-    if not settings.params and not settings.params_file:
-        return settings
+    if not settings.params and not settings.params_file or run_dir is None:
+        return settings  # run_dir None: a circus file (circus_ini), params_file as given
     return settings.replace(params={}, params_file=params_path(run_dir))
 
 
@@ -145,3 +147,72 @@ def watcher(name, argv, numprocesses, graceful_timeout, working_dir, output,
         config["stdout_stream"] = {"class": "FileStream", "filename": output}
         config["stderr_stream"] = {"class": "FileStream", "filename": output}
     return config
+
+
+# -- the same cluster as a file for a plain circusd ------------------------------------------
+
+def control_endpoints(frontend, default_dir) -> tuple[str, str]:
+    """circus's control and event endpoints for :func:`circus_ini`.
+
+    ipc sockets named after the broker's frontend, beside it when it is
+    an ipc socket, so that two clusters never share them and only who may
+    reach the broker's directory may reach circus (circus's own default
+    is tcp on 127.0.0.1:5555, open to every local user); in
+    ``default_dir()`` (the private default directory) otherwise.
+    """
+    path = endpoints.ipc_path(frontend)
+    if path is None:
+        name = "circus-" + re.sub(r"[^\w.-]", "-", frontend.partition("://")[2])
+        path = os.path.join(default_dir(), name)
+    stem = path[:-len(".sock")] if path.endswith(".sock") else path
+    return f"ipc://{stem}-circus.sock", f"ipc://{stem}-circus-pubsub.sock"
+
+
+def circus_ini(settings, endpoint, pubsub_endpoint, python=None) -> str:
+    """The broker and workers of ``settings`` as a circus ini file, for ``circusd FILE``.
+
+    The watchers are those :func:`circus_config` gives a foreground
+    cluster, so both ways of running a cluster run the same command
+    lines; their output goes to circusd's.  ``copy_env`` passes PATH,
+    PYTHONPATH and the virtualenv on: without it circus starts its
+    processes with an empty environment.
+    """
+    if settings.params:
+        raise ClusterError("params given one by one would be on the command lines of the "
+                           "circus file's workers, which every local user can read; put them "
+                           "in a JSON file of mode 0600 and give --params-file instead")
+    # run_dir only places a background cluster's logs and events: unused here.
+    config = circus_config(settings, None, endpoint, background=False, python=python)
+    lines = [
+        "# A powerhose cluster for circusd: a broker and its workers.  Run it with",
+        "#     circusd FILE",
+        f"# Clients connect to {settings.frontend}, workers to {settings.backend}.",
+        "",
+        "[circus]",
+        f"endpoint = {endpoint}",
+        f"pubsub_endpoint = {pubsub_endpoint}",
+        "# no UDP multicast discovery (circus would listen on 0.0.0.0:12027)",
+        "multicast_endpoint =",
+        "statsd = false",
+        f"check_delay = {config['check_delay']}",
+    ]
+    for watcher in config["watchers"]:
+        lines += ["", f"[watcher:{watcher['name']}]",
+                  f"cmd = {watcher['cmd']}",
+                  f"args = {shlex.join(watcher['args'])}",
+                  f"numprocesses = {watcher['numprocesses']}",
+                  f"working_dir = {watcher['working_dir']}",
+                  f"copy_env = {str(watcher['copy_env']).lower()}",
+                  f"graceful_timeout = {watcher['graceful_timeout']}",
+                  f"priority = {watcher['priority']}",
+                  f"singleton = {str(watcher['singleton']).lower()}"]
+    for line in lines:
+        _check_ini_line(line)
+    return "\n".join(lines) + "\n"
+
+
+def _check_ini_line(line):
+    # circus's ini parser ends a value at " ;" (a comment) and at a newline.
+    if "\n" in line or re.search(r"\s;", line.partition(" = ")[2]):
+        raise ClusterError(f"cannot write this setting in a circus ini file "
+                           f"(a newline or ' ;' in it): {line!r}")

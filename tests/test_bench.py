@@ -1,7 +1,16 @@
-"""powerhose-bench in quick mode: the report's shape and correct results."""
+"""powerhose-bench and the scripts in bench/, in smoke runs.
+
+The reports are read as data: the tables they print (reStructuredText
+simple tables) and the figures in them, never their sentences, which are
+for people and free to change.  The scripts that study the machine rather
+than the product (wakeups, threads, instructions, floor) are marked
+``diagnostic``: outside the default run, CI runs them with
+``python -m pytest -m diagnostic``.
+"""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +19,42 @@ import time
 
 import pytest
 
-from pyramid_powerhose import bench
-from tests.conftest import REPO, command
+from pyramid_powerhose import Job, bench
+from tests.conftest import REPO, command, mentioning, missing, wait_for
+
+BENCH = os.path.join(REPO, "bench")
+diagnostic = pytest.mark.diagnostic
+RULE = re.compile(r"=+(?: +=+)*")
+
+
+def tables(out):
+    """Every simple table in ``out``: a list of rows (the header first) of cells."""
+    lines, found, i = out.splitlines(), [], 0
+    while i < len(lines):
+        rule = lines[i]
+        if RULE.fullmatch(rule) and i + 2 < len(lines) and lines[i + 2] == rule:
+            spans = [m.span() for m in re.finditer("=+", rule)]
+            end = lines.index(rule, i + 3)
+
+            def cells(line):
+                return [line[a:b if k < len(spans) - 1 else None].strip()
+                        for k, (a, b) in enumerate(spans)]
+            found.append([cells(line) for line in [lines[i + 1], *lines[i + 3:end]]])
+            i = end + 1
+        else:
+            i += 1
+    return found
+
+
+def number(cell):
+    """The figure in a cell: ``1.23x``, ``[0.9-1.1]``'s first, ``48.1k``, ``-3``."""
+    return float(re.search(r"-?\d+(?:\.\d+)?", cell).group())
+
+
+def column(table, name):
+    """The cells of the column ``name`` (a header cell), below the header."""
+    index = table[0].index(name)
+    return [row[index] for row in table[1:]]
 
 
 def run_bench(*args, tmp_dir):
@@ -22,26 +65,51 @@ def run_bench(*args, tmp_dir):
     return result.stdout
 
 
+def run_script(name, *args, tmp_path, timeout=180, env=None):
+    """``python bench/NAME ARGS`` with TMPDIR (and the default endpoints) in ``tmp_path``."""
+    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp_path),
+               XDG_RUNTIME_DIR=str(tmp_path), **(env or {}))
+    result = subprocess.run([sys.executable, os.path.join(BENCH, name), *args],
+                            capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 def ps_lines():
     """Every process's command line, whole (pytest sets COLUMNS, which ps obeys)."""
     return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True,
                           text=True).stdout.splitlines()
 
 
-def no_cluster_left(tmp_dir):
-    return not any(tmp_dir in line for line in ps_lines())
+def assert_nothing_left(*needles):
+    """No live process mentions any of ``needles`` (private paths, script names),
+    once those that were stopping have had a few seconds to exit."""
+    needles = [str(needle) for needle in needles]
+    try:
+        wait_for(lambda: not mentioning(*needles), timeout=10, what="no process left")
+    except AssertionError:
+        assert [process.cmdline() for process in mentioning(*needles)] == []
 
+
+def machine_header(out):
+    """The names of the header's lines, which every report starts with."""
+    names = [name for name, _ in bench.machine()]
+    return [line.split()[0] for line in out.splitlines()[:len(names)]] == names
+
+
+# -- powerhose-bench -----------------------------------------------------------------------
 
 def test_one_job_report(run_dir):
     out = run_bench("--workers", "2", "--threads", "2", "--duration-ms", "0.5",
                     tmp_dir=run_dir)
-    assert out.startswith("machine: ")
-    rows = re.findall(r"^(in-process|powerhose)\s+(\d+)\s+([\d.]+)\s+(\d+)\s*$", out, re.M)
-    assert [r[0] for r in rows] == ["in-process", "powerhose"]
-    assert all(int(r[1]) == 20 for r in rows)  # --quick: 20 jobs each
-    assert re.search(r"^speed-up: [\d.]+x   job: [\d.]+ ms   per-job overhead: -?\d+ us$",
-                     out, re.M)
-    assert no_cluster_left(run_dir)
+    assert machine_header(out)
+    [runs] = tables(out)
+    assert len(runs) == 3  # the header, in-process, powerhose
+    assert [int(jobs) for jobs in column(runs, "jobs")] == [20, 20]  # --quick
+    local, remote = map(number, column(runs, "jobs/s"))
+    speedup = number(out.rstrip().splitlines()[-1])  # the line under the table leads with it
+    assert speedup == pytest.approx(remote / local, rel=0.05)
+    assert_nothing_left(run_dir)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -69,8 +137,50 @@ def test_interrupted_sweep_stops_its_cluster(run_dir, sig, code):
             proc.wait()
     assert proc.returncode == code, out
     assert "Traceback" not in out and "Assertion failed" not in out, out
-    assert no_cluster_left(run_dir)
+    assert_nothing_left(run_dir)
 
+
+def test_own_target_and_data(run_dir):
+    out = run_bench("--target", "tests.targets:echo", "--data", "hello", "--workers", "1",
+                    tmp_dir=run_dir)
+    [runs] = tables(out)
+    assert len(runs) == 3 and all(number(rate) > 0 for rate in column(runs, "jobs/s"))
+
+
+def test_bad_target_says_one_line_and_exits_1(run_dir):
+    """As every other command: no traceback, and no cluster started."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=run_dir, PYTHONPATH=REPO)
+    result = subprocess.run(command("powerhose-bench") + ["--target", "no_such_module:job"],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=run_dir)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert os.listdir(run_dir) == []  # not even the default endpoints' directory
+
+
+def test_sweep_with_plot(run_dir):
+    plot = os.path.join(run_dir, "sweep.png")
+    out = run_bench("--sweep", "--workers", "2", "--rounds", "2", "--plot", plot,
+                    tmp_dir=run_dir)
+    [sweep] = tables(out)
+    assert [float(ms) for ms in column(sweep, "job ms")] == [0.05, 0.1, 0.25, 0.5]  # --quick
+    assert [int(jobs) for jobs in column(sweep, "jobs")] == [20] * 4
+    for median, spread in zip(column(sweep, "speed-up"), column(sweep, "rounds")):
+        low, high = map(float, re.findall(r"[\d.]+", spread))
+        assert low <= number(median) <= high  # the median round, within the lowest and highest
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert_nothing_left(run_dir)
+
+
+def test_bench_script_is_the_same_command():
+    script = subprocess.run([sys.executable, os.path.join(BENCH, "bench.py"), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    installed = subprocess.run(command("powerhose-bench") + ["--help"], capture_output=True,
+                               text=True, timeout=60)
+    assert script.returncode == installed.returncode == 0
+    assert script.stdout == installed.stdout
+
+
+# -- the measuring library -----------------------------------------------------------------
 
 def test_run_threads_raises_a_calling_threads_error():
     calls = []
@@ -90,178 +200,129 @@ def test_run_threads_raises_a_calling_threads_error():
     assert bench.run_threads(lambda data: data, b"y", 10, 3)[1] == [b"y"] * 10
 
 
-def test_own_target_and_data(run_dir):
-    out = run_bench("--target", "tests.targets:echo", "--data", "hello", "--workers", "1",
-                    tmp_dir=run_dir)
-    assert "target tests.targets:echo" in out and "speed-up:" in out
-
-
-def test_sweep_with_plot(run_dir):
-    plot = os.path.join(run_dir, "sweep.png")
-    out = run_bench("--sweep", "--workers", "2", "--rounds", "2", "--plot", plot,
-                    tmp_dir=run_dir)
-    rows = re.findall(r"^([\d.]+)\s+[\d.]+\s+20\s+(\d+)\s+(\d+)\s+([\d.]+)x"
-                      r"\s+([\d.]+)-([\d.]+)x\s+-?\d+\s*$", out, re.M)
-    assert [r[0] for r in rows] == ["0.05", "0.1", "0.25", "0.5"]
-    for row in rows:  # the median round lies within the lowest and highest rounds
-        assert float(row[4]) <= float(row[3]) <= float(row[5])
-    assert re.search(r"^break-even: ([\d.]+ ms \(offloading wins|not reached)", out, re.M)
-    assert re.search(r"^one round per size, as --rounds 1 would measure: break-even "
-                     r"([\d.]+ to [\d.]+ ms over the 2 rounds|not reached in any of the 2 "
-                     r"rounds)", out, re.M)
-    with open(plot, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert no_cluster_left(run_dir)
-
-
 def test_single_round_break_evens():
-    from pyramid_powerhose.bench import _single_round_break_evens
     crossing, flat = [(0.1, 0.5), (1.0, 1.5)], [(0.1, 0.2), (1.0, 0.9)]
-    assert _single_round_break_evens([crossing, [(0.1, 1.2), (1.0, 2.0)], flat]) == (
-        "one round per size, as --rounds 1 would measure: break-even 0.10 to 0.32 ms "
-        "over the 3 rounds (1 not reached)")
-    assert _single_round_break_evens([flat, flat]).endswith("not reached in any of the 2 rounds")
+    found, missed = bench.single_round_break_evens([crossing, [(0.1, 1.2), (1.0, 2.0)], flat])
+    assert found == [0.1, pytest.approx(10 ** -0.5)] and missed == 1
+    assert bench.single_round_break_evens([flat, flat]) == ([], 2)
 
 
 def test_break_even_interpolation():
-    from pyramid_powerhose.bench import break_even
-    assert break_even([(0.1, 0.5), (1.0, 1.5)]) == \
-        __import__("pytest").approx(10 ** (-1 + 0.5), rel=1e-6)
-    assert break_even([(0.1, 1.2), (1.0, 2.0)]) == 0.1
-    assert break_even([(0.1, 0.2), (1.0, 0.9)]) is None
-
-
-def test_bench_script_is_the_same_command():
-    result = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "--sweep" in result.stdout
+    assert bench.break_even([(0.1, 0.5), (1.0, 1.5)]) == pytest.approx(10 ** (-1 + 0.5),
+                                                                       rel=1e-6)
+    assert bench.break_even([(0.1, 1.2), (1.0, 2.0)]) == 0.1
+    assert bench.break_even([(0.1, 0.2), (1.0, 0.9)]) is None
 
 
 def test_builtin_job_is_a_real_hmac_chain():
     import hmac
 
-    from pyramid_powerhose import Job
-    from pyramid_powerhose.bench import hmac_chain
     key = b"k" * 100  # longer than a block: hashed first, as RFC 2104 says
     for _ in range(3):
         key = hmac.digest(key, b"powerhose bench", "sha256")
-    assert hmac_chain(Job(b"3:" + b"k" * 100)) == key
+    assert bench.hmac_chain(Job(b"3:" + b"k" * 100)) == key
 
 
-def test_threads_script_accounts_for_every_thread(tmp_path):
-    """bench/threads.py, a few jobs: every row is there and nothing is left behind."""
-    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=REPO)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "threads.py"), "--ms", "0.05",
-         "--jobs", "200", "--rounds", "1"],
-        capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert re.search(r"^4 client threads, 2 workers, 200 jobs "
-                     r"of 0.05 ms per round, median of 1 rounds: \d+ jobs/s, the jobs themselves "
-                     r"\d+% of the machine's time, idle \d+%\.$", out, re.M)
-    labels = ["client: the calling threads", "client: libzmq I/O thread",
-              "broker: message loop", "broker: libzmq I/O thread",
-              "workers: libzmq I/O threads", "workers: main threads, less the job"]
-    for label in labels:
-        # CPU us/job (may be 0 or slightly negative at this tick resolution),
-        # sleeps and preemptions per job.
-        assert re.search(rf"^{re.escape(label)}\s+-?\d+\s+[\d.]+\s+[\d.]+\s*$", out, re.M), label
-    job = re.search(r"^the job itself, in the workers\s+(\d+)\s*$", out, re.M)
-    assert job and int(job.group(1)) > 0  # timed in the workers, reported back
-    local = re.search(r"^the job itself, in-process\s+(\d+)\s*$", out, re.M)
-    assert local and int(local.group(1)) > 0  # the same jobs, timed in this process
-    assert re.search(r"^In-process, the same jobs in the same threads: \d+ jobs/s; speed-up "
-                     r"[\d.]+x; the job itself took [+-]\d+% in the workers\.$", out, re.M)
-    # The broker's loop sleeps between messages: at least once per job would
-    # be 1.0; 200 jobs in a fresh round cannot all arrive in one wake-up.
-    sleeps = float(re.search(r"^broker: message loop\s+-?\d+\s+([\d.]+)", out, re.M).group(1))
-    assert sleeps > 0.1
-    assert list(tmp_path.glob("powerhose-threads-*")) == []  # its run directory is removed
-    assert no_cluster_left(str(tmp_path))
+def test_table_reads_back_as_a_simple_table():
+    text = bench.table(["path", "jobs/s", "note"], [["in-process", 1200, "a b"],
+                                                    ["powerhose", "15", ""]])
+    assert tables(text) == [[["path", "jobs/s", "note"], ["in-process", "1200", "a b"],
+                             ["powerhose", "15", ""]]]
+    assert text.splitlines()[3].index("1200") == text.splitlines()[4].index("15") - 2
 
 
-def test_wakeups_script_times_every_case_and_leaves_no_child():
-    """bench/wakeups.py, a smoke run: a round trip per case, its children reaped."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "wakeups.py"), "--quick"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO))
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert "eventfd ping-pong between two processes, 200 round trips per case" in out
-    for label in ["same CPU", "other CPU, idle", "other CPU, running a nice 5 busy loop"]:
-        row = re.search(rf"^{re.escape(label)}\s+([\d.]+)\s+([\d.]+)\s+\[", out, re.M)
-        assert row, label
-        median, p90 = float(row.group(1)), float(row.group(2))
-        assert 0 < median <= p90  # a round trip takes time, and the median is no tail
-    # The PM QoS case needs write access to /dev/cpu_dma_latency: timed or said skipped.
-    assert re.search(r"^other CPU, idle CPUs polling \(PM QoS 0\)\s+([\d.]+\s+[\d.]+\s+\[|"
-                     r"skipped)", out, re.M)
-    ps = "\n".join(ps_lines())
-    assert "wakeups.py" not in ps  # the pongers and the busy loop were killed and reaped
-
-
-def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
-    """bench/floor.py, a smoke run: every path's speed-up and break-even line,
-    results checked against in-process ones (the script fails otherwise)."""
-    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp_path),
-               XDG_RUNTIME_DIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "floor.py"), "--quick"],
-        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    rows = re.findall(r"^([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)x\s+([\d.]+)x"
-                      r"\s+([\d.]+)\s*$", out, re.M)
-    assert [row[0] for row in rows] == ["0.1", "0.5"]
-    for row in rows:
-        assert float(row[1]) > 0 and int(row[2]) > 0
-        assert all(float(value) > 0 for value in row[3:])
-    for path in ["powerhose", "relay", "direct"]:
-        assert re.search(rf"^break-even, {path}: ([\d.]+ ms|not reached)$", out, re.M), path
-    assert list(tmp_path.glob("ph-floor-*")) == []  # its run directory is removed
-    ps = "\n".join(ps_lines())
-    assert "floor.py" not in ps and str(tmp_path) not in ps
-
+# -- the scripts that study the product ----------------------------------------------------
 
 def test_engines_script_times_every_contestant_and_leaves_nothing(tmp_path):
     """bench/engines.py, a smoke run: every contestant's round trip, jobs/s and
     speed-ups are positive, and its brokers, workers and temp trees are gone."""
-    from tests.conftest import missing
-    env = dict(os.environ, PYTHONPATH=REPO, TMPDIR=str(tmp_path),
-               XDG_RUNTIME_DIR=str(tmp_path))
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", "engines.py"), "--quick"],
-        capture_output=True, text=True, timeout=180, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
-    assert re.search(r"^zmq\s+pyzmq [\d.]+, libzmq [\d.]+$", out, re.M)  # the machine header
-    names = ["relay", "baseline-native", "baseline-python", "current", "current-pure"]
-    if "skipped: baseline-native" in out:  # no compiler, or no libzmq headers
-        names.remove("baseline-native")
-    engines = dict(re.findall(r"^(baseline-\w+|current\S*)\s.*?\s(native|python)\s", out, re.M))
-    assert engines.get("baseline-python") == "python" and engines.get("current-pure") == "python"
-    for name in names:
-        latency = re.search(rf"^{name}\s+([\d.]+)\s+\[[\d.-]+\]\s+[\d.]+\s+([\d.]+)\s+\[", out,
-                            re.M)
-        assert latency and float(latency.group(1)) > 0 and float(latency.group(2)) > 0, name
-        rate = re.search(rf"^{name}\s+(\d+)\s+\[\d+-\d+\]", out, re.M)
-        assert rate and int(rate.group(1)) > 0, name
-    header = re.search(r"^job ms\s+CPU ms\s+in-process jobs/s\s+(.*)$", out, re.M)
-    assert header and header.group(1).split() == names
-    rows = re.findall(r"^(0\.1|0\.5)\s+([\d.]+)\s+(\d+)\s+((?:[\d.]+x\s*)+)$", out, re.M)
-    assert [row[0] for row in rows] == ["0.1", "0.5"]
-    for row in rows:
-        speedups = [float(value.rstrip("x")) for value in row[3].split()]
-        assert len(speedups) == len(names) and all(value > 0 for value in speedups)
-    assert re.search(r"^break-even\s+((\d\.\d+ ms|not reached)\s*){%d}$" % len(names), out,
-                     re.M)
-    for name in names[1:]:
-        assert re.search(rf"^{name}\s+(.*\s(met|NOT met|n/a)\s+){{3}}(all met|no)$", out,
-                         re.M), name  # the targets table: three verdicts and the sum
+    out = run_script("engines.py", "--quick", tmp_path=tmp_path)
+    assert machine_header(out)
+    contestants, round_trip, rates, break_evens, targets = tables(out)
+    names = column(contestants, "contestant")
+    engines = dict(zip(names, column(contestants, "engine")))
+    assert engines["baseline-python"] == engines["current-pure"] == "python"
+    assert column(round_trip, "round trip (us)") == names
+    assert all(number(cell) > 0 for cell in column(round_trip, "median") + column(round_trip, "p99"))
+    assert column(rates, "jobs/s") == names
+    assert all(number(cell) > 0 for cell in column(rates, "median"))
+    assert break_evens[0][3:] == names
+    sizes = break_evens[1:-1]  # the last row: each path's break-even
+    assert [float(row[0]) for row in sizes] == [0.1, 0.5]  # --quick
+    assert all(number(cell) > 0 for row in sizes for cell in row[1:])
+    assert [row[0] for row in targets[1:]] == names[1:]  # every contestant but the relay
     assert list(tmp_path.glob("ph-engines-*")) == []  # the baseline, the copy, the run dir
-    ps = "\n".join(ps_lines())
-    assert "engines.py" not in ps and str(tmp_path) not in ps
+    assert_nothing_left("engines.py", tmp_path)
     if "baseline-native" not in names:
         missing("the baseline's native broker did not build (g++ and libzmq3-dev)")
+
+
+# -- the diagnostics: the machine, not the product -----------------------------------------
+
+@diagnostic
+def test_threads_script_accounts_for_every_thread(tmp_path):
+    """bench/threads.py, a few jobs: every row is there and nothing is left behind."""
+    out = run_script("threads.py", "--ms", "0.05", "--jobs", "200", "--rounds", "1",
+                     tmp_path=tmp_path, timeout=120)
+    assert machine_header(out)
+    [threads] = tables(out)
+    rows = threads[1:]
+    assert len(rows) == 10  # 7 kinds of thread, their sum, the job in the workers and here
+    for row in rows[:7]:
+        # CPU us/job: whole, and at 200 jobs a 10 ms tick is 50 us/job, so 0 or
+        # negative where the job's own time is subtracted; sleeps and
+        # preemptions per job.
+        assert re.fullmatch(r"-?\d+", row[1]) and float(row[2]) >= 0 and float(row[3]) >= 0
+    assert int(rows[-2][1]) > 0 and int(rows[-1][1]) > 0  # the job, in the workers and here
+    # The broker's loop (the third row) sleeps between messages: at least
+    # once per job would be 1.0; 200 jobs in a fresh round cannot all arrive
+    # in one wake-up.
+    assert float(rows[2][2]) > 0.1
+    assert list(tmp_path.glob("powerhose-threads-*")) == []  # its run directory is removed
+    assert_nothing_left(tmp_path)
+
+
+@diagnostic
+def test_wakeups_script_times_every_case_and_leaves_no_child(tmp_path):
+    """bench/wakeups.py, a smoke run: a round trip per case, its children reaped."""
+    if len(os.sched_getaffinity(0)) < 2:
+        missing("bench/wakeups.py needs 2 CPUs")
+    out = run_script("wakeups.py", "--quick", tmp_path=tmp_path, timeout=120)
+    [cases] = tables(out)
+    assert len(cases) == 5  # the header and four cases
+    for row in cases[1:4]:
+        median, p90 = float(row[1]), float(row[2])
+        assert 0 < median <= p90  # a round trip takes time, and the median is no tail
+    # The PM QoS case needs write access to /dev/cpu_dma_latency: timed, or not.
+    polling = cases[4][1]
+    assert not re.fullmatch(r"[\d.]+", polling) or float(polling) > 0
+    assert_nothing_left("wakeups.py")  # the pongers and the busy loop were killed and reaped
+
+
+@diagnostic
+def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
+    """bench/floor.py, a smoke run: every path's speed-up, results checked
+    against in-process ones (the script fails otherwise)."""
+    out = run_script("floor.py", "--quick", tmp_path=tmp_path)
+    assert machine_header(out)
+    [sizes] = tables(out)
+    assert [float(ms) for ms in column(sizes, "job ms")] == [0.1, 0.5]  # --quick
+    assert all(number(cell) > 0 for row in sizes[1:] for cell in row[1:])
+    assert list(tmp_path.glob("ph-floor-*")) == []  # its run directory is removed
+    assert_nothing_left("floor.py", tmp_path)
+
+
+@diagnostic
+def test_instructions_script_counts_a_process_and_its_floor(tmp_path):
+    """bench/instructions.py on the worker alone, a few jobs under valgrind."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        missing("bench/instructions.py needs valgrind: apt-get install valgrind")
+    out = run_script("instructions.py", "--only", "worker", "--jobs", "20",
+                     tmp_path=tmp_path, timeout=300)
+    assert machine_header(out)
+    [counts] = tables(out)
+    [worker] = counts[1:]
+    ours, floor, ratio = number(worker[1]), number(worker[2]), number(worker[3])
+    assert ours > 0 and floor > 0 and ratio == pytest.approx(ours / floor, rel=0.02)
+    assert list(tmp_path.glob("ph-*")) == []  # its run directory and valgrind's dumps
+    assert_nothing_left("valgrind", tmp_path)

@@ -1,16 +1,21 @@
-"""powerhose-broker and powerhose-worker as a user runs them."""
+"""powerhose-broker, powerhose-worker and powerhose as a user runs them."""
 
 import os
+import shutil
+import signal
 import socket
 import stat
 import subprocess
 
+import psutil
 import pytest
+from circus import config as circus_config
 
 from pyramid_powerhose import Client, exc
 from pyramid_powerhose import endpoints as endpoints_module
 from pyramid_powerhose.settings import Settings
-from tests.conftest import command, read_log, wait_for
+from tests.conftest import (REPO, all_gone, command, mentioning, read_log, wait_for,
+                            worker_count)
 
 
 def run(argv, **kwargs):
@@ -166,3 +171,158 @@ def test_explicit_tcp_endpoints_ignore_a_squatted_default_directory(procs, run_d
         assert client.execute(b"over tcp") == b"over tcp"
     assert worker.poll() is None, read_log(worker)
     assert os.listdir(squatted) == []  # nothing was made in it
+
+
+# -- where the broker binds: powerhose-broker --print-endpoint ------------------------------
+
+def env_without_xdg(tmpdir, **extra):
+    """The environment of a root shell, a container or a CI job: no XDG_RUNTIME_DIR.
+
+    TMPDIR moves the fallback directory (/tmp/powerhose-$UID) into ``tmpdir``.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    return dict(env, TMPDIR=tmpdir, **extra)
+
+
+@pytest.mark.parametrize("xdg", [True, False], ids=["XDG_RUNTIME_DIR set", "unset"])
+@pytest.mark.parametrize("name", ["frontend", "backend"])
+def test_print_endpoint_resolves_the_default_as_the_broker_does(run_dir, xdg, name):
+    """One line, the private default endpoint, and no broker started."""
+    if xdg:
+        runtime = os.path.join(run_dir, "xdg")
+        os.mkdir(runtime, 0o700)
+        env, private = dict(os.environ, XDG_RUNTIME_DIR=runtime), os.path.join(runtime, "powerhose")
+    else:
+        env, private = env_without_xdg(run_dir), os.path.join(run_dir, f"powerhose-{os.getuid()}")
+    result = run(command("powerhose-broker") + ["--print-endpoint", name], env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"ipc://{private}/{name}.sock"]
+    assert os.listdir(private) == []  # nothing bound, nothing locked
+
+
+def test_print_endpoint_of_an_explicit_endpoint_is_that_endpoint(run_dir):
+    tcp = free_tcp_endpoint()
+    result = run(command("powerhose-broker") + ["--frontend", tcp, "--print-endpoint",
+                                                "frontend"], env=env_without_xdg(run_dir))
+    assert result.returncode == 0 and result.stdout.splitlines() == [tcp]
+    assert os.listdir(run_dir) == []  # the default directory was not even made
+
+
+
+# -- a bad target: one line and exit 1 --------------------------------------------------------
+
+BAD_TARGETS = {
+    "not importable": "no_such_module:job",
+    "no such function": "targets_here:nothing",
+    "not callable": "targets_here:NUMBER",
+    "raises on import": "raising_module:job",
+}
+
+
+@pytest.mark.parametrize("program", ["powerhose-worker", "powerhose"])
+@pytest.mark.parametrize("target", BAD_TARGETS.values(), ids=BAD_TARGETS.keys())
+def test_bad_target_says_one_line_and_exits_1(run_dir, endpoints, program, target):
+    """As on a typo in a shell: a sentence on stderr, no traceback, nothing started."""
+    with open(os.path.join(run_dir, "targets_here.py"), "w") as f:
+        f.write("NUMBER = 1\n")
+    with open(os.path.join(run_dir, "raising_module.py"), "w") as f:
+        f.write("import json\njson.loads('{')\n")
+    flags = ["--backend", endpoints.backend]
+    if program == "powerhose":
+        flags += ["--frontend", endpoints.frontend]
+    result = run(command(program) + [target, *flags], cwd=run_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert not os.path.exists(endpoints.backend[len("ipc://"):])  # no broker was started
+
+
+# -- powerhose TARGET --print-circus-ini, run by a real circusd -----------------------------
+
+def test_printed_circus_ini_runs_under_circusd(procs, run_dir, endpoints):
+    """The file alone is enough: circusd runs the broker and the workers, jobs go
+    through, and SIGTERM to circusd leaves nothing behind."""
+    shutil.copy(os.path.join(REPO, "examples", "echo_worker.py"), run_dir)
+    printed = run(command("powerhose") + [
+        "echo_worker.echo", "--frontend", endpoints.frontend, "--backend", endpoints.backend,
+        "--numprocesses", "2", "--heartbeat", "0.2", "--print-circus-ini"], cwd=run_dir)
+    assert printed.returncode == 0, printed.stderr
+    assert sorted(os.listdir(run_dir)) == ["echo_worker.py"]  # nothing started
+    ini = os.path.join(run_dir, "circus.ini")
+    with open(ini, "w") as f:
+        f.write(printed.stdout)
+
+    config = circus_config.get_config(ini)
+    assert config["endpoint"].startswith(f"ipc://{run_dir}/")  # not circus's tcp default
+    assert {w["name"]: (w["numprocesses"], w["copy_env"]) for w in config["watchers"]} == {
+        "broker": (1, True), "workers": (2, True)}
+
+    circusd = procs.start(command("circusd") + [ini], "circusd", cwd="/")
+    with Client(frontend=endpoints.frontend, timeout=10) as client:
+        wait_for(lambda: circusd.poll() is not None or (
+                     client.ping(timeout=0.2) and worker_count(client) == 2),
+                 timeout=60, what="circusd's broker and 2 workers")
+        assert circusd.poll() is None, read_log(circusd)
+        payloads = [b"circus-%d" % i for i in range(20)]
+        assert client.map(payloads) == payloads
+    processes = psutil.Process(circusd.pid).children(recursive=True)
+    assert len(processes) == 3, [p.cmdline() for p in processes]
+
+    circusd.send_signal(signal.SIGTERM)
+    assert circusd.wait(60) == 0, read_log(circusd)
+    wait_for(lambda: all_gone(processes), what="the broker and workers to exit")
+    assert mentioning(run_dir) == []
+
+
+def test_printed_circus_ini_for_a_tcp_frontend_keeps_circus_private(run_dir):
+    """With no ipc frontend to sit beside, circus's sockets go to the private
+    default directory, not to circus's default tcp://127.0.0.1:5555."""
+    runtime = os.path.join(run_dir, "xdg")
+    os.mkdir(runtime, 0o700)
+    ini = os.path.join(run_dir, "circus.ini")
+    with open(ini, "w") as f:
+        printed = subprocess.run(command("powerhose") + [
+            "tests.targets:echo", "--frontend", free_tcp_endpoint(), "--print-circus-ini"],
+            stdout=f, stderr=subprocess.PIPE, text=True, timeout=30,
+            env=dict(os.environ, XDG_RUNTIME_DIR=runtime))
+    assert printed.returncode == 0, printed.stderr
+    config = circus_config.get_config(ini)
+    private = os.path.join(runtime, "powerhose")
+    assert config["endpoint"].startswith(f"ipc://{private}/")
+    assert config["pubsub_endpoint"].startswith(f"ipc://{private}/")
+    assert config["endpoint"] != config["pubsub_endpoint"]
+
+
+def test_circus_ini_refuses_what_circus_would_cut(endpoints):
+    """circus's parser ends a value at ' ;' (a comment): such a setting cannot be
+    written, and the command says so in one line rather than print a broken file."""
+    result = run(command("powerhose") + [
+        "tests.targets:echo", "--backend", endpoints.backend, "--frontend", endpoints.frontend,
+        "--service", "one ;two", "--print-circus-ini"])
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_circus_ini_keeps_params_off_command_lines(endpoints, run_dir):
+    """Params one by one would be on the workers' command lines: refused; a
+    params file is passed by its path only."""
+    base = command("powerhose") + ["tests.targets:echo", "--backend", endpoints.backend,
+                                   "--frontend", endpoints.frontend, "--print-circus-ini"]
+    refused = run(base + ["--params", "secret:s3cr3t"])
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert len(refused.stderr.splitlines()) == 1
+    path = os.path.join(run_dir, "params.json")
+    with open(path, "w") as f:
+        f.write('{"secret": "s3cr3t"}')
+    printed = run(base + ["--params-file", path])
+    assert printed.returncode == 0, printed.stderr
+    assert path in printed.stdout and "s3cr3t" not in printed.stdout
+
+
+@pytest.mark.parametrize("path", ["examples/circus.ini", "examples/cpp_worker/circus.ini",
+                                  "demo_app/circus.ini"])
+def test_shipped_circus_files_pass_the_environment_on(path, run_dir, monkeypatch):
+    """Without copy_env circus starts commands with an empty environment: no PATH,
+    so ``powerhose-broker`` is not found in a virtualenv (what circus reads, not the text)."""
+    monkeypatch.setenv("POWERHOSE_DIR", run_dir)  # examples/cpp_worker/circus.ini's
+    watchers = circus_config.get_config(os.path.join(REPO, path))["watchers"]
+    assert watchers and all(w["copy_env"] or w.get("virtualenv") for w in watchers)

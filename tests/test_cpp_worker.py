@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -248,3 +249,29 @@ def test_circus_ini_runs_both_services(procs, run_dir, cpp_worker_binary):
     assert circusd.wait(60) == 0, read_log(circusd)
     wait_for(lambda: not any(c.is_running() for c in children), timeout=10,
              what="every process of the circus cluster to exit")
+
+
+# -- the default endpoints, as the README runs it -------------------------------------------
+
+def test_worker_finds_a_default_broker_with_print_endpoint(procs, run_dir, cpp_worker_binary,
+                                                           monkeypatch):
+    """``cpp_worker --backend "$(powerhose-broker --print-endpoint backend)"`` with
+    XDG_RUNTIME_DIR unset (root, a container, CI): the shell command reaches the
+    broker's default backend, wherever the default directory fell back to."""
+    tempfile.gettempdir()  # cached before TMPDIR changes: this process keeps its own
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", run_dir)  # the fallback /tmp/powerhose-$UID, made private
+    monkeypatch.setenv("PATH", BIN + os.pathsep + os.environ.get("PATH", ""))
+    broker = procs.start(command("powerhose-broker") + ["--heartbeat", "0.2"], "default-broker")
+    procs.start(["sh", "-c", 'exec "$0" --backend "$(powerhose-broker --print-endpoint backend)"'
+                 ' --service cpp --heartbeat-ms ' + HEARTBEAT_MS, cpp_worker_binary],
+                "cpp-worker")
+    printed = subprocess.run(["sh", "-c", "powerhose-broker --print-endpoint frontend"],
+                             capture_output=True, text=True, timeout=30)
+    frontend = printed.stdout.strip()
+    assert frontend == f"ipc://{run_dir}/powerhose-{os.getuid()}/frontend.sock"
+    with Client(frontend=frontend, timeout=10) as client:
+        wait_for(lambda: client.ping(timeout=0.2) == broker.pid, what="the default broker")
+        wait_for(lambda: service_stats(client, "cpp").get("workers") == 1,
+                 what="the C++ worker on the printed backend")
+        assert client.execute(b"found it", service="cpp") == b"found it"

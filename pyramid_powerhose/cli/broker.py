@@ -4,10 +4,10 @@ import argparse
 import logging
 import sys
 
-from .. import logs
+from .. import endpoints, logs
 from ..broker import Broker
 from ..client import Client
-from ..exc import DuplicateBrokerError, SettingsError
+from ..exc import DuplicateBrokerError, SettingsError, UnsafeDirectoryError
 from ..settings import add_arguments, from_arguments
 from . import parse_or_exit
 
@@ -22,12 +22,18 @@ def make_parser():
     parser.add_argument("--check", action="store_true",
                         help="print the pid of the broker serving --frontend and exit 0, "
                         "or exit 1 if none answers")
+    parser.add_argument("--print-endpoint", choices=("frontend", "backend"),
+                        help="print the endpoint this broker would bind for clients "
+                        "(frontend) or workers (backend), e.g. for a worker's --backend, "
+                        "and exit, starting nothing")
     return parser
 
 
 def main(argv=None):
     parser = make_parser()
     args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "broker"), argv)
+    if args.print_endpoint:
+        return print_endpoint(settings, args.print_endpoint)
     if args.check:
         return check(settings)
     logs.configure(settings.logfile, settings.debug)
@@ -52,6 +58,16 @@ def run(settings):
         broker.run()
     finally:
         broker.close()
+
+
+def print_endpoint(settings, name):
+    """The default resolved as the broker resolves it: where it binds, nothing else."""
+    try:
+        print(endpoints.resolve(getattr(settings, name), name))
+    except UnsafeDirectoryError as exc:
+        print(f"powerhose-broker: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def check(settings):

@@ -16,6 +16,7 @@ from ..status import render
 from . import parse_or_exit
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: a refresh in place
+STATS_TIMEOUT = 2.0  # seconds: a broker answers mmi.stats at once, or not at all
 
 
 def make_parser():
@@ -23,7 +24,7 @@ def make_parser():
         prog="powerhose status",
         description="Per service: workers idle and busy, queue, jobs/s, wait and run "
         "times, errors; per worker: jobs, age, last job; the broker's pid and uptime.")
-    add_arguments(parser, "client")
+    add_arguments(parser, "status")
     parser.add_argument("--json", action="store_true",
                         help="print the broker's statistics as one JSON object")
     parser.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECONDS",
@@ -33,12 +34,12 @@ def make_parser():
 
 def main(argv=None):
     parser = make_parser()
-    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "client"), argv)
+    args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "status"), argv)
     with Client(settings=settings) as client:
         try:
             while True:
                 try:
-                    stats = client.stats(timeout=min(settings.timeout, 2.0))
+                    stats = client.stats(timeout=STATS_TIMEOUT)
                 except PowerhoseError as exc:
                     print(f"powerhose status: no broker answers on {client.frontend} "
                           f"({type(exc).__name__})", file=sys.stderr)

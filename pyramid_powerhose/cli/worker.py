@@ -8,8 +8,8 @@ import sys
 from .. import logs
 from ..exc import TargetError
 from ..settings import add_arguments, from_arguments
-from ..worker import Worker, resolve_target
-from . import parse_or_exit
+from ..worker import Worker
+from . import load_target, parse_or_exit
 
 log = logging.getLogger("pyramid_powerhose.worker")
 
@@ -27,9 +27,10 @@ def main(argv=None):
     args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "worker"), argv)
     logs.configure(settings.logfile, settings.debug)
     try:
-        target = resolve_target(settings.target)
+        target = load_target(settings.target)
     except TargetError as exc:
-        log.error("%s", exc)
+        if settings.logfile != "stderr":  # there, the line below says it
+            log.error("%s", exc)
         print(f"powerhose-worker: {exc}", file=sys.stderr)
         return 1
     if settings.nice:
