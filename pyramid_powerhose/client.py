@@ -507,13 +507,9 @@ def check_job(settings, data, headers, timeout):
         timeout = settings.timeout
     if not timeout > 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
-    size = len(data)
-    if headers:
-        headers = dict(headers)
-        # str to str, or TypeError now; their frames count towards the size
-        size += sum(map(len, protocol.encode_headers(headers)))
-    else:
-        headers = {}
+    headers = dict(headers) if headers else {}
+    # As the broker counts it; headers map str to str, or TypeError now.
+    size = protocol.job_size(protocol.Request(b"", b"", data, 0, headers))
     if size > settings.max_job_size:
         raise exc.JobTooLargeError(
             f"job of {size} bytes (data and headers) is larger than the max job size "
