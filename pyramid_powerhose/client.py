@@ -30,7 +30,7 @@ import weakref
 import zmq
 import zmq.utils.monitor
 
-from . import endpoints, exc, multipart, protocol
+from . import curve, endpoints, exc, multipart, protocol
 from .job import Job, to_bytes
 from .exc import ProtocolError
 from .protocol import Request
@@ -60,7 +60,8 @@ WAIT_SLICE = 0.2
 # timeout.  A broker restarted faster than this keeps the jobs sent to it.
 CONNECT_TIMEOUT = 1.0
 
-_MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+_MONITORED = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+              | zmq.EVENT_MONITOR_STOPPED)
 _monitor_ids = itertools.count()
 
 
@@ -72,11 +73,16 @@ class _Channel:
     client's :class:`_ConnectionWatcher` thread, read by the owner.
     """
 
-    __slots__ = ("socket", "ids", "since", "connected", "losses", "__weakref__")
+    __slots__ = ("socket", "ids", "since", "connected", "losses", "secure", "__weakref__")
 
-    def __init__(self, context, frontend, watcher):
+    def __init__(self, context, frontend, watcher, keys=None):
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
+        # With CURVE, a connection counts once its handshake succeeded: a
+        # broker that refuses our key accepts the tcp connection first.
+        self.secure = keys is not None
+        if keys is not None:
+            curve.connect_with(sock, *keys)
         self.socket = sock
         self.ids = itertools.count(1)
         self.since = time.monotonic()
@@ -181,7 +187,8 @@ class _ConnectionWatcher:
         channel = ref()
         if channel is None:
             return True  # its socket is closing: MONITOR_STOPPED follows
-        if event == zmq.EVENT_CONNECTED:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or (
+                event == zmq.EVENT_CONNECTED and not channel.secure):
             channel.connected = True
         elif event == zmq.EVENT_DISCONNECTED:
             channel.since = time.monotonic()
@@ -201,14 +208,18 @@ class Client:
     """
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
-                 settings=None):
+                 settings=None, curve_secret=None, curve_broker=None):
         base = settings or Settings()
         self.settings = base.replace(
             frontend=frontend or base.frontend,
             timeout=base.timeout if timeout is None else timeout,
             service=service or base.service,
             max_job_size=max_job_size or base.max_job_size,
+            curve_secret=curve_secret or base.curve_secret,
+            curve_broker=curve_broker or base.curve_broker,
         )
+        # CURVE: this client's key pair and the broker's public key, or None.
+        self._curve = curve.client_keys(self.settings)
         self._frontend = self.settings.frontend  # empty: the default, resolved on first use
         self.timeout = self.settings.timeout
         self.service = self.settings.service
@@ -247,7 +258,7 @@ class Client:
             if self._watcher is None:
                 self._watcher = _ConnectionWatcher(self._context)
                 weakref.finalize(self, self._watcher.stop)  # a client never closed
-        channel = _Channel(self._context, self.frontend, self._watcher)
+        channel = _Channel(self._context, self.frontend, self._watcher, self._curve)
         self._local.channel = channel
         with self._lock:
             self._channels.add(channel)

@@ -80,6 +80,18 @@ def connect_with(sock, pair, broker_public):
     sock.curve_serverkey = broker_public
 
 
+def client_keys(settings):
+    """(own pair, broker's public key) for a client's or a worker's sockets,
+    or None without ``curve_secret``."""
+    if not settings.curve_secret:
+        return None
+    require_curve()
+    if not settings.curve_broker:
+        raise SettingsError("curve_secret needs curve_broker: the broker's public key "
+                            "(its .key file), so that this process talks to that broker only")
+    return load_pair(settings.curve_secret), load_public(settings.curve_broker)
+
+
 # -- who may connect -------------------------------------------------------------------------
 
 

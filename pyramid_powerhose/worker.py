@@ -34,7 +34,7 @@ import traceback
 
 import zmq
 
-from . import endpoints, multipart, protocol
+from . import curve, endpoints, multipart, protocol
 from .job import Job
 from .exc import ProtocolError, TargetError
 from .protocol import Reply
@@ -99,6 +99,7 @@ class Worker:
         self.settings = settings
         self.service = settings.service.encode()
         self.context = context or zmq.Context.instance()
+        self.curve = curve.client_keys(settings)  # None: no CURVE
         self.heartbeat = settings.heartbeat
         self.liveness = settings.heartbeat * settings.liveness
         self.socket = None
@@ -129,6 +130,8 @@ class Worker:
             self.socket.close(0)
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.linger = 1000
+        if self.curve is not None:
+            curve.connect_with(self.socket, *self.curve)
         # Resolved here, not in Settings: the default directory is used only now.
         self.backend = endpoints.resolve(self.settings.backend, "backend")
         self.socket.connect(self.backend)

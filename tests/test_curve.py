@@ -250,3 +250,57 @@ def test_powerhose_keys_writes_pairs_only_their_owner_can_read(run_dir):
                            capture_output=True, text=True, timeout=30)
     assert again.returncode == 1
     assert curve.load_pair(os.path.join(out, "web1.key_secret"))[0] == public  # untouched
+
+
+# -- our client and worker over CURVE ----------------------------------------------------------
+
+
+def curve_worker(procs, endpoints, keys, pair):
+    return procs.start(command("powerhose-worker") + [
+        "tests.targets:echo", "--backend", endpoints.backend, "--heartbeat", "0.2",
+        "--curve-secret", pair.secret_file, "--curve-broker", keys.broker.public_file],
+        "worker")
+
+
+def test_our_client_and_worker_over_curve(curve_broker, keys, procs):
+    from pyramid_powerhose import Client
+    curve_worker(procs, curve_broker, keys, keys.worker)
+    with Client(frontend=curve_broker.frontend, curve_secret=keys.client.secret_file,
+                curve_broker=keys.broker.public_file, timeout=5) as client:
+        wait_for(lambda: client.ping(timeout=0.5) == curve_broker.proc.pid,
+                 what="the broker over CURVE")
+        wait_for(lambda: client.stats()["services"].get("default", {}).get("workers") == 1,
+                 what="the worker over CURVE")
+        assert client.execute(b"secret job") == b"secret job"
+
+
+def test_a_client_whose_key_is_refused_fails_fast_and_never_gets_a_result(curve_broker, keys,
+                                                                         procs):
+    from pyramid_powerhose import Client
+    from pyramid_powerhose.exc import BrokerLostError
+    curve_worker(procs, curve_broker, keys, keys.worker)
+    with Client(frontend=curve_broker.frontend, curve_secret=keys.rogue.secret_file,
+                curve_broker=keys.broker.public_file, timeout=20) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerLostError):
+            client.execute(b"job")
+        assert time.monotonic() - started < 10  # about CONNECT_TIMEOUT, not the timeout
+
+
+def test_a_rogue_worker_never_gets_a_job(curve_broker, keys, procs):
+    from pyramid_powerhose import Client
+    rogue = curve_worker(procs, curve_broker, keys, keys.rogue)
+    with Client(frontend=curve_broker.frontend, curve_secret=keys.client.secret_file,
+                curve_broker=keys.broker.public_file, timeout=5) as client:
+        wait_for(lambda: client.ping(timeout=0.5), what="the broker over CURVE")
+        time.sleep(1.0)  # time enough for a rogue READY, were it let through
+        assert client.stats()["services"] == {}
+        assert rogue.poll() is None  # it is left retrying, and gets nothing
+
+
+def test_curve_settings_need_their_counterpart(keys):
+    from pyramid_powerhose import Client
+    with pytest.raises(SettingsError):
+        Client(frontend="tcp://127.0.0.1:1", curve_secret=keys.client.secret_file)
+    with pytest.raises(SettingsError):
+        Client(frontend="tcp://127.0.0.1:1", curve_broker=keys.broker.public_file)

@@ -6,7 +6,7 @@ import os
 import sys
 
 from .. import logs
-from ..exc import TargetError
+from ..exc import SettingsError, TargetError
 from ..settings import add_arguments, from_arguments
 from ..worker import Worker
 from . import load_target, parse_or_exit
@@ -38,7 +38,11 @@ def main(argv=None):
         # server's threads wake for microseconds at a time and should get a
         # core at once rather than wait for a running job's time slice.
         os.nice(settings.nice)
-    worker = Worker(target, settings)
+    try:
+        worker = Worker(target, settings)
+    except SettingsError as exc:  # found when the worker starts: its CURVE keys
+        print(f"powerhose-worker: {exc}", file=sys.stderr)
+        return 2
     worker.install_signal_handlers()
     return worker.run()
 
