@@ -275,3 +275,43 @@ def test_worker_finds_a_default_broker_with_print_endpoint(procs, run_dir, cpp_w
         wait_for(lambda: service_stats(client, "cpp").get("workers") == 1,
                  what="the C++ worker on the printed backend")
         assert client.execute(b"found it", service="cpp") == b"found it"
+
+
+def test_the_cpp_worker_speaks_curve_to_a_broker_that_requires_it(procs, run_dir,
+                                                                   cpp_worker_binary):
+    """--curve-secret and --curve-broker: an allowed C++ worker serves jobs over
+    CURVE; one whose key is not allowed is never registered."""
+    import socket
+
+    import zmq.auth
+
+    keys = os.path.join(run_dir, "keys")
+    allowed = os.path.join(run_dir, "allowed")
+    os.mkdir(keys)
+    os.mkdir(allowed)
+    files = {name: zmq.auth.create_certificates(keys, name)
+             for name in ("broker", "client", "cpp", "rogue")}
+    for name in ("client", "cpp"):
+        os.link(files[name][0], os.path.join(allowed, f"{name}.key"))
+    for _, secret in files.values():
+        os.chmod(secret, 0o600)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    frontend, backend = (f"tcp://127.0.0.1:{port}" for port in ports)
+    broker = procs.start(command("powerhose-broker") + [
+        "--frontend", frontend, "--backend", backend, "--heartbeat", "0.2",
+        "--curve-secret", files["broker"][1], "--curve-allow", allowed], "broker")
+    for name, service in (("cpp", "cpp"), ("rogue", "rogue")):
+        procs.start([cpp_worker_binary, "--backend", backend, "--service", service,
+                     "--heartbeat-ms", HEARTBEAT_MS, "--curve-secret", files[name][1],
+                     "--curve-broker", files["broker"][0]], f"cpp-{name}")
+    with Client(frontend=frontend, curve_secret=files["client"][1],
+                curve_broker=files["broker"][0], timeout=5) as client:
+        wait_for(lambda: client.ping(timeout=0.5) == broker.pid, what="the broker")
+        wait_for(lambda: "cpp" in client.stats()["services"], what="the C++ worker")
+        assert client.execute(b"over curve", service="cpp") == b"over curve"
+        time.sleep(0.5)
+        assert "rogue" not in client.stats()["services"]

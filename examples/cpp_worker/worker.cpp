@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <fstream>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -98,11 +99,14 @@ struct Options {
     std::string job = "echo";
     double broker_timeout = 60.0;  // seconds; 0: wait for a broker forever
     bool verbose = false;
+    // CURVE: our key pair and the broker's public key, as Z85 text (40 chars)
+    std::string curve_public, curve_secret, curve_server;
 };
 
 const char SYNOPSIS[] =
     "usage: cpp_worker --backend ENDPOINT --service NAME [--heartbeat-ms N]\n"
-    "                  [--job echo|sha256] [--broker-timeout SECONDS] [--verbose]\n";
+    "                  [--job echo|sha256] [--broker-timeout SECONDS] [--verbose]\n"
+    "                  [--curve-secret FILE --curve-broker FILE]\n";
 
 const char HELP[] =
     "\n"
@@ -117,6 +121,9 @@ const char HELP[] =
     "                          (default echo)\n"
     "  --broker-timeout SECS   exit with status 2 after this long without a broker, for\n"
     "                          the supervisor to restart us; 0 waits forever (default 60)\n"
+    "  --curve-secret FILE     our CURVE key pair, a .key_secret file (powerhose keys):\n"
+    "                          encrypt and authenticate the connection to the broker\n"
+    "  --curve-broker FILE     the broker's public key, a .key file (with --curve-secret)\n"
     "  --verbose               log every job, not only failures\n"
     "  --help                  show this help and exit\n"
     "\n"
@@ -134,6 +141,23 @@ const char HELP[] =
 [[noreturn]] void usage_error(const std::string& message) {
     std::cerr << SYNOPSIS << "cpp_worker: error: " << message << '\n';
     std::exit(EXIT_USAGE);
+}
+
+// A key from a zmq.auth certificate file: the line `public-key = "..."` or
+// `secret-key = "..."`, the Z85 text between the quotes.
+std::string read_key(const std::string& option, const std::string& path, const std::string& name) {
+    std::ifstream file(path);
+    if (!file) usage_error(option + ": cannot read " + path);
+    std::string line;
+    while (std::getline(file, line)) {
+        auto start = line.find_first_not_of(" \t");
+        if (start == std::string::npos || line.compare(start, name.size(), name) != 0) continue;
+        auto open = line.find('"', start);
+        auto close = open == std::string::npos ? open : line.find('"', open + 1);
+        if (close != std::string::npos && close - open - 1 == 40)
+            return line.substr(open + 1, 40);
+    }
+    usage_error(option + ": no " + name + " in " + path);
 }
 
 double parse_number(const std::string& option, const std::string& value) {
@@ -167,7 +191,8 @@ Options parse_options(int argc, char** argv) {
             arg.resize(equals);
         }
         if (arg != "--backend" && arg != "--service" && arg != "--job" &&
-            arg != "--heartbeat-ms" && arg != "--broker-timeout")
+            arg != "--heartbeat-ms" && arg != "--broker-timeout" && arg != "--curve-secret" &&
+            arg != "--curve-broker")
             usage_error("unknown option " + arg);
         if (equals == std::string::npos) {
             if (i + 1 >= argc) usage_error(arg + " needs a value");
@@ -185,8 +210,17 @@ Options parse_options(int argc, char** argv) {
             options.heartbeat = milliseconds(static_cast<long>(ms));
         } else if (arg == "--broker-timeout") {
             options.broker_timeout = parse_number(arg, value);
+        } else if (arg == "--curve-secret") {
+            options.curve_public = read_key(arg, value, "public-key");
+            options.curve_secret = read_key(arg, value, "secret-key");
+        } else if (arg == "--curve-broker") {
+            options.curve_server = read_key(arg, value, "public-key");
         }
     }
+    if (options.curve_secret.empty() != options.curve_server.empty())
+        usage_error("--curve-secret and --curve-broker go together");
+    if (!options.curve_secret.empty() && !zmq_has("curve"))
+        usage_error("this libzmq was built without CURVE");
     if (options.backend.empty()) usage_error("--backend is required");
     if (options.service.empty() || options.service.size() > 255)
         usage_error("--service must be 1 to 255 bytes");
@@ -365,6 +399,11 @@ private:
         close_socket(0);
         socket_ = zmq_socket(context_, ZMQ_DEALER);
         if (!socket_) throw std::runtime_error(std::string("zmq_socket: ") + zmq_strerror(errno));
+        if (!options_.curve_secret.empty()) {  // before connecting: the handshake uses them
+            zmq_setsockopt(socket_, ZMQ_CURVE_SERVERKEY, options_.curve_server.c_str(), 40);
+            zmq_setsockopt(socket_, ZMQ_CURVE_PUBLICKEY, options_.curve_public.c_str(), 40);
+            zmq_setsockopt(socket_, ZMQ_CURVE_SECRETKEY, options_.curve_secret.c_str(), 40);
+        }
         if (zmq_connect(socket_, options_.backend.c_str()) != 0)
             throw std::runtime_error("cannot connect to " + options_.backend + ": " +
                                      zmq_strerror(errno));
