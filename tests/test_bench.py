@@ -326,3 +326,15 @@ def test_instructions_script_counts_a_process_and_its_floor(tmp_path):
     assert ours > 0 and floor > 0 and ratio == pytest.approx(ours / floor, rel=0.02)
     assert list(tmp_path.glob("ph-*")) == []  # its run directory and valgrind's dumps
     assert_nothing_left("valgrind", tmp_path)
+
+
+def test_curve_script_measures_both_clusters_and_leaves_nothing(tmp_path):
+    """bench/curve.py, a smoke run: both rows carry numbers, CURVE's cluster
+    really ran (its jobs/s are positive), and nothing is left."""
+    out = run_script("curve.py", "--quick", tmp_path=tmp_path)
+    (result,) = tables(out)
+    assert column(result, "") == ["plain", "curve"]
+    assert all(number(cell) > 0 for cell in column(result, "round trip (us)"))
+    assert all(number(cell) > 0 for cell in column(result, "jobs/s"))
+    assert list(tmp_path.glob("ph-curve-*")) == []
+    assert_nothing_left("curve.py", tmp_path)

@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""What does CURVE cost?  The same broker over tcp on loopback, with and without it.
+
+Two clusters side by side: a broker and 2 echo workers on tcp 127.0.0.1
+ports, one plain, one with CURVE on every connection (``powerhose keys``'
+pairs, the broker's ``--curve-secret`` and ``--curve-allow``, the client's
+and workers' ``--curve-secret`` and ``--curve-broker``).  Round trips of a
+100-byte echo from one client thread, and jobs/s from 8, the two taking
+turns within every round (:func:`harness.run_rounds`); medians over
+rounds, and the cost of encryption per job.
+
+    python bench/curve.py             # 7 rounds, about a minute
+    python bench/curve.py --quick     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+
+import harness
+from harness import PAYLOAD, THREADS, Load, say
+
+from pyramid_powerhose import Client
+from pyramid_powerhose.bench import describe_machine, table
+
+WORKERS = 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keys(run_dir):
+    """Pairs for the broker, the client and the workers; the allow-list holds
+    the client's and the workers' public keys."""
+    keys, allowed = os.path.join(run_dir, "keys"), os.path.join(run_dir, "allowed")
+    subprocess.run(harness.console_script("powerhose", "pyramid_powerhose.cli.cluster") + [
+        "keys", keys, "broker", "client", "worker"], check=True, stdout=subprocess.DEVNULL)
+    os.mkdir(allowed)
+    for name in ("client", "worker"):
+        os.link(os.path.join(keys, f"{name}.key"), os.path.join(allowed, f"{name}.key"))
+    return keys, allowed
+
+
+def start(procs, name, secure, run_dir):
+    """A cluster on two fresh loopback ports; returns its Client once ready."""
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker_args, worker_args, client_keys = [], [], {}
+    if secure:
+        keys, allowed = make_keys(run_dir)
+        broker_args = ["--curve-secret", os.path.join(keys, "broker.key_secret"),
+                       "--curve-allow", allowed]
+        worker_args = ["--curve-secret", os.path.join(keys, "worker.key_secret"),
+                       "--curve-broker", os.path.join(keys, "broker.key")]
+        client_keys = {"curve_secret": os.path.join(keys, "client.key_secret"),
+                       "curve_broker": os.path.join(keys, "broker.key")}
+    broker = harness.console_script("powerhose-broker", "pyramid_powerhose.cli.broker")
+    procs.start(f"{name}-broker", broker + ["--frontend", frontend, "--backend", backend,
+                                            *broker_args])
+    for i in range(WORKERS):
+        procs.start(f"{name}-worker-{i}", harness.console_script(
+            "powerhose-worker", "pyramid_powerhose.cli.worker") + [
+            harness.ECHO_TARGET, "--backend", backend, *worker_args])
+    client = Client(frontend=frontend, timeout=60.0, **client_keys)
+    harness.wait_until(lambda: client.ping(timeout=0.5), procs, f"{name}'s broker")
+    harness.wait_until(lambda: harness.registered(client, WORKERS), procs,
+                       f"{name}'s workers")
+    return client
+
+
+def report(lat, tput, args):
+    out = [describe_machine(args.rst), "",
+           f"tcp on 127.0.0.1, {WORKERS} echo workers, {args.rounds} rounds; round trip of a "
+           f"{len(PAYLOAD)}-byte echo from one thread ({args.count} per round), jobs/s from "
+           f"{THREADS} threads ({args.tput_count} per round); medians [range of the rounds].",
+           ""]
+    rows = []
+    for name in lat:
+        medians = [s[1] for s in lat[name]]
+        rates = tput[name]
+        rows.append([name, f"{statistics.median(medians):.1f}",
+                     f"[{min(medians):.1f}-{max(medians):.1f}]",
+                     f"{statistics.median(rates):.0f}", f"[{min(rates):.0f}-{max(rates):.0f}]"])
+    out.append(table(["", "round trip (us)", "range", "jobs/s", "range"], rows))
+    rt, rt_rounds = harness.ratio([(a[1], b[1]) for a, b in zip(lat["curve"], lat["plain"])])
+    jobs, jobs_rounds = harness.ratio(list(zip(tput["curve"], tput["plain"])))
+    extra = statistics.median(a[1] - b[1] for a, b in zip(lat["curve"], lat["plain"]))
+    out += ["", f"CURVE / plain: round trip {rt:.2f}x {rt_rounds}, {extra:.1f} us more per "
+            f"job (median of the rounds); jobs/s {jobs:.2f}x {jobs_rounds}"]
+    return "\n".join(out)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--count", type=int, default=2000, help="round trips per round")
+    p.add_argument("--rst", action="store_true", help="the machine header as RST")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 small rounds")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.count = 2, 200
+    args.tput_count = 2 * args.count
+    args.warmup = min(200, args.count)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with harness.private_dir("ph-curve-") as run_dir:
+        procs = harness.Processes(run_dir)
+        clients, loads = [], []
+        try:
+            latency, throughput = {}, {}
+            for name, secure in (("plain", False), ("curve", True)):
+                os.makedirs(os.path.join(run_dir, name))
+                client = start(procs, name, secure, os.path.join(run_dir, name))
+                clients.append(client)
+                latency[name] = lambda client=client: client.execute(PAYLOAD)
+                loads.append(Load(latency[name]))
+                throughput[name] = loads[-1]
+            say("processes ready; warming up")
+            lat, tput = harness.run_rounds(latency, throughput, args.rounds, args.count,
+                                           args.tput_count, args.warmup)
+            procs.check()
+        finally:
+            for load in loads:
+                load.close()
+            for client in clients:
+                client.close()
+            procs.close()
+        print(report(lat, tput, args))
+        return 0
+
+
+if __name__ == "__main__":
+    harness.run_script(main)
