@@ -88,7 +88,7 @@ class _Channel:
         self.since = time.monotonic()
         self.connected = False
         self.losses = 0
-        weakref.finalize(self, sock.close, 0)
+        weakref.finalize(self, _close_socket, sock)
         # Monitored before connecting, so that no event is missed.  Our own
         # address: pyzmq's get_monitor_socket() names it after the socket's
         # fd, which a new socket may reuse while the old monitor is bound.
@@ -107,7 +107,19 @@ class _Channel:
         return b"%x" % next(self.ids)
 
     def close(self):
-        self.socket.close(0)
+        _close_socket(self.socket)
+
+
+# A channel's socket is closed by Client.close() in the closing thread, or by
+# the channel's finalizer in the thread whose local storage drops it, which
+# may run at the same moment when that thread exits: libzmq aborts if two
+# threads close one socket at once.  pyzmq makes a second close a no-op.
+_closing = threading.Lock()
+
+
+def _close_socket(sock):
+    with _closing:
+        sock.close(0)
 
 
 class _ConnectionWatcher:

@@ -88,6 +88,7 @@ def includeme(config):
     ``--preload``) or run the cluster separately and use ``attach``.
     """
     config.add_request_method(_request_powerhose, "powerhose", reify=True)
+    config.include("pyramid_powerhose.status_page")  # adds nothing unless enabled
     config.action(("pyramid_powerhose", "settings"), _configure, args=(config,))
     config.action(("pyramid_powerhose", "cluster"), _start_cluster,
                   args=(config.registry,), order=CLUSTER_ORDER)

@@ -282,6 +282,14 @@ class Settings:
     insecure: bool = option(False, roles={"broker"}, convert=_flag,
                             help="let the broker bind a tcp address other hosts can reach "
                             "without CURVE (only on a trusted network)")
+    status_page: bool = option(False, roles={"plugin"}, convert=_flag,
+                               help="add a live status page of the cluster (workers, queues, "
+                               "jobs/s, latency, with charts) to the application")
+    status_page_path: str = option("/_powerhose/status", roles={"plugin"}, convert=_text,
+                                   help="where the status page is served")
+    status_page_permission: str = option("", roles={"plugin"}, convert=_text, shown="none",
+                                         help="the Pyramid permission the status page "
+                                         "requires; status_page needs it")
     exit_with_parent: bool = option(False, roles={"broker", "worker", "cluster"},
                                     convert=_flag,
                                     help="stop (as on SIGTERM) when the parent process "
@@ -332,6 +340,12 @@ class Settings:
         if self.curve_allow and not self.curve_secret:
             raise SettingsError("curve_allow needs curve_secret (the broker's own key pair) "
                                 "too")
+        if self.status_page and not self.status_page_permission:
+            raise SettingsError("status_page needs status_page_permission: the permission "
+                                "your security policy grants to who may see the cluster")
+        if not self.status_page_path.startswith("/"):
+            raise SettingsError(f"status_page_path must start with /, got "
+                                f"{self.status_page_path!r}")
         if self.cluster not in CLUSTER_MODES:
             raise SettingsError(f"cluster must be one of {', '.join(CLUSTER_MODES)}, "
                                 f"got {self.cluster!r}")

@@ -117,9 +117,12 @@ def test_interrupted_sweep_stops_its_cluster(run_dir, sig, code):
     """Ctrl-C or SIGTERM mid-sweep: the calling threads stop, the cluster is
     stopped in order, and the command exits with 128 + the signal."""
     env = dict(os.environ, XDG_RUNTIME_DIR=run_dir, TMPDIR=run_dir, PYTHONPATH=REPO)
+    # SIGINT as a terminal gives it, even if pytest runs as a shell's background job
+    # (whose children inherit an ignored SIGINT, and would never see this one).
     proc = subprocess.Popen(command("powerhose-bench") + ["--sweep", "--quiet"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not any(run_dir in line and "cli.worker" in line  # the cluster is up
