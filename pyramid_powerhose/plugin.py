@@ -80,6 +80,10 @@ def includeme(config):
       ``WorkerLostError``, ``BrokerLostError`` and ``OverloadedError`` with 503 and a ``Retry-After`` header, and
       ``TimeoutError`` with 504, each with a short JSON body.
 
+    With ``config.include('pyramid_powerhose.metrics')`` too, every call of
+    ``request.powerhose`` is timed into a Prometheus histogram
+    (docs/metrics.rst).
+
     With ``auto``, server processes that start at once on the same ipc
     frontend take turns on a lock file beside the socket: the first one
     spawns the cluster, the others find its broker and attach (to any

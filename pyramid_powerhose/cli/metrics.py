@@ -31,6 +31,8 @@ def make_parser():
         prog="powerhose metrics",
         description="Serve the broker's statistics as Prometheus metrics (powerhose_*), "
         "read from the broker on each scrape.")
+    # The default is metrics.DEFAULT_LISTEN, not imported here: the parser
+    # (and --help, and the docs) must work without prometheus_client.
     parser.add_argument("--listen", metavar="HOST:PORT", default=None,
                         help="the address to serve the metrics on, any path "
                         "(default: 127.0.0.1:9464)")
