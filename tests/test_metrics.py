@@ -238,11 +238,15 @@ def test_the_exporter_serves_what_the_broker_counted(cluster, endpoints, client,
                  outcome="OK") == 8  # read again on each scrape
 
 
-def test_the_exporter_without_a_broker_answers_up_0(endpoints, procs):
+def test_the_exporter_without_a_broker_answers_up_0(endpoints, procs, start_broker):
     proc, url = start_exporter(procs, endpoints.frontend)
     status, text = scrape(url)
     assert status == 200
     assert value(parse(text), "powerhose_up") == 0
+    broker = start_broker()  # and it finds a broker that comes later
+    families = parse(scrape(url)[1])
+    assert value(families, "powerhose_up") == 1
+    assert families["powerhose_broker_info"].samples[0].labels["pid"] == str(broker.pid)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(10) == 0
 
