@@ -9,16 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from pyramid_powerhose import get_cluster
+from pyramid_powerhose import protocol as p
 from pyramid_powerhose.broker_core import BUCKETS
 from pyramid_powerhose.exc import BrokerLostError, ClusterError
 from pyramid_powerhose.metrics import DEFAULT_LISTEN, BrokerCollector, parse_listen
@@ -26,6 +27,7 @@ from pyramid_powerhose.settings import Settings
 from pyramid_powerhose.watchers import METRICS, circus_config
 
 from .conftest import REPO, alive, command, read_log, wait_for
+from .test_broker_core import command as command_from
 from .test_broker_core import make_core, ready, reply, reply_error, submit
 
 LE = [floatToGoString(bound) for bound in BUCKETS] + ["+Inf"]
@@ -66,17 +68,24 @@ def expose(stats):
 # -- the conversion, exactly -----------------------------------------------------------------
 
 def core_stats():
-    """Two workers; one job OK in 4 ms, one failed in 20 ms, one running; one queued elsewhere."""
-    core = make_core()
-    ready(core, 0.0, b"w1")
-    ready(core, 0.0, b"w2")
-    submit(core, 1.0, b"c", b"1")
-    submit(core, 1.0, b"c", b"2")
+    """One job OK in 4 ms, one failed in 20 ms, one running; one queued for a service
+    without workers; of five workers, two left and one expired."""
+    core = make_core(heartbeat=1.0, liveness=3)
+    for worker in (b"w1", b"w2"):
+        ready(core, 0.0, worker)
+    for worker in (b"x1", b"x2"):
+        ready(core, 0.0, worker, service=b"spare")
+    submit(core, 1.0, b"c", b"1")  # to w1
+    submit(core, 1.0, b"c", b"2")  # to w2
     reply(core, 1.004, b"w1", b"c", b"1")
     reply_error(core, 1.02, b"w2", b"c", b"2")
-    submit(core, 2.0, b"c", b"3")
-    submit(core, 2.5, b"c", b"4", service=b"other")
-    return core.stats(3.0)
+    for worker in (b"x1", b"x2"):
+        command_from(core, 1.5, worker, p.DISCONNECT)
+    submit(core, 2.0, b"c", b"3")  # to w1, idle the longest; it runs on
+    command_from(core, 3.0, b"w1", p.HEARTBEAT)
+    core.tick(4.1)  # w2, silent since 1.02, expires
+    submit(core, 4.5, b"c", b"4", service=b"other")
+    return core.stats(5.0)
 
 
 def test_the_stats_of_a_core_become_these_metrics():
@@ -84,7 +93,7 @@ def test_the_stats_of_a_core_become_these_metrics():
     families = expose(stats)
     assert all(name.startswith("powerhose_") for name in families)
     assert value(families, "powerhose_up") == 1
-    assert value(families, "powerhose_broker_uptime_seconds") == 3.0
+    assert value(families, "powerhose_broker_uptime_seconds") == 5.0
     assert value(families, "powerhose_broker_stopping") == 0
     assert value(families, "powerhose_broker_info",
                  pid=str(stats["pid"]), engine=stats["engine"]) == 1
@@ -94,11 +103,13 @@ def test_the_stats_of_a_core_become_these_metrics():
             for s in families["powerhose_jobs"].samples} \
         == {("svc", "OK"): 1, ("svc", "ExecutionError"): 1}
     assert {s.labels["event"]: s.value for s in families["powerhose_worker_events"].samples} \
-        == {"registered": 2, "left": 0, "lost": 0, "expired": 0}
+        == {"registered": 4, "left": 2, "lost": 0, "expired": 1}
 
-    assert value(families, "powerhose_workers", service="svc", state="idle") == 1
+    assert value(families, "powerhose_workers", service="svc", state="idle") == 0
     assert value(families, "powerhose_workers", service="svc", state="busy") == 1
-    assert value(families, "powerhose_workers", service="other", state="idle") == 0
+    for service in ("spare", "other"):
+        for state in ("idle", "busy"):
+            assert value(families, "powerhose_workers", service=service, state=state) == 0
     assert value(families, "powerhose_queue_jobs", service="svc") == 0
     assert value(families, "powerhose_queue_jobs", service="other") == 1
     assert value(families, "powerhose_queue_bytes", service="other") \
@@ -293,8 +304,6 @@ def test_a_cluster_with_metrics_listen_runs_the_exporter(endpoints, client):
                          outcome="OK") == 3 if "powerhose_jobs" in families else False
 
         wait_for(three_jobs, what="the cluster's exporter to count 3 jobs")
-        import psutil
-
         circus = psutil.Process(cluster.pids()["circus"])
         (exporter,) = [p for p in circus.children()
                        if "pyramid_powerhose.cli.metrics" in " ".join(p.cmdline())]
@@ -398,6 +407,7 @@ def test_two_app_processes_share_their_round_trips(cluster, endpoints, procs, ru
 
 
 NOT_IMPORTED = """
+import json
 import sys
 
 import webtest
@@ -413,11 +423,11 @@ config.add_route("job", "/job")
 config.add_view(lambda request: Response(request.powerhose.execute(b"x")), route_name="job")
 assert webtest.TestApp(config.make_wsgi_app()).get("/job").body == b"x"
 print(json.dumps(sorted(m for m in sys.modules if m.startswith("prometheus"))))
-""".replace("import sys", "import json, sys", 1)
+"""
 
 
 def test_without_the_metrics_include_prometheus_client_is_not_imported(cluster, endpoints):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(NOT_IMPORTED),
+    result = subprocess.run([sys.executable, "-c", NOT_IMPORTED,
                              endpoints.frontend], capture_output=True, text=True,
                             timeout=60, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     assert result.returncode == 0, result.stderr
