@@ -39,6 +39,15 @@ class IPowerhose(Interface):
     """The registry's :class:`Powerhose`."""
 
 
+class IClientWrapper(Interface):
+    """Wraps each client: ``wrapper(client, service)`` -> a client.
+
+    Registered by ``pyramid_powerhose.metrics``, whose wrapper records the
+    round trip of every job; this module does not import it, so an app
+    without it never loads ``prometheus_client``.
+    """
+
+
 class IClientFactory(Interface):
     """Replaces :class:`Client`: ``factory(settings=...)`` -> a client.
 
@@ -70,6 +79,10 @@ def includeme(config):
     * unless ``powerhose.http_errors = false``, answers ``NoWorkerError``,
       ``WorkerLostError``, ``BrokerLostError`` and ``OverloadedError`` with 503 and a ``Retry-After`` header, and
       ``TimeoutError`` with 504, each with a short JSON body.
+
+    With ``config.include('pyramid_powerhose.metrics')`` too, every call of
+    ``request.powerhose`` is timed into a Prometheus histogram
+    (docs/metrics.rst).
 
     With ``auto``, server processes that start at once on the same ipc
     frontend take turns on a lock file beside the socket: the first one
@@ -200,9 +213,20 @@ def _configure(config):
             f"{PREFIX}cluster = {settings.cluster} needs {PREFIX}target, the worker "
             f"callable (pkg.module:func); set it, or set {PREFIX}cluster = attach "
             "to use a broker and workers started elsewhere")
-    registry.registerUtility(Powerhose(settings, factory or Client), IPowerhose)
+    factory = factory or Client
+    wrapper = registry.queryUtility(IClientWrapper)
+    if wrapper is not None:
+        factory = _wrapped(factory, wrapper)
+    registry.registerUtility(Powerhose(settings, factory), IPowerhose)
     if settings.http_errors:
         add_error_views(config, settings)
+
+
+def _wrapped(factory, wrapper):
+    def wrapped_factory(settings):
+        return wrapper(factory(settings=settings), settings.service)
+
+    return wrapped_factory
 
 
 def _start_cluster(registry):

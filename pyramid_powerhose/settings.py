@@ -282,6 +282,11 @@ class Settings:
     insecure: bool = option(False, roles={"broker"}, convert=_flag,
                             help="let the broker bind a tcp address other hosts can reach "
                             "without CURVE (only on a trusted network)")
+    metrics_listen: str = option("", roles={"cluster", "plugin"}, convert=_text,
+                                 shown="none: no exporter",
+                                 help="HOST:PORT where the cluster also runs 'powerhose "
+                                 "metrics', an exporter of the broker's Prometheus metrics "
+                                 "(e.g. 127.0.0.1:9464; needs pyramid_powerhose[metrics])")
     status_page: bool = option(False, roles={"plugin"}, convert=_flag,
                                help="add a live status page of the cluster (workers, queues, "
                                "jobs/s, latency, with charts) to the application")

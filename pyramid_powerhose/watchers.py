@@ -20,6 +20,7 @@ from .exc import ClusterError
 from .settings import command_line
 
 BROKER, WORKERS = "broker", "workers"  # the circus watchers, as circusctl names them
+METRICS = "metrics"  # the exporter's watcher, when metrics_listen is set
 CIRCUS = "circus"  # the name of circus's own log
 
 CHECK_DELAY = 0.5  # seconds between circus's checks (reaping, respawning)
@@ -53,6 +54,24 @@ def worker_argv(settings, logfile=None, python=None) -> list[str]:
     """``powerhose-worker TARGET`` for ``settings``."""
     return [python or interpreter(), "-m", "pyramid_powerhose.cli.worker", settings.target,
             *command_line(_supervised(settings, logfile), "worker")]
+
+
+def metrics_argv(settings, python=None) -> list[str]:
+    """``powerhose metrics`` serving ``settings.metrics_listen`` for this cluster's broker.
+
+    A ClusterError if the address is not HOST:PORT or prometheus_client is missing.
+    """
+    try:
+        from .metrics import parse_listen
+    except ImportError as exc:
+        raise ClusterError(f"metrics_listen = {settings.metrics_listen}: {exc}") from None
+    try:
+        parse_listen(settings.metrics_listen)
+    except ValueError as exc:
+        raise ClusterError(f"metrics_listen: {exc}") from None
+    return [python or interpreter(), "-m", "pyramid_powerhose.cli.metrics",
+            "--listen", settings.metrics_listen, "--exit-with-parent",
+            *command_line(settings, "status")]
 
 
 def _supervised(settings, logfile):
@@ -117,6 +136,11 @@ def circus_config(settings, run_dir, endpoint, background, python=None) -> dict:
         watcher(WORKERS, worker_argv(workers, logfile, python), settings.numprocesses,
                 grace[WORKERS], settings.working_dir, workers_logs, priority=1),
     ]
+    if settings.metrics_listen:
+        watchers.append(watcher(METRICS, metrics_argv(settings, python), 1, STOP_MARGIN,
+                                settings.working_dir,
+                                log_path(run_dir, METRICS) if background else None,
+                                priority=0, singleton=True))
     loglevel = "debug" if settings.debug else ("info" if background else "warning")
     return {
         "endpoint": endpoint,

@@ -37,7 +37,7 @@ CHANGED = dict(
     status_page_path="/ops/powerhose", status_page_permission="ops",
     grace=3.5, numprocesses=3, working_dir="/srv/app", cluster="attach", http_errors=False,
     params={"region": "eu", "size": "a:b"}, params_file="/etc/app/params.json",
-    exit_with_parent=True, logfile="stderr",
+    metrics_listen="127.0.0.1:9464", exit_with_parent=True, logfile="stderr",
     debug=True)
 
 

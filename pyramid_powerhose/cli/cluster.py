@@ -40,6 +40,9 @@ def main(argv=None):
     if argv[:1] == ["status"]:  # powerhose status [--json | --watch]
         from . import status
         return status.main(argv[1:])
+    if argv[:1] == ["metrics"]:  # powerhose metrics --listen HOST:PORT
+        from . import metrics
+        return metrics.main(argv[1:])
     parser = make_parser()
     args, settings = parse_or_exit(parser, lambda a: from_arguments(a, "cluster"), argv)
     try:
