@@ -195,8 +195,19 @@ class Powerhose:
             cluster.leave()
 
 
+class IRequestJobs(Interface):
+    """Wraps ``request.powerhose``: ``wrapper(powerhose, request)`` -> the same API.
+
+    Registered by ``pyramid_powerhose.toolbar``, which notes the request's
+    jobs for the debug toolbar; without it, ``request.powerhose`` is the
+    application's :class:`Powerhose` itself.
+    """
+
+
 def _request_powerhose(request):
-    return get_powerhose(request.registry)
+    powerhose = get_powerhose(request.registry)
+    wrapper = request.registry.queryUtility(IRequestJobs)
+    return powerhose if wrapper is None else wrapper(powerhose, request)
 
 
 # -- configuration actions ---------------------------------------------------------
