@@ -8,7 +8,7 @@ process only moves bytes.  ``pserve demo_app/development.ini`` runs it.
 Settings: ``powerhose.*`` for the plugin (the key, secret, issuer and
 audience as ``powerhose.params.*`` reach the workers), and
 ``demo.offload`` (default true): false checks assertions in the view's
-own thread, the baseline ``bench/http.py`` compares against.
+own thread, the baseline ``bench/web.py`` compares against.
 """
 
 from pyramid.config import Configurator

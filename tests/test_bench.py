@@ -341,3 +341,13 @@ def test_curve_script_measures_both_clusters_and_leaves_nothing(tmp_path):
     assert all(number(cell) > 0 for cell in column(result, "jobs/s"))
     assert list(tmp_path.glob("ph-curve-*")) == []
     assert_nothing_left("curve.py", tmp_path)
+
+
+def test_metrics_cost_script_measures_both_clients_and_leaves_nothing(tmp_path):
+    """bench/metrics_cost.py, a smoke run: metrics off and on, both measured."""
+    out = run_script("metrics_cost.py", "--quick", tmp_path=tmp_path)
+    (result,) = tables(out)
+    assert column(result, "client") == ["metrics off", "metrics on"]
+    assert all(number(cell) > 0 for cell in column(result, "jobs/s"))
+    assert list(tmp_path.glob("ph-metrics-*")) == []
+    assert_nothing_left("metrics_cost.py", tmp_path)

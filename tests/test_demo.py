@@ -430,7 +430,7 @@ def test_secret_file_stands_for_secret(tmp_path, config):
 
 
 def test_development_ini_baseline_runs_in_process():
-    """``offload=false`` (bench/http.py's baseline): no plugin, no cluster."""
+    """``offload=false`` (bench/web.py's baseline): no plugin, no cluster."""
     before = psutil.Process().children(recursive=True)
     app = get_app(os.path.join(REPO, "demo_app", "development.ini"),
                   options={"offload": "false"})

@@ -20,35 +20,27 @@ machine only side-by-side numbers mean anything.  Both servers and their
 clusters run in a private temp dir and are stopped at the end, even on
 Ctrl-C or error.
 
-    python bench/http.py            # full run, about a minute
-    python bench/http.py --quick    # smoke run
+    python bench/web.py            # full run, about a minute
+    python bench/web.py --quick    # smoke run
 """
 
 from __future__ import annotations
 
+import argparse
+import http.client
+import json
 import os
+import signal
+import socket
+import statistics
 import sys
+import threading
+import time
 
-# Run as a script, this file's directory comes first on sys.path and this
-# file, http.py, would hide the standard library's http package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+import psutil
 
-import argparse  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import psutil  # noqa: E402
-
-# The standard library's http is imported now: the harness beside this file may come back.
-sys.path.insert(0, _HERE)
-import harness  # noqa: E402
-from harness import BIN, REPO, Processes  # noqa: E402
+import harness
+from harness import BIN, REPO, Processes
 
 sys.path.insert(0, REPO)
 from demo_app import assertion  # noqa: E402
