@@ -19,6 +19,7 @@ broker within ``CONNECT_TIMEOUT``, fails with ``BrokerLostError``.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import itertools
 import json
 import logging
@@ -30,7 +31,7 @@ import weakref
 import zmq
 import zmq.utils.monitor
 
-from . import curve, endpoints, exc, multipart, protocol
+from . import curve, endpoints, exc, multipart, protocol, tracing
 from .job import Job, to_bytes
 from .exc import ProtocolError
 from .protocol import Request
@@ -294,6 +295,7 @@ class Client:
 
     def _request(self, data, headers, service, timeout):
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
+        headers = tracing.inject(headers)  # the caller's trace, if any, goes with the job
         name = check_service(service or self.service)
         req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
         return req, timeout
@@ -405,7 +407,9 @@ class Client:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
                         max_workers=32, thread_name_prefix="powerhose-submit")
                 executor = self._executor
-        return executor.submit(self.execute, data, timeout, headers, service)
+        # The caller's context (its trace, tracing.py) goes with the job to the thread.
+        return executor.submit(contextvars.copy_context().run, self.execute, data, timeout,
+                               headers, service)
 
     def map(self, iterable, timeout=None, headers=None, service=None) -> list:
         """Run many jobs at once and return their results in order.

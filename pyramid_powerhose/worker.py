@@ -34,7 +34,7 @@ import traceback
 
 import zmq
 
-from . import curve, endpoints, multipart, protocol
+from . import curve, endpoints, multipart, protocol, tracing
 from .job import Job
 from .exc import ProtocolError, TargetError
 from .protocol import Reply
@@ -367,7 +367,8 @@ def run_target(target, job) -> Reply:
     exception, is an ExecutionError carrying the type and the traceback.
     """
     try:
-        result = target(job)
+        with tracing.job_span(job):  # the client's trace continues here, if it sent one
+            result = target(job)
     except Exception as exc:
         log.info("job %r raised %s: %s", job.id, type(exc).__name__, exc)
         return Reply.error(job.id, protocol.ERR_EXECUTION,
