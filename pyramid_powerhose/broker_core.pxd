@@ -69,6 +69,7 @@ cdef class WorkerRef:
     cdef public double registered
     cdef public long jobs_done
     cdef public object last_job
+    cdef public bytes about
 
 
 cdef class Service:

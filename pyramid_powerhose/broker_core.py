@@ -204,7 +204,8 @@ class WorkerRef:
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
-                 "vanished", "last_reply", "paused", "registered", "jobs_done", "last_job")
+                 "vanished", "last_reply", "paused", "registered", "jobs_done", "last_job",
+                 "about")
 
     def __init__(self, address, service, extended, credit, expiry):
         self.address = address
@@ -220,6 +221,7 @@ class WorkerRef:
         self.registered = 0.0
         self.jobs_done = 0
         self.last_job = None  # seconds the last job ran
+        self.about = b""  # pid@host, from its READY
 
 
 class Service:
@@ -384,8 +386,11 @@ class BrokerCore:
             }
         workers = []
         for worker in self.workers.values():
+            pid, _, host = worker.about.decode("utf-8", "replace").partition("@")
             workers.append({
                 "address": worker.address.hex(),
+                "pid": int(pid) if pid.isdigit() else None,
+                "host": host or None,
                 "service": _name(worker.service.name),
                 "extended": worker.extended,
                 "credit": worker.credit,
@@ -542,6 +547,7 @@ class BrokerCore:
         svc: Service = self._service(msg.service, now)
         worker = WorkerRef(msg.address, svc, msg.extended, msg.credit, now + self.liveness)
         worker.registered = now
+        worker.about = msg.about
         self.workers[msg.address] = worker
         svc.workers.add(msg.address)
         self.counters["registered"] += 1

@@ -40,6 +40,7 @@ cdef class WorkerMessage(_Message):
     cdef public int credit
     cdef public bytes client
     cdef public list body
+    cdef public bytes about
 
 
 cdef class ZapRequest(_Message):

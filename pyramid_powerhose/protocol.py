@@ -58,6 +58,7 @@ ERR_BAD_REQUEST = "ProtocolError"
 MAX_SERVICE_LENGTH = 255
 MAX_JOB_ID_LENGTH = 255
 MAX_CREDIT = 64  # jobs a worker may hold at once (one running, the rest waiting)
+MAX_ABOUT_LENGTH = 255  # a worker's pid@host, in its READY
 
 
 class _Message:
@@ -339,11 +340,12 @@ class WorkerMessage(_Message):
     (the client address frame) and ``body`` (the frames after the delimiter).
     """
 
-    __slots__ = ("address", "command", "service", "extended", "credit", "client", "body")
+    __slots__ = ("address", "command", "service", "extended", "credit", "client", "body",
+                 "about")
     _fields = __slots__
 
     def __init__(self, address, command, service=b"", extended=False, credit=1,
-                 client=b"", body=None):
+                 client=b"", body=None, about=b""):
         self.address = address
         self.command = command
         self.service = service
@@ -351,6 +353,7 @@ class WorkerMessage(_Message):
         self.credit = credit
         self.client = client
         self.body = [] if body is None else body
+        self.about = about  # READY: the worker's pid@host, if it said
 
 
 def parse_backend(frames) -> WorkerMessage:
@@ -361,15 +364,22 @@ def parse_backend(frames) -> WorkerMessage:
     if command == READY:
         if len(frames) == 5:
             return WorkerMessage(address, command, _check_service(frames[4]))
-        if not 6 <= len(frames) <= 7 or frames[5] != EXT_TOKEN:
+        if not 6 <= len(frames) <= 8 or frames[5] != EXT_TOKEN:
             raise ProtocolError("READY takes a service name, then optionally "
-                                "powerhose/1 and a credit")
+                                "powerhose/1, a credit and the worker's pid@host")
         credit = 1
-        if len(frames) == 7:
+        if len(frames) >= 7:
             if not frames[6].isdigit() or not 1 <= int(frames[6]) <= MAX_CREDIT:
                 raise ProtocolError(f"credit must be 1 to {MAX_CREDIT}")
             credit = int(frames[6])
-        return WorkerMessage(address, command, _check_service(frames[4]), True, credit)
+        about = b""
+        if len(frames) == 8:
+            about = frames[7]
+            if len(about) > MAX_ABOUT_LENGTH:
+                raise ProtocolError(f"pid@host must be at most {MAX_ABOUT_LENGTH} bytes")
+        msg = WorkerMessage(address, command, _check_service(frames[4]), True, credit)
+        msg.about = about
+        return msg
     if command == REPLY:
         if len(frames) < 7 or frames[5] != b"":
             raise ProtocolError("REPLY needs client address, empty frame, body")
@@ -407,10 +417,13 @@ def backend_command(address, command) -> list[bytes]:
 # -- worker side (our worker's DEALER) --------------------------------------
 
 
-def worker_ready(service: bytes, credit: int = 1) -> list[bytes]:
+def worker_ready(service: bytes, credit: int = 1, about: bytes = b"") -> list[bytes]:
+    """READY; ``about`` (``pid@host``) tells the broker's stats who the worker is."""
     frames = [b"", MDP_WORKER, READY, service, EXT_TOKEN]
-    if credit != 1:
+    if credit != 1 or about:
         frames.append(b"%d" % credit)
+    if about:
+        frames.append(about)
     return frames
 
 

@@ -69,7 +69,8 @@ def worker_rows(stats: dict) -> list[list]:
     rows = []
     for w in sorted(stats["workers"], key=lambda w: (w["service"], -w["age"])):
         state = "paused" if w["paused"] else f"{w['holding']} job(s)" if w["holding"] else "idle"
-        rows.append([w["address"], w["service"], state, w["jobs"], _age(w["age"]),
+        rows.append([w["address"], w["pid"] or "-", w["host"] or "-", w["service"], state,
+                     w["jobs"], _age(w["age"]),
                      "-" if w["last_job_ms"] is None else f"{w['last_job_ms']:g}",
                      "powerhose/1" if w["extended"] else "MDP"])
     return rows
@@ -90,6 +91,7 @@ def render(stats: dict) -> str:
                     "wait p99 ms", "run p50 ms", "run p99 ms", "done", "errors"],
                    service_rows(stats))
     lines.append("")
-    lines += table(["worker", "service", "state", "jobs", "age", "last job ms", "speaks"],
+    lines += table(["worker", "pid", "host", "service", "state", "jobs", "age", "last job ms",
+                    "speaks"],
                    worker_rows(stats))
     return "\n".join(lines)

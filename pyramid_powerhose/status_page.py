@@ -94,7 +94,8 @@ PAGE = """<!DOCTYPE html>
  <div class="chart"><h2>queued jobs</h2><div id="chart-queue"></div></div>
  <div class="chart"><h2>run time, ms (p50, p99)</h2><div id="chart-run"></div></div>
 </div>
-<table id="workers"><thead><tr><th>worker</th><th>service</th><th>state</th><th>jobs</th>
+<table id="workers"><thead><tr><th>worker</th><th>pid</th><th>host</th><th>service</th>
+<th>state</th><th>jobs</th>
 <th>age s</th><th>last job ms</th></tr></thead><tbody></tbody></table>
 <script src="{base}/static/uplot/uPlot.iife.min.js"></script>
 <script src="{base}/static/status_page.js" data-stats="{base}/stats.json"></script>

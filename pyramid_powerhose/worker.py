@@ -25,6 +25,7 @@ import importlib
 import logging
 import os
 import random
+import socket
 import resource
 import signal
 import sys
@@ -135,7 +136,8 @@ class Worker:
         # Resolved here, not in Settings: the default directory is used only now.
         self.backend = endpoints.resolve(self.settings.backend, "backend")
         self.socket.connect(self.backend)
-        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))
+        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch,
+                                                          _about()))
         now = time.monotonic()
         self.broker_expiry = now + self.liveness
         self.next_heartbeat = now + self.heartbeat
@@ -358,6 +360,12 @@ def _fault_file():
             continue
         return stream
     return sys.stderr
+
+
+def _about() -> bytes:
+    """pid@host, for the broker's stats: who this worker is."""
+    about = f"{os.getpid()}@{socket.gethostname()}".encode("utf-8", "replace")
+    return about[:protocol.MAX_ABOUT_LENGTH]
 
 
 def run_target(target, job) -> Reply:

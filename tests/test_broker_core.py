@@ -1015,16 +1015,18 @@ def test_jobs_per_second_counts_the_last_minute_only():
 
 def test_workers_are_listed_and_their_departures_counted():
     core = make_core()
-    ready(core, 0.0, b"a", credit=2)
+    core.worker_message([b"a", *p.worker_ready(SVC, 2, b"4321@web1.example")], 0.0)
     ready(core, 0.0, b"b")
     ready_plain(core, 1.0, b"c")
     submit(core, 2.0, b"cl", b"1")  # a
     reply(core, 2.25, b"a", b"cl", b"1")
     workers = {w["address"]: w for w in core.stats(3.0)["workers"]}
-    assert workers[b"a".hex()] == {"address": b"a".hex(), "service": "svc", "extended": True,
+    assert workers[b"a".hex()] == {"address": b"a".hex(), "pid": 4321, "host": "web1.example",
+                                   "service": "svc", "extended": True,
                                    "credit": 2, "holding": 0, "paused": False, "jobs": 1,
                                    "age": 3.0, "last_job_ms": 250.0}
     assert workers[b"c".hex()]["extended"] is False and workers[b"c".hex()]["age"] == 2.0
+    assert (workers[b"b".hex()]["pid"], workers[b"b".hex()]["host"]) == (None, None)
     command(core, 4.0, b"a", p.DISCONNECT)
     core.undelivered([Send_to(core, b"b")], 4.0)
     core.bury_vanished(4.0)

@@ -113,3 +113,13 @@ def test_every_error_code_names_the_exception_a_client_raises():
         error = exc.from_reply(Reply.error(b"1", code, "message"))
         assert type(error).__name__ == code
     assert type(exc.from_reply(Reply.error(b"1", "Unknown", "m"))) is exc.PowerhoseError
+
+
+def test_ready_carries_the_workers_pid_and_host():
+    frames = p.worker_ready(b"svc", 1, b"77@host")
+    assert frames[-2:] == [b"1", b"77@host"]  # the credit, then pid@host
+    msg = p.parse_backend([b"w", *frames])
+    assert (msg.credit, msg.about) == (1, b"77@host")
+    assert p.parse_backend([b"w", *p.worker_ready(b"svc", 3)]).about == b""
+    with pytest.raises(p.ProtocolError):
+        p.parse_backend([b"w", *p.worker_ready(b"svc", 1, b"x" * 256)])

@@ -46,7 +46,7 @@ def test_rows_show_what_the_core_counted():
     assert float(rate) == pytest.approx(2 / 60, abs=0.001)
     assert 2.5 <= float(run50) <= 10 and 10 <= float(run99) <= 25  # 4 ms and 20 ms
     assert errors == "ExecutionError 1"
-    states = {row[0]: row[2] for row in worker_rows(stats)}
+    states = {row[0]: row[4] for row in worker_rows(stats)}
     assert sorted(states.values()) == ["1 job(s)", "idle"]
     assert str(stats["pid"]) in render(stats).split()[2]  # "broker pid N"
 
@@ -76,3 +76,11 @@ def test_status_without_a_broker_exits_1_with_one_line(endpoints):
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
     assert time.monotonic() - started < 10
+
+
+def test_workers_say_their_pid_and_host(cluster, client):
+    import socket
+    _, workers = cluster
+    listed = client.stats()["workers"]
+    assert sorted(w["pid"] for w in listed) == sorted(w.pid for w in workers)
+    assert {w["host"] for w in listed} == {socket.gethostname()}

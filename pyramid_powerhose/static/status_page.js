@@ -59,7 +59,8 @@
     }));
     fill("workers", stats.workers.map(function (w) {
       var state = w.paused ? "paused" : w.holding ? w.holding + " job(s)" : "idle";
-      return [w.address, w.service, state, w.jobs, Math.round(w.age), w.last_job_ms];
+      return [w.address, w.pid, w.host, w.service, state, w.jobs, Math.round(w.age),
+              w.last_job_ms];
     }));
     // jobs/s between two polls: the table's figure is over the last minute
     var rateNow = ended === null || total < ended ? 0 : (total - ended) / (now - endedAt);
