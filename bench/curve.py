@@ -15,17 +15,13 @@ rounds, and the cost of encryption per job.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-import statistics
 import subprocess
 
 import harness
-from harness import PAYLOAD, THREADS, Load, say
 
 from pyramid_powerhose import Client
-from pyramid_powerhose.bench import describe_machine, table
 
 WORKERS = 2
 
@@ -74,67 +70,21 @@ def start(procs, name, secure, run_dir):
     return client
 
 
-def report(lat, tput, args):
-    out = [describe_machine(args.rst), "",
-           f"tcp on 127.0.0.1, {WORKERS} echo workers, {args.rounds} rounds; round trip of a "
-           f"{len(PAYLOAD)}-byte echo from one thread ({args.count} per round), jobs/s from "
-           f"{THREADS} threads ({args.tput_count} per round); medians [range of the rounds].",
-           ""]
-    rows = []
-    for name in lat:
-        medians = [s[1] for s in lat[name]]
-        rates = tput[name]
-        rows.append([name, f"{statistics.median(medians):.1f}",
-                     f"[{min(medians):.1f}-{max(medians):.1f}]",
-                     f"{statistics.median(rates):.0f}", f"[{min(rates):.0f}-{max(rates):.0f}]"])
-    out.append(table(["", "round trip (us)", "range", "jobs/s", "range"], rows))
-    rt, rt_rounds = harness.ratio([(a[1], b[1]) for a, b in zip(lat["curve"], lat["plain"])])
-    jobs, jobs_rounds = harness.ratio(list(zip(tput["curve"], tput["plain"])))
-    extra = statistics.median(a[1] - b[1] for a, b in zip(lat["curve"], lat["plain"]))
-    out += ["", f"CURVE / plain: round trip {rt:.2f}x {rt_rounds}, {extra:.1f} us more per "
-            f"job (median of the rounds); jobs/s {jobs:.2f}x {jobs_rounds}"]
-    return "\n".join(out)
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--count", type=int, default=2000, help="round trips per round")
-    p.add_argument("--rst", action="store_true", help="the machine header as RST")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 small rounds")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rounds, args.count = 2, 200
-    args.tput_count = 2 * args.count
-    args.warmup = min(200, args.count)
-    return args
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = harness.pair_args(__doc__.split("\n\n")[0], argv)
     with harness.private_dir("ph-curve-") as run_dir:
         procs = harness.Processes(run_dir)
-        clients, loads = [], []
         try:
-            latency, throughput = {}, {}
+            clients = {}
             for name, secure in (("plain", False), ("curve", True)):
                 os.makedirs(os.path.join(run_dir, name))
-                client = start(procs, name, secure, os.path.join(run_dir, name))
-                clients.append(client)
-                latency[name] = lambda client=client: client.execute(PAYLOAD)
-                loads.append(Load(latency[name]))
-                throughput[name] = loads[-1]
-            say("processes ready; warming up")
-            lat, tput = harness.run_rounds(latency, throughput, args.rounds, args.count,
-                                           args.tput_count, args.warmup)
+                clients[name] = start(procs, name, secure, os.path.join(run_dir, name))
+            lat, tput = harness.run_pair(clients, args)
             procs.check()
         finally:
-            for load in loads:
-                load.close()
-            for client in clients:
-                client.close()
             procs.close()
-        print(report(lat, tput, args))
+        print(harness.pair_report(lat, tput, args, f"tcp on 127.0.0.1, {WORKERS} echo workers",
+                                  "", "plain", "curve"))
         return 0
 
 

@@ -22,6 +22,7 @@ directory first on ``sys.path``.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import itertools
@@ -39,7 +40,8 @@ import time
 import zmq
 
 from pyramid_powerhose import Client
-from pyramid_powerhose.bench import hmac_chain, rounds_per_ms, run_threads
+from pyramid_powerhose.bench import (describe_machine, hmac_chain, rounds_per_ms, run_threads,
+                                     table)
 from pyramid_powerhose.exc import PowerhoseError
 from pyramid_powerhose.job import Job
 from pyramid_powerhose.settings import Settings
@@ -453,3 +455,63 @@ if __name__ == "__main__":
         sys.exit("usage: harness.py serve proxy|echo-bind|echo-connect|jobs-bind|jobs-connect "
                  "ENDPOINT...")
     serve(*sys.argv[2:])
+
+
+# -- two clients side by side: curve.py, metrics_cost.py ----------------------------------
+
+def pair_args(description, argv):
+    """The options of a script that compares two clients: rounds, count, --quick."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--count", type=int, default=2000, help="round trips per round")
+    p.add_argument("--rst", action="store_true", help="the machine header as RST")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 small rounds")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.count = 2, 200
+    args.tput_count = 2 * args.count
+    args.warmup = min(200, args.count)
+    return args
+
+
+def run_pair(clients, args):
+    """Round trips and jobs/s of ``clients`` ({name: Client}, two of them),
+    taking turns within every round; closes them."""
+    loads = []
+    try:
+        latency = {name: (lambda client=client: client.execute(PAYLOAD))
+                   for name, client in clients.items()}
+        throughput = {}
+        for name, call in latency.items():
+            loads.append(Load(call))
+            throughput[name] = loads[-1]
+        say("processes ready; warming up")
+        return run_rounds(latency, throughput, args.rounds, args.count, args.tput_count,
+                          args.warmup)
+    finally:
+        for load in loads:
+            load.close()
+        for client in clients.values():
+            client.close()
+
+
+def pair_report(lat, tput, args, setting, label, base, other):
+    """The machine, a table of both clients, and ``other`` against ``base``."""
+    out = [describe_machine(args.rst), "",
+           f"{setting}, {args.rounds} rounds; round trip of a {len(PAYLOAD)}-byte echo from "
+           f"one thread ({args.count} per round), jobs/s from {THREADS} threads "
+           f"({args.tput_count} per round); medians [range of the rounds].", ""]
+    rows = []
+    for name in lat:
+        medians = [s[1] for s in lat[name]]
+        rates = tput[name]
+        rows.append([name, f"{statistics.median(medians):.1f}",
+                     f"[{min(medians):.1f}-{max(medians):.1f}]",
+                     f"{statistics.median(rates):.0f}", f"[{min(rates):.0f}-{max(rates):.0f}]"])
+    out.append(table([label, "round trip (us)", "range", "jobs/s", "range"], rows))
+    rt, rt_rounds = ratio([(a[1], b[1]) for a, b in zip(lat[other], lat[base])])
+    jobs, jobs_rounds = ratio(list(zip(tput[other], tput[base])))
+    extra = statistics.median(a[1] - b[1] for a, b in zip(lat[other], lat[base]))
+    out += ["", f"{other} / {base}: round trip {rt:.3f}x {rt_rounds} ({extra:+.1f} us per job, "
+            f"median of the rounds); jobs/s {jobs:.3f}x {jobs_rounds}"]
+    return "\n".join(out)
