@@ -1,0 +1,164 @@
+"""The plugin under gunicorn, a pre-forking server: sync and gthread workers,
+with and without --preload, recycling (--max-requests).
+
+Checked: offloaded requests run concurrently (their total time is far under
+the serial sum) and return the right results; one cluster serves every
+server process (spawned by the master with --preload; by the first server
+process otherwise, the others attaching to it); recycled server processes
+keep using it; nothing is left once gunicorn stops, or is killed.
+"""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, alive, command, mentioning, wait_for
+
+WORKERS = 4  # powerhose workers
+JOB = 1.0  # seconds each job sleeps
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn(run_dir):
+    """Start gunicorn on a private ini; kill everything it started at the end."""
+    started = []
+
+    def start(*args):
+        ini = os.path.join(run_dir, "app.ini")
+        with open(ini, "w") as f:
+            f.write("\n".join([
+                "[app:main]", "use = call:tests.server_app:main",
+                f"powerhose.frontend = ipc://{run_dir}/front.sock",
+                f"powerhose.backend = ipc://{run_dir}/back.sock",
+                "powerhose.target = tests.targets:sleep", f"powerhose.workers = {WORKERS}",
+                "powerhose.prefetch = 1", "powerhose.heartbeat = 0.2",
+                "powerhose.timeout = 30", f"powerhose.working_dir = {REPO}", ""]))
+        port = free_port()
+        log = open(os.path.join(run_dir, "gunicorn.log"), "wb")
+        proc = subprocess.Popen(
+            command("gunicorn") + ["--paste", ini, "-b", f"127.0.0.1:{port}",
+                                   "--graceful-timeout", "20", *args],
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}/job"
+        wait_for(lambda: _get(url + "?s=0", timeout=5), timeout=90, interval=0.5,
+                 what="gunicorn answering with a cluster behind it")
+        return proc, url
+    yield start
+    for proc in started:
+        for p in [psutil.Process(proc.pid)] if alive_pid(proc.pid) else []:
+            for child in p.children(recursive=True):
+                child.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+    for p in mentioning(run_dir):
+        p.kill()
+
+
+def alive_pid(pid):
+    try:
+        return alive(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _get(url, timeout=60):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except OSError:
+        return None
+
+
+def concurrently(url, count):
+    """``count`` requests at once; their answers and the seconds they took in all."""
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        answers = list(pool.map(lambda _: _get(f"{url}?s={JOB}"), range(count)))
+    return answers, time.monotonic() - started
+
+
+def brokers(run_dir):
+    return [p for p in mentioning(f"{run_dir}/front.sock")
+            if "cli.broker" in " ".join(p.cmdline()) or "powerhose-broker" in " ".join(
+                p.cmdline())]
+
+
+@pytest.mark.parametrize("args, concurrent", [
+    (["-k", "sync", "-w", "4"], 4),
+    (["-k", "gthread", "-w", "1", "--threads", "4"], 4),
+    (["-k", "sync", "-w", "4", "--preload"], 4),
+], ids=["sync", "gthread", "sync-preload"])
+def test_offloaded_requests_run_concurrently_on_one_cluster(gunicorn, run_dir, args,
+                                                           concurrent):
+    proc, url = gunicorn(*args)
+    answers, took = concurrently(url, concurrent)
+    assert all(a is not None for a in answers)
+    assert len({a["worker"] for a in answers}) == concurrent  # each on its own worker
+    assert took < concurrent * JOB * 0.75  # far under the serial sum
+    assert len(brokers(run_dir)) == 1  # one cluster for every server process
+    servers = {a["server"] for a in answers}
+    assert proc.pid not in servers  # the forked processes asked, not the master
+
+
+def test_recycled_server_processes_keep_the_masters_cluster(gunicorn, run_dir):
+    """--preload: the master spawned the cluster; recycled server processes
+    come and go, and every one uses that same cluster."""
+    proc, url = gunicorn("-k", "sync", "-w", "2", "--max-requests", "3", "--preload")
+    (broker,) = brokers(run_dir)
+    servers = set()
+    for i in range(12):
+        answer = _get(f"{url}?s=0")
+        assert answer is not None, f"request {i} failed"
+        servers.add(answer["server"])
+    assert len(servers) > 2  # server processes were recycled...
+    assert brokers(run_dir) == [broker]  # ...and the cluster stayed the same
+
+
+def test_recycling_without_preload_keeps_serving_on_one_cluster(gunicorn, run_dir):
+    """Each server process loads the app: the first spawns the cluster, the
+    others attach and share it; it lives while any of them does, so
+    recycling never leaves a request without a broker, nor two brokers."""
+    proc, url = gunicorn("-k", "sync", "-w", "2", "--max-requests", "3",
+                         "--max-requests-jitter", "3")
+    servers = set()
+    for i in range(15):
+        answer = _get(f"{url}?s=0")
+        assert answer is not None, f"request {i} failed"
+        servers.add(answer["server"])
+    assert len(servers) > 2
+    assert len(brokers(run_dir)) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_nothing_left_once_gunicorn_stops_or_is_killed(gunicorn, run_dir, sig):
+    proc, url = gunicorn("-k", "sync", "-w", "2")
+    everything = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    everything += mentioning(run_dir)
+    assert brokers(run_dir)
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, signal.SIGKILL)  # the master and its server processes at once
+    else:
+        proc.send_signal(sig)
+    proc.wait(60)
+    wait_for(lambda: not any(alive(p) for p in everything) and not mentioning(run_dir),
+             timeout=60, interval=0.5, what="every process gone")
