@@ -28,7 +28,7 @@ from .exc import ProtocolError
 from .protocol import (
     DISCONNECT, ERR_BAD_REQUEST, ERR_NO_WORKER, ERR_OVERLOADED, ERR_TIMEOUT, ERR_TOO_LARGE,
     ERR_WORKER_LOST, HEARTBEAT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED,
-    MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, PAUSE, READY, RESUME,
+    INFO, MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, PAUSE, READY, RESUME,
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
     parse_backend, parse_frontend, reply_frames_ok,
@@ -519,6 +519,9 @@ class BrokerCore:
             if worker is not None:
                 self.counters["left"] += 1
                 self._delete_worker(worker, now, requeue=worker.extended)
+        elif command == INFO:
+            if worker is not None:  # else: sent before a restart of ours; nothing to note
+                worker.about = msg.about
         elif command == PAUSE or command == RESUME:
             if worker is None or not worker.extended:
                 self._disconnect(msg.address)  # unexpected: as for HEARTBEAT
@@ -547,7 +550,6 @@ class BrokerCore:
         svc: Service = self._service(msg.service, now)
         worker = WorkerRef(msg.address, svc, msg.extended, msg.credit, now + self.liveness)
         worker.registered = now
-        worker.about = msg.about
         self.workers[msg.address] = worker
         svc.workers.add(msg.address)
         self.counters["registered"] += 1

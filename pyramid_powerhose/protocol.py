@@ -29,7 +29,11 @@ DISCONNECT = b"\x05"
 # the others to send it nothing (PAUSE), then that it has room again (RESUME).
 PAUSE = b"\x06"
 RESUME = b"\x07"
-WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME}
+# Extension: right after READY, a worker says who it is (pid@host) for the
+# broker's stats.  A broker that does not know INFO drops it; nothing else
+# changes, so workers and brokers of different versions still work together.
+INFO = b"\x08"
+WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME, INFO}
 
 # -- 8/MMI -----------------------------------------------------------------
 MMI_PREFIX = b"mmi."
@@ -364,22 +368,20 @@ def parse_backend(frames) -> WorkerMessage:
     if command == READY:
         if len(frames) == 5:
             return WorkerMessage(address, command, _check_service(frames[4]))
-        if not 6 <= len(frames) <= 8 or frames[5] != EXT_TOKEN:
+        if not 6 <= len(frames) <= 7 or frames[5] != EXT_TOKEN:
             raise ProtocolError("READY takes a service name, then optionally "
-                                "powerhose/1, a credit and the worker's pid@host")
+                                "powerhose/1 and a credit")
         credit = 1
-        if len(frames) >= 7:
+        if len(frames) == 7:
             if not frames[6].isdigit() or not 1 <= int(frames[6]) <= MAX_CREDIT:
                 raise ProtocolError(f"credit must be 1 to {MAX_CREDIT}")
             credit = int(frames[6])
-        about = b""
-        if len(frames) == 8:
-            about = frames[7]
-            if len(about) > MAX_ABOUT_LENGTH:
-                raise ProtocolError(f"pid@host must be at most {MAX_ABOUT_LENGTH} bytes")
-        msg = WorkerMessage(address, command, _check_service(frames[4]), True, credit)
-        msg.about = about
-        return msg
+        return WorkerMessage(address, command, _check_service(frames[4]), True, credit)
+    if command == INFO:
+        if len(frames) != 5 or len(frames[4]) > MAX_ABOUT_LENGTH:
+            raise ProtocolError(f"INFO takes one frame, pid@host, of at most "
+                                f"{MAX_ABOUT_LENGTH} bytes")
+        return WorkerMessage(address, command, about=frames[4])
     if command == REPLY:
         if len(frames) < 7 or frames[5] != b"":
             raise ProtocolError("REPLY needs client address, empty frame, body")
@@ -417,14 +419,16 @@ def backend_command(address, command) -> list[bytes]:
 # -- worker side (our worker's DEALER) --------------------------------------
 
 
-def worker_ready(service: bytes, credit: int = 1, about: bytes = b"") -> list[bytes]:
-    """READY; ``about`` (``pid@host``) tells the broker's stats who the worker is."""
+def worker_ready(service: bytes, credit: int = 1) -> list[bytes]:
     frames = [b"", MDP_WORKER, READY, service, EXT_TOKEN]
-    if credit != 1 or about:
+    if credit != 1:
         frames.append(b"%d" % credit)
-    if about:
-        frames.append(about)
     return frames
+
+
+def worker_info(about: bytes) -> list[bytes]:
+    """INFO: who the worker is (``pid@host``), for the broker's stats."""
+    return [b"", MDP_WORKER, INFO, about]
 
 
 def worker_command(command: bytes) -> list[bytes]:

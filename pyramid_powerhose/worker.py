@@ -136,8 +136,8 @@ class Worker:
         # Resolved here, not in Settings: the default directory is used only now.
         self.backend = endpoints.resolve(self.settings.backend, "backend")
         self.socket.connect(self.backend)
-        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch,
-                                                          _about()))
+        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))
+        multipart.send(self.socket, protocol.worker_info(_about()))
         now = time.monotonic()
         self.broker_expiry = now + self.liveness
         self.next_heartbeat = now + self.heartbeat

@@ -1015,7 +1015,8 @@ def test_jobs_per_second_counts_the_last_minute_only():
 
 def test_workers_are_listed_and_their_departures_counted():
     core = make_core()
-    core.worker_message([b"a", *p.worker_ready(SVC, 2, b"4321@web1.example")], 0.0)
+    ready(core, 0.0, b"a", credit=2)
+    assert core.worker_message([b"a", *p.worker_info(b"4321@web1.example")], 0.0) == []
     ready(core, 0.0, b"b")
     ready_plain(core, 1.0, b"c")
     submit(core, 2.0, b"cl", b"1")  # a
@@ -1034,6 +1035,12 @@ def test_workers_are_listed_and_their_departures_counted():
     assert core.stats(10.0)["worker_events"] == {"registered": 3, "left": 1, "lost": 1,
                                                   "expired": 1}
     assert core.stats(10.0)["workers"] == []
+
+
+def test_info_from_an_unknown_worker_is_ignored():
+    core = make_core()
+    assert core.worker_message([b"x", *p.worker_info(b"1@h")], 0.0) == []
+    assert core.workers == {}
 
 
 def Send_to(core, address):

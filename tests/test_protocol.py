@@ -115,11 +115,10 @@ def test_every_error_code_names_the_exception_a_client_raises():
     assert type(exc.from_reply(Reply.error(b"1", "Unknown", "m"))) is exc.PowerhoseError
 
 
-def test_ready_carries_the_workers_pid_and_host():
-    frames = p.worker_ready(b"svc", 1, b"77@host")
-    assert frames[-2:] == [b"1", b"77@host"]  # the credit, then pid@host
-    msg = p.parse_backend([b"w", *frames])
-    assert (msg.credit, msg.about) == (1, b"77@host")
-    assert p.parse_backend([b"w", *p.worker_ready(b"svc", 3)]).about == b""
+def test_info_carries_the_workers_pid_and_host():
+    msg = p.parse_backend([b"w", *p.worker_info(b"77@host")])
+    assert (msg.command, msg.about) == (p.INFO, b"77@host")
     with pytest.raises(p.ProtocolError):
-        p.parse_backend([b"w", *p.worker_ready(b"svc", 1, b"x" * 256)])
+        p.parse_backend([b"w", *p.worker_info(b"x" * 256)])
+    with pytest.raises(p.ProtocolError):
+        p.parse_backend([b"w", b"", p.MDP_WORKER, p.INFO])
