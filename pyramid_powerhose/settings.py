@@ -266,20 +266,22 @@ class Settings:
                               "every local user can see; params given directly override "
                               "it.  A cluster passes its workers their params this way, in "
                               "a file of mode 0600 in its private directory")
-    curve_secret: str = option("", roles={"broker", "worker", "client", "plugin", "status"},
+    curve_secret: str = option("", roles={"broker", "worker", "client", "cluster", "plugin",
+                                          "status"},
                                convert=_text, shown="none: no CURVE",
                                help="this process's CURVE key pair, a .key_secret file of "
                                "mode 0600 ('powerhose keys' writes them): encrypt and "
                                "authenticate the connections to or from the broker")
-    curve_broker: str = option("", roles={"worker", "client", "plugin", "status"},
+    curve_broker: str = option("", roles={"worker", "client", "cluster", "plugin", "status"},
                                convert=_text,
                                shown="none",
                                help="the broker's public key, a .key file: with "
                                "curve_secret, connect to that broker only")
-    curve_allow: str = option("", roles={"broker"}, convert=_text, shown="none",
+    curve_allow: str = option("", roles={"broker", "cluster", "plugin"}, convert=_text,
+                              shown="none",
                               help="a directory of .key files: the clients and workers the "
                               "broker accepts (read again within seconds of a change)")
-    insecure: bool = option(False, roles={"broker"}, convert=_flag,
+    insecure: bool = option(False, roles={"broker", "cluster", "plugin"}, convert=_flag,
                             help="let the broker bind a tcp address other hosts can reach "
                             "without CURVE (only on a trusted network)")
     metrics_listen: str = option("", roles={"cluster", "plugin"}, convert=_text,

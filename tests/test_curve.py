@@ -304,3 +304,27 @@ def test_curve_settings_need_their_counterpart(keys):
         Client(frontend="tcp://127.0.0.1:1", curve_secret=keys.client.secret_file)
     with pytest.raises(SettingsError):
         Client(frontend="tcp://127.0.0.1:1", curve_broker=keys.broker.public_file)
+
+
+# -- a spawned cluster over CURVE ---------------------------------------------------------------
+
+
+def test_a_spawned_cluster_runs_curve_with_one_key_pair(keys, run_dir):
+    """get_cluster passes the CURVE settings to what it spawns: the broker
+    serves with the pair, the workers and the cluster's own client connect
+    with it, and a client without a key is refused."""
+    from pyramid_powerhose import Client, get_cluster
+    from pyramid_powerhose.exc import BrokerLostError
+    os.link(keys.broker.public_file, os.path.join(keys.allowed, "broker.key"))
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    curve_settings = {"curve_secret": keys.broker.secret_file,
+                      "curve_broker": keys.broker.public_file,
+                      "curve_allow": keys.allowed}
+    with get_cluster("tests.targets:echo", background=True, numprocesses=1, frontend=front,
+                     backend=back, heartbeat=0.2, **curve_settings):
+        with Client(frontend=front, curve_secret=keys.client.secret_file,
+                    curve_broker=keys.broker.public_file) as client:
+            assert client.execute(b"spawned over curve") == b"spawned over curve"
+        with Client(frontend=front, timeout=20) as plain:
+            with pytest.raises(BrokerLostError):
+                plain.execute(b"x")
