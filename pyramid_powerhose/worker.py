@@ -17,8 +17,8 @@ A worker may serve several brokers (several ``--backend``), one DEALER
 socket each, with heartbeats and reconnection per broker; it still runs one
 job at a time, in the order the jobs were read.  While it runs a job from
 one broker it sends PAUSE to the others, so that they count it busy and
-send it nothing, and RESUME once it has nothing left to run (PROTOCOL.rst,
-"Several brokers").  With one broker, none of that is sent.
+send it nothing, and RESUME once that job is done (PROTOCOL.rst, "Several
+brokers").  With one broker, none of that is sent.
 
 Life cycle, in one place each: ``connect`` (READY), ``handle_request``
 (job started, job finished), ``_lost`` (broker lost: reconnect later),
@@ -224,7 +224,7 @@ class Worker:
                 elif now >= broker.expiry:
                     self._lost(broker, now)
                 elif now >= broker.next_heartbeat:
-                    multipart.send(broker.socket, protocol.worker_command(protocol.HEARTBEAT))
+                    self._tell(broker, protocol.HEARTBEAT)
                     broker.next_heartbeat = now + self.heartbeat
             if all(broker.lost_since is not None for broker in self.brokers):
                 since = max(broker.lost_since for broker in self.brokers)
@@ -238,8 +238,7 @@ class Worker:
 
         With one broker, one receive on its socket.  With several, one
         message from each socket that has one, queued in the order read
-        (the closest to arrival order there is); and before waiting with
-        nothing left to run, RESUME to the brokers we paused.
+        (the closest to arrival order there is).
         """
         if len(self.brokers) == 1:
             broker = self.brokers[0]
@@ -252,7 +251,6 @@ class Worker:
         if not self._inbox:
             self._read_each(0)
         if not self._inbox:
-            self._resume_all()
             self._read_each(timeout_ms)
         return self._inbox.popleft() if self._inbox else None
 
@@ -312,18 +310,52 @@ class Worker:
                 continue
             if broker is holder:
                 if broker.paused:
-                    multipart.send(broker.socket, protocol.worker_command(protocol.RESUME))
+                    self._tell(broker, protocol.RESUME)
                     broker.paused = False
             elif not broker.paused:
-                multipart.send(broker.socket, protocol.worker_command(protocol.PAUSE))
+                self._tell(broker, protocol.PAUSE)
                 broker.paused = True
 
     def _resume_all(self):
-        """Nothing left to run: every broker may send us jobs again."""
+        """A job is done: every broker may send us jobs again.
+
+        After every job, not only once nothing is left: a broker that keeps
+        us busy with its prefetched jobs would otherwise starve the others.
+        """
         for broker in self.brokers:
             if broker.paused and broker.socket is not None:
-                multipart.send(broker.socket, protocol.worker_command(protocol.RESUME))
+                self._tell(broker, protocol.RESUME)
             broker.paused = False
+
+    # -- sending: never wait on one broker ------------------------------------------
+    #
+    # A DEALER whose broker died may have nowhere to queue a message, and a
+    # send would then wait for that broker's return, starving the others
+    # and the heartbeats.  So nothing waits: a command that cannot be
+    # queued is dropped (the broker is gone; we register afresh when it is
+    # back), and a reply waits for room at most ``liveness``.
+
+    def _tell(self, broker, command):
+        """Send HEARTBEAT, PAUSE, RESUME or DISCONNECT to ``broker``, if it can be queued."""
+        try:
+            multipart.send(broker.socket, protocol.worker_command(command), multipart.NOBLOCK)
+        except zmq.Again:
+            log.debug("broker at %s unreachable; command %r dropped", broker.backend, command)
+
+    def _reply(self, broker, client, reply):
+        """Send a job's REPLY to the broker it came from."""
+        frames = protocol.worker_reply(client, reply)
+        sock = broker.socket
+        for wait in (False, True):
+            if wait and not sock.poll(int(self.liveness * 1000), zmq.POLLOUT):
+                break
+            try:
+                multipart.send(sock, frames, multipart.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        log.warning("job %r: the broker at %s is unreachable; reply dropped (it fails "
+                    "the job when it notices the worker is gone)", reply.job_id, broker.backend)
 
     def _pending(self) -> bool:
         """Whether a message waits to be handled (read, or in a socket)."""
@@ -342,7 +374,7 @@ class Worker:
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
         for broker in self.brokers:
             if broker.socket is not None:
-                multipart.send(broker.socket, protocol.worker_command(protocol.DISCONNECT))
+                self._tell(broker, protocol.DISCONNECT)
         return EXIT_OK
 
     def request_stop(self, *_):
@@ -370,7 +402,7 @@ class Worker:
             reply = Reply.error(req.job_id, protocol.ERR_TIMEOUT,
                                 f"job waited {waited:.2f}s in the worker behind another job "
                                 "and its deadline passed; it was not run")
-            multipart.send(broker.socket, protocol.worker_reply(command.client, reply))
+            self._reply(broker, command.client, reply)
             return
         if len(self.brokers) > 1:
             self._hold(broker)
@@ -391,13 +423,17 @@ class Worker:
         # microsecond we keep the core delays the client.
         if not self._pending():
             self.backlog_since = None  # what comes next did not queue behind this job
-        # We could not read the brokers' heartbeats while busy.
-        now = time.monotonic()
+        # We could not read the brokers' heartbeats while busy: that time
+        # does not count against them.  (Reset to now + liveness, a broker
+        # that died would never expire while another keeps us busy.)
+        started, now = now, time.monotonic()
         for each in self.brokers:
-            each.expiry = max(each.expiry, now + self.liveness)
-            each.next_heartbeat = now + self.heartbeat
+            each.expiry += now - started
+        broker.next_heartbeat = now + self.heartbeat  # the reply is a sign of life
         self.jobs_done += 1
-        multipart.send(broker.socket, protocol.worker_reply(command.client, reply))
+        self._reply(broker, command.client, reply)
+        if len(self.brokers) > 1:
+            self._resume_all()
         if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
             self.over_memory = True  # checked after each job: one system call
 
@@ -449,8 +485,7 @@ class Worker:
                 if self._busy_since is not None:
                     for broker in self.brokers:
                         if broker.socket is not None:
-                            multipart.send(broker.socket,
-                                           protocol.worker_command(protocol.HEARTBEAT))
+                            self._tell(broker, protocol.HEARTBEAT)
                     last_beat = now
             finally:
                 self._lock.release()
@@ -470,12 +505,10 @@ class Worker:
                                 f"job exceeded the worker's {self.settings.worker_timeout}s "
                                 "time limit (--timeout); the worker was restarted")
             try:
-                multipart.send(self._current_broker.socket,
-                               protocol.worker_reply(self._client_address, reply))
+                self._reply(self._current_broker, self._client_address, reply)
                 for broker in self.brokers:
                     if broker.socket is not None:
-                        multipart.send(broker.socket,
-                                       protocol.worker_command(protocol.DISCONNECT))
+                        self._tell(broker, protocol.DISCONNECT)
                         broker.socket.close(linger=1000)
                 self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
