@@ -364,10 +364,7 @@ class Client:
             with changed:
                 changed.wait_for(lambda: any(broker.up for broker in brokers),
                                  CONNECT_TIMEOUT)
-        fresh = [c for c in channels if c.broker not in avoid] or channels
-        choice = ([c for c in fresh if c.broker.up] or [c for c in fresh if not c.broker.lost]
-                  or fresh)
-        return choice[next(self._turn) % len(choice)]
+        return choose(channels, avoid, next(self._turn))
 
     def _retire(self, channel):
         """Replace a thread's socket after a timeout.
@@ -728,6 +725,18 @@ def check_service(service: str) -> bytes:
             f"({len(name)} bytes) cannot be sent: service names are 1 to "
             f"{protocol.MAX_SERVICE_LENGTH} bytes and do not start with 'mmi.'")
     return name
+
+
+def choose(channels, avoid, turn):
+    """The channel for a job: the ``turn``-th, in a round, of the best ones.
+
+    Best are those whose broker some socket is connected to (``up``), then
+    those not known lost, then any; those whose broker is in ``avoid``
+    (it lost this job already) only when no other is left.
+    """
+    fresh = [c for c in channels if c.broker not in avoid] or channels
+    best = [c for c in fresh if c.broker.up] or [c for c in fresh if not c.broker.lost] or fresh
+    return best[turn % len(best)]
 
 
 def _result(reply):

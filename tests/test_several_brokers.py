@@ -6,10 +6,14 @@ brokers: PAUSE and RESUME" and "When the broker goes away".
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+from pyramid import testing
+from pyramid.exceptions import ConfigurationError
 
 from pyramid_powerhose import Client, exc
+from pyramid_powerhose.client import _Broker, choose
 from tests.conftest import wait_for
 
 TIMEOUT = 10.0  # each job's; every wait below is generous
@@ -251,11 +255,7 @@ def test_retries_send_a_lost_job_to_the_other_broker(pair, brokers, worker_on, e
                 retries=1) as client:
         job = client.submit(b"1.5")
         # Kill the broker the job went to, while a worker runs it.
-        holder = wait_for(lambda: next((name for name in "AB"
-                                        if service(each[name], "busy") == 2 - 1
-                                        and service(each[name], "idle") == 1
-                                        and service(each[name], "done") == 0
-                                        and _holds(each[name])), None),
+        holder = wait_for(lambda: next((name for name in "AB" if _holds(each[name])), None),
                           what="the job on a worker")
         started[holder].kill()
         result = job.result(TIMEOUT)
@@ -285,3 +285,61 @@ def test_without_retries_a_lost_job_fails_fast(pair, brokers, worker_on, each):
         assert time.monotonic() - killed < 2.5
         # The other broker carries on.
         assert client.execute(b"0").isdigit()
+
+
+def test_ping_and_stats_come_from_a_broker_that_answers(pair, brokers, each):
+    started = brokers("A")  # B never answers
+    with Client(frontend=[pair.front["B"], pair.front["A"]], timeout=TIMEOUT) as client:
+        assert client.ping(timeout=2) == started["A"].pid
+        assert client.stats(timeout=2)["frontend"] == pair.front["A"]
+        each_stats = client.broker_stats(timeout=2)
+        assert list(each_stats) == [pair.front["B"], pair.front["A"]]
+        assert each_stats[pair.front["B"]] is None
+        assert each_stats[pair.front["A"]]["pid"] == started["A"].pid
+        assert client.has_service(timeout=2) is False  # A answers: no worker
+
+
+def test_an_app_with_several_frontends_must_attach(pair):
+    config = testing.setUp(settings={
+        "powerhose.frontend": f"{pair.front['A']} {pair.front['B']}",
+        "powerhose.target": "tests.targets:echo", "powerhose.cluster": "spawn"})
+    try:
+        with pytest.raises(ConfigurationError, match="powerhose.frontend lists 2 endpoints"):
+            config.include("pyramid_powerhose")
+            config.commit()
+    finally:
+        testing.tearDown()
+
+
+# -- the choice of a broker, exactly --------------------------------------------------------
+
+def channels(*states):
+    """Stand-in channels, one per broker, each (up, lost)."""
+    made = []
+    for i, (up, lost) in enumerate(states):
+        broker = _Broker(f"ipc:///b{i}", i)
+        broker.up, broker.lost = up, lost
+        made.append(SimpleNamespace(broker=broker))
+    return made
+
+
+def chosen(channels, avoid=(), turns=4):
+    return [choose(channels, avoid, turn).broker.index for turn in range(turns)]
+
+
+def test_jobs_go_in_turn_to_the_brokers_that_are_up():
+    assert chosen(channels((1, False), (2, False))) == [0, 1, 0, 1]
+    assert chosen(channels((0, True), (1, False), (3, False))) == [1, 2, 1, 2]
+
+
+def test_a_lost_broker_is_used_only_when_none_other_is_left():
+    # None up yet (a new client): those not known lost first.
+    assert chosen(channels((0, True), (0, False))) == [1, 1, 1, 1]
+    assert chosen(channels((0, True), (0, True))) == [0, 1, 0, 1]
+
+
+def test_a_retry_avoids_the_broker_that_lost_the_job():
+    both = channels((1, False), (1, False))
+    assert chosen(both, avoid=(both[0].broker,)) == [1, 1, 1, 1]
+    # Nothing else left: the same broker again (one frontend, or all lost it).
+    assert chosen(both, avoid=(both[0].broker, both[1].broker)) == [0, 1, 0, 1]
