@@ -11,8 +11,11 @@ worker the same settings (:func:`command_line`) and the docs' table
 
 Constructing :class:`Settings` touches no file system: an empty
 ``frontend``/``backend`` means the private default endpoint, resolved by
-:func:`pyramid_powerhose.endpoints.resolve` when a socket is made.  This
-module imports neither Pyramid nor ZeroMQ.
+:func:`pyramid_powerhose.endpoints.resolve` when a socket is made.  Either
+may list several brokers (clients and workers use them all; a broker or a
+cluster refuses them): a str for one endpoint, a tuple for several, and
+``Settings.frontends``/``.backends`` a tuple either way.  This module
+imports neither Pyramid nor ZeroMQ.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ from pyramid import testing
 from pyramid.exceptions import ConfigurationError
 
 from pyramid_powerhose import Client, exc
+from pyramid_powerhose import protocol
 from pyramid_powerhose.client import _Broker, choose
+from pyramid_powerhose.settings import Settings
+from pyramid_powerhose.worker import Worker, _Broker as WorkerBroker
 from tests.conftest import wait_for
 
 TIMEOUT = 10.0  # each job's; every wait below is generous
@@ -343,3 +346,48 @@ def test_a_retry_avoids_the_broker_that_lost_the_job():
     assert chosen(both, avoid=(both[0].broker,)) == [1, 1, 1, 1]
     # Nothing else left: the same broker again (one frontend, or all lost it).
     assert chosen(both, avoid=(both[0].broker, both[1].broker)) == [0, 1, 0, 1]
+
+
+# -- the worker's PAUSE and RESUME, exactly ----------------------------------------------------
+
+class Told(Worker):
+    """A worker whose commands to its brokers are recorded, not sent."""
+
+    def __init__(self, *backends):
+        super().__init__(lambda job: b"", Settings(backend=list(backends)))
+        self.brokers = [worker_broker(backend) for backend in backends]
+        self.told = []
+
+    def _tell(self, broker, command):
+        self.told.append((broker.backend, command))
+
+
+def worker_broker(backend):
+    broker = WorkerBroker(backend)
+    broker.socket = object()  # connected, as far as these decisions go
+    return broker
+
+
+def test_a_job_from_one_broker_pauses_the_others_once_and_its_end_resumes_them():
+    worker = Told("ipc:///a", "ipc:///b", "ipc:///c")
+    a, b, c = worker.brokers
+    worker._hold(a)
+    assert worker.told == [("ipc:///b", protocol.PAUSE), ("ipc:///c", protocol.PAUSE)]
+    worker._hold(a)  # a second job from a: nothing new to say
+    assert len(worker.told) == 2
+    worker.told.clear()
+    worker._hold(b)  # a job b sent before its PAUSE arrived: b runs it, a waits
+    assert worker.told == [("ipc:///a", protocol.PAUSE), ("ipc:///b", protocol.RESUME)]
+    worker.told.clear()
+    worker._resume_all()
+    assert worker.told == [("ipc:///a", protocol.RESUME), ("ipc:///c", protocol.RESUME)]
+    assert not any(broker.paused for broker in worker.brokers)
+
+
+def test_a_broker_being_reconnected_is_told_nothing():
+    worker = Told("ipc:///a", "ipc:///b")
+    a, b = worker.brokers
+    b.socket = None  # waiting to reconnect: its new registration starts unpaused
+    worker._hold(a)
+    worker._resume_all()
+    assert worker.told == []
