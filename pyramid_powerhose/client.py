@@ -364,7 +364,13 @@ class Client:
             with changed:
                 changed.wait_for(lambda: any(broker.up for broker in brokers),
                                  CONNECT_TIMEOUT)
-        return choose(channels, avoid, next(self._turn))
+        channel = choose(channels, avoid, next(self._turn))
+        if channel.broker.up and not channel.connected:
+            # Its broker answers our other sockets: this one connects within
+            # libzmq's reconnect interval.  Its CONNECT_TIMEOUT starts now,
+            # not when it last lost the broker.
+            channel.since = max(channel.since, time.monotonic())
+        return channel
 
     def _retire(self, channel):
         """Replace a thread's socket after a timeout.

@@ -304,9 +304,12 @@ class Worker:
     # -- several brokers: PAUSE and RESUME ----------------------------------------
 
     def _hold(self, holder):
-        """About to run a job from ``holder``: the other brokers must count us busy."""
+        """About to run a job from ``holder``: the other brokers must count us busy.
+
+        A broker known lost is told nothing (see _present).
+        """
         for broker in self.brokers:
-            if broker.socket is None:
+            if not self._present(broker):
                 continue
             if broker is holder:
                 if broker.paused:
@@ -323,9 +326,21 @@ class Worker:
         us busy with its prefetched jobs would otherwise starve the others.
         """
         for broker in self.brokers:
-            if broker.paused and broker.socket is not None:
+            if broker.paused and self._present(broker):
                 self._tell(broker, protocol.RESUME)
             broker.paused = False
+
+    @staticmethod
+    def _present(broker) -> bool:
+        """Whether to tell ``broker`` PAUSE and RESUME: not while it is known lost.
+
+        To a broker that is not there, they would queue up in the socket
+        (later ones dropped once it is full), and a broker starting on that
+        endpoint would read the stale backlog, perhaps ending on a PAUSE.
+        A new registration starts unpaused; a job it sends while we run
+        another waits in our queue, like a prefetched one.
+        """
+        return broker.socket is not None and broker.lost_since is None
 
     # -- sending: never wait on one broker ------------------------------------------
     #

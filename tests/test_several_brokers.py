@@ -239,8 +239,10 @@ def test_kill_one_of_two_brokers_under_load(pair, brokers, worker_on, each, star
                                                        exc.WorkerLostError)), (
             start - killed, end - killed, outcome)
         assert end - start < 5.0 + 1.0
-    failed = [record for record in records if record[3] != record[2]]
-    assert all(killed - 0.5 < start < killed + 2.0 for start, _, _, _ in failed), failed
+    # Only jobs in flight at the kill, or sent just after it, failed.
+    failed = [(start - killed, end - killed, outcome)
+              for start, end, data, outcome in records if outcome != data]
+    assert all(end >= 0 and start < 2.0 for start, end, _ in failed), failed
     # Within 2 s of the kill, every thread is served through B again.
     for thread in load.records:
         assert any(start < killed + 2.0 and outcome == data
@@ -384,10 +386,14 @@ def test_a_job_from_one_broker_pauses_the_others_once_and_its_end_resumes_them()
     assert not any(broker.paused for broker in worker.brokers)
 
 
-def test_a_broker_being_reconnected_is_told_nothing():
-    worker = Told("ipc:///a", "ipc:///b")
-    a, b = worker.brokers
-    b.socket = None  # waiting to reconnect: its new registration starts unpaused
+def test_a_broker_known_lost_is_told_nothing():
+    """Waiting to reconnect, or reconnected but not heard from since: PAUSE
+    and RESUME would queue up for a broker that may start later and read
+    them stale."""
+    worker = Told("ipc:///a", "ipc:///b", "ipc:///c")
+    a, b, c = worker.brokers
+    b.socket, b.lost_since = None, 1.0  # waiting to reconnect
+    c.lost_since = 1.0  # a new socket, no word from its broker since it was lost
     worker._hold(a)
     worker._resume_all()
     assert worker.told == []
