@@ -64,6 +64,8 @@ class Broker:
 
     def __init__(self, settings, context=None):
         give_large_frames_back()
+        for name in ("frontend", "backend"):
+            endpoints.single(getattr(settings, name), name, "a broker")
         self.settings = settings.replace(
             frontend=endpoints.resolve(settings.frontend, "frontend"),
             backend=endpoints.resolve(settings.backend, "backend"))

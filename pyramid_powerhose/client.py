@@ -14,6 +14,15 @@ for a reply looks at that count only when a short wait slice passes with
 no reply, so a job that gets its reply at once costs nothing more.  A job
 sent before its socket lost the broker, or on a socket that found no
 broker within ``CONNECT_TIMEOUT``, fails with ``BrokerLostError``.
+
+Given several frontends (several brokers), each thread has a socket to
+each broker, and each job goes to one of them, in turn among the brokers
+that some socket of the client is connected to now.  A broker whose
+connection drops, or to which a job failed with ``BrokerLostError``, is
+left out until a socket connects to it again (libzmq keeps trying in the
+background), so a restarted broker is used again as soon as it is back.
+With ``retries``, a job lost with its broker is sent again, to another
+broker if one answers.  With one frontend, none of this costs anything.
 """
 
 from __future__ import annotations
@@ -66,17 +75,39 @@ _MONITORED = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DI
 _monitor_ids = itertools.count()
 
 
+class _Broker:
+    """One frontend of the client, and what its sockets say about it.
+
+    ``up``: how many of the client's sockets are connected to it now;
+    ``lost``: a connection to it dropped, or a job to it failed with
+    BrokerLostError, and none connected since.  Written under the
+    watcher's condition (``lost`` also by a thread whose job was lost).
+    """
+
+    __slots__ = ("endpoint", "index", "up", "lost")
+
+    def __init__(self, endpoint, index):
+        self.endpoint = endpoint
+        self.index = index
+        self.up = 0
+        self.lost = False
+
+
 class _Channel:
-    """One thread's socket to the broker, with its job id counter.
+    """One thread's socket to one broker, with its job id counter.
 
     ``connected``, ``losses`` (connections dropped so far) and ``since``
     (when it was created or last lost its broker) are written by the
     client's :class:`_ConnectionWatcher` thread, read by the owner.
     """
 
-    __slots__ = ("socket", "ids", "since", "connected", "losses", "secure", "__weakref__")
+    __slots__ = ("socket", "ids", "since", "connected", "losses", "secure", "broker",
+                 "frontend", "__weakref__")
 
-    def __init__(self, context, frontend, watcher, keys=None):
+    def __init__(self, context, broker, watcher, keys=None):
+        frontend = broker.endpoint
+        self.broker = broker
+        self.frontend = frontend
         sock = context.socket(zmq.DEALER)
         sock.linger = 0
         # With CURVE, a connection counts once its handshake succeeded: a
@@ -135,6 +166,8 @@ class _ConnectionWatcher:
         self._pid = os.getpid()
         self._stopped = False
         self._lock = threading.Lock()
+        # Held to change a broker's ``up``, notified when one changes.
+        self.changed = threading.Condition(threading.Lock())
         self._new = []  # (channel, monitor socket) not yet polled
         address = f"inproc://powerhose-watcher-{id(self):x}"
         self._wake_in = context.socket(zmq.PAIR)
@@ -147,7 +180,7 @@ class _ConnectionWatcher:
 
     def watch(self, channel, monitor):
         with self._lock:
-            self._new.append((weakref.ref(channel), monitor))
+            self._new.append((_Watched(channel), monitor))
             self._wake_out.send(b"")
 
     def stop(self):
@@ -165,7 +198,7 @@ class _ConnectionWatcher:
     def _run(self):
         poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
-        channels = {}  # monitor socket -> weakref to its channel
+        channels = {}  # monitor socket -> _Watched
         try:
             while True:
                 try:
@@ -178,8 +211,8 @@ class _ConnectionWatcher:
                             return
                         with self._lock:
                             new, self._new = self._new, []
-                        for ref, monitor in new:
-                            channels[monitor] = ref
+                        for watched, monitor in new:
+                            channels[monitor] = watched
                             poller.register(monitor, zmq.POLLIN)
                         continue
                     if not self._event(sock, channels[sock]):
@@ -191,23 +224,49 @@ class _ConnectionWatcher:
                 monitor.close(0)
             self._wake_in.close(0)
 
-    @staticmethod
-    def _event(monitor, ref) -> bool:
+    def _event(self, monitor, watched) -> bool:
         """Apply one event to its channel; False once the channel's socket is gone."""
         event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
         if event == zmq.EVENT_MONITOR_STOPPED:
+            self._count(watched, False)
             return False
-        channel = ref()
+        channel = watched.channel()
         if channel is None:
             return True  # its socket is closing: MONITOR_STOPPED follows
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED or (
                 event == zmq.EVENT_CONNECTED and not channel.secure):
             channel.connected = True
+            self._count(watched, True)
         elif event == zmq.EVENT_DISCONNECTED:
             channel.since = time.monotonic()
             channel.connected = False
             channel.losses += 1
+            if watched.connected:
+                watched.broker.lost = True
+            self._count(watched, False)
         return True
+
+    def _count(self, watched, connected):
+        """Keep the broker's count of connected sockets."""
+        if watched.connected == connected:
+            return
+        watched.connected = connected
+        with self.changed:
+            watched.broker.up += 1 if connected else -1
+            if connected:
+                watched.broker.lost = False
+            self.changed.notify_all()
+
+
+class _Watched:
+    """What the watcher keeps of a channel: the channel may go before its monitor."""
+
+    __slots__ = ("channel", "broker", "connected")
+
+    def __init__(self, channel):
+        self.channel = weakref.ref(channel)
+        self.broker = channel.broker
+        self.connected = False
 
 
 class Client:
@@ -218,10 +277,18 @@ class Client:
     A broker that dies with jobs in flight, or none listening, fails them
     with ``BrokerLostError`` within about a second (see the module's
     docstring and PROTOCOL.rst, "When the broker goes away").
+
+    ``frontend`` may list several brokers (a list, or endpoints separated
+    by spaces): jobs are spread over those that answer.  ``retries`` (0 by
+    default) sends a job lost with its broker (``BrokerLostError``) again,
+    to another broker if one answers, within the job's timeout: **for
+    idempotent jobs only**, since a lost job may have run.  Other errors,
+    ``WorkerLostError`` included, are never retried: the broker is fine,
+    and a job that kills its worker would kill the next one.
     """
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
-                 settings=None, curve_secret=None, curve_broker=None):
+                 settings=None, curve_secret=None, curve_broker=None, retries=None):
         base = settings or Settings()
         self.settings = base.replace(
             frontend=frontend or base.frontend,
@@ -230,51 +297,92 @@ class Client:
             max_job_size=max_job_size or base.max_job_size,
             curve_secret=curve_secret or base.curve_secret,
             curve_broker=curve_broker or base.curve_broker,
+            retries=base.retries if retries is None else retries,
         )
         # CURVE: this client's key pair and the broker's public key, or None.
         self._curve = curve.client_keys(self.settings)
-        self._frontend = self.settings.frontend  # empty: the default, resolved on first use
+        self._frontends = None  # resolved on first use: the default may be needed
         self.timeout = self.settings.timeout
         self.service = self.settings.service
+        self.retries = self.settings.retries
+        self._several = len(self.settings.frontends) > 1
+        self._turn = itertools.count()  # round robin over the brokers that answer
         self._closed = False
         self._lock = threading.Lock()
         self._executor = None
         self._reset()
 
     @property
+    def frontends(self) -> tuple:
+        """The brokers' endpoints; the private default is looked up on first use."""
+        if self._frontends is None:
+            self._frontends = endpoints.resolve_all(self.settings.frontend, "frontend")
+        return self._frontends
+
+    @property
     def frontend(self) -> str:
-        """The broker's endpoint; the private default is looked up on first use."""
-        if not self._frontend:
-            self._frontend = endpoints.resolve(self.settings.frontend, "frontend")
-        return self._frontend
+        """The broker's endpoint (several: separated by spaces, as in an ini file)."""
+        return " ".join(self.frontends)
 
     def _reset(self):
         self._generation = _fork_generation
         self._context = zmq.Context()
         self._local = threading.local()
         self._channels = weakref.WeakSet()
+        self._brokers = None  # one _Broker per frontend, made with the first channel
         self._executor = None
         self._watcher = None  # started with the first channel
 
-    def _channel(self) -> _Channel:
+    def _channel(self, index=0) -> _Channel:
+        """This thread's socket to the ``index``-th broker, made on first use."""
         if self._generation != _fork_generation:
             with self._lock:
                 if self._generation != _fork_generation:
                     self._reset()  # a forked child: the parent's sockets are not ours
         try:
-            return self._local.channel
+            channel = self._local.channels[index]
         except AttributeError:
-            pass
+            self._local.channels = [None] * len(self.frontends)
+            channel = None
+        if channel is not None:
+            return channel
         if self._closed:
             raise exc.PowerhoseError("the client is closed")
         with self._lock:
             if self._watcher is None:
                 self._watcher = _ConnectionWatcher(self._context)
                 weakref.finalize(self, self._watcher.stop)  # a client never closed
-        channel = _Channel(self._context, self.frontend, self._watcher, self._curve)
-        self._local.channel = channel
+                self._brokers = [_Broker(endpoint, i)
+                                 for i, endpoint in enumerate(self.frontends)]
+        channel = _Channel(self._context, self._brokers[index], self._watcher, self._curve)
+        self._local.channels[index] = channel
         with self._lock:
             self._channels.add(channel)
+        return channel
+
+    def _pick(self, avoid=()) -> _Channel:
+        """This thread's socket to the broker for the next job.
+
+        In turn among the brokers some socket is connected to, leaving out
+        those in ``avoid`` (they lost this job) while another is left; if
+        none is connected (a new client, or all gone), waits up to
+        CONNECT_TIMEOUT for one, then tries one not known lost, or any.
+        """
+        if not self._several:
+            return self._channel()
+        channels = [self._channel(i) for i in range(len(self.frontends))]
+        brokers = self._brokers
+        if not any(broker.up for broker in brokers):
+            changed = self._watcher.changed
+            with changed:
+                changed.wait_for(lambda: any(broker.up for broker in brokers),
+                                 CONNECT_TIMEOUT)
+        channel = choose(channels, avoid, next(self._turn))
+        if channel.broker.up and not channel.connected:
+            # Its broker answers our other sockets: this one connects within
+            # libzmq's reconnect interval.  Its CONNECT_TIMEOUT starts now,
+            # not when it last lost the broker.
+            channel.since = max(channel.since, time.monotonic())
         return channel
 
     def _retire(self, channel):
@@ -285,8 +393,10 @@ class Client:
         never runs jobs whose callers gave up, and their late replies have
         nowhere to go.
         """
-        if getattr(self._local, "channel", None) is channel:
-            del self._local.channel
+        mine = getattr(self._local, "channels", None)
+        index = channel.broker.index
+        if mine is not None and mine[index] is channel:
+            mine[index] = None
         with self._lock:
             self._channels.discard(channel)
         channel.close()
@@ -300,18 +410,42 @@ class Client:
         req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
         return req, timeout
 
-    def execute(self, data, timeout=None, headers=None, service=None) -> bytes:
+    def execute(self, data, timeout=None, headers=None, service=None,
+                retries=None) -> bytes:
         """Run one job and return its result (bytes).
 
         Raises NoWorkerError, TimeoutError, ExecutionError, WorkerLostError,
         BrokerLostError, OverloadedError or JobTooLargeError from
         ``pyramid_powerhose.exc``, and SettingsError for a service name the
         protocol cannot carry.
+
+        ``retries`` (default: the client's, 0 unless set) is how many times
+        a job lost with its broker (BrokerLostError) is sent again, to
+        another broker if one answers, all within ``timeout``: only for
+        jobs that may safely run twice.
         """
         req, timeout = self._request(data, headers, service, timeout)
-        channel = self._channel()
-        req.job_id = channel.next_id()
-        return _result(self._run(channel, req, timeout))
+        retries = self.retries if retries is None else retries
+        if not self._several and not retries:
+            channel = self._channel()
+            req.job_id = channel.next_id()
+            return _result(self._run(channel, req, timeout))
+        deadline = time.monotonic() + timeout
+        lost = []  # the brokers this job was lost with
+        while True:
+            channel = self._pick(lost)
+            req.job_id = channel.next_id()
+            try:
+                return _result(self._run(channel, req, timeout))
+            except exc.BrokerLostError as error:
+                timeout = deadline - time.monotonic()
+                if retries <= 0 or timeout <= 0:
+                    raise
+                retries -= 1
+                lost.append(channel.broker)
+                req.ttl_ms = max(1, int(timeout * 1000))
+                log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
+                         req.service.decode(), error, retries)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
@@ -320,7 +454,11 @@ class Client:
         try:
             self._send(channel, req, deadline, timeout, losses)
             return self._receive(channel, {req.job_id}, deadline, req, timeout, losses)
-        except (exc.TimeoutError, exc.BrokerLostError):
+        except exc.BrokerLostError:
+            channel.broker.lost = True  # not chosen again until a socket reconnects
+            self._retire(channel)
+            raise
+        except exc.TimeoutError:
             self._retire(channel)
             raise
 
@@ -337,7 +475,7 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise exc.TimeoutError(
-                    f"could not queue the job for the broker at {self.frontend} "
+                    f"could not queue the job for the broker at {channel.frontend} "
                     f"within {timeout}s; is powerhose-broker running?")
             if not sock.poll(min(remaining, WAIT_SLICE) * 1000, zmq.POLLOUT):
                 self._check_broker(channel, req, losses)
@@ -353,12 +491,12 @@ class Client:
         if channel.losses != losses:
             raise exc.BrokerLostError(
                 f"job {req.job_id.decode()} on {req.service.decode()!r}: the connection "
-                f"to the broker at {self.frontend} dropped while the job was in flight "
+                f"to the broker at {channel.frontend} dropped while the job was in flight "
                 "(the broker died or restarted); the job will not run later, retry it")
         if not channel.connected and time.monotonic() - channel.since > CONNECT_TIMEOUT:
             raise exc.BrokerLostError(
                 f"job {req.job_id.decode()} on {req.service.decode()!r}: no broker "
-                f"accepted a connection at {self.frontend} within {CONNECT_TIMEOUT}s; "
+                f"accepted a connection at {channel.frontend} within {CONNECT_TIMEOUT}s; "
                 "is powerhose-broker running?")
 
     def _receive(self, channel, wanted, deadline, req, timeout, losses):
@@ -375,7 +513,7 @@ class Client:
                 if remaining <= WAIT_SLICE:
                     raise exc.TimeoutError(
                         f"job {req.job_id.decode()} on {req.service.decode()!r} got no "
-                        f"result within {timeout}s from the broker at {self.frontend}; "
+                        f"result within {timeout}s from the broker at {channel.frontend}; "
                         "is powerhose-broker running, and are its workers overloaded "
                         "or hung?")
                 try:
@@ -391,14 +529,16 @@ class Client:
             try:
                 reply = protocol.parse_client_reply(frames)
             except ProtocolError as error:
-                log.warning("dropped malformed reply from %s: %s", self.frontend, error)
+                log.warning("dropped malformed reply from %s: %s", channel.frontend, error)
                 continue
             if reply.job_id in wanted:
                 return reply
             log.debug("dropped late reply for job %r", reply.job_id)
 
-    def submit(self, data, timeout=None, headers=None, service=None) -> concurrent.futures.Future:
-        """Run one job in the background; returns a ``concurrent.futures.Future``."""
+    def submit(self, data, timeout=None, headers=None, service=None,
+               retries=None) -> concurrent.futures.Future:
+        """Run one job in the background (see :meth:`execute`); returns a
+        ``concurrent.futures.Future``."""
         executor = self._executor
         if executor is None or self._generation != _fork_generation:
             self._channel()  # resets after a fork
@@ -409,7 +549,7 @@ class Client:
                 executor = self._executor
         # The caller's context (its trace, tracing.py) goes with the job to the thread.
         return executor.submit(contextvars.copy_context().run, self.execute, data, timeout,
-                               headers, service)
+                               headers, service, retries)
 
     def map(self, iterable, timeout=None, headers=None, service=None) -> list:
         """Run many jobs at once and return their results in order.
@@ -417,8 +557,10 @@ class Client:
         Up to 128 jobs are in flight at a time, each with its own timeout
         from when it is sent.  If any job fails, the error of the first
         failed job (in input order) is raised once all have settled.
+        With several brokers, one call's jobs all go through one of them,
+        chosen as for :meth:`execute`; they are not retried.
         """
-        channel = self._channel()
+        channel = self._pick()
         losses = channel.losses
         pending = {}  # job id -> (index, request, deadline, timeout)
         results = []
@@ -461,6 +603,8 @@ class Client:
             results[index] = reply
         for index, *_ in pending.values():
             results[index] = lost  # the jobs in flight when the broker went
+        if lost is not None:
+            channel.broker.lost = True
         if lost is not None or any(isinstance(outcome, exc.TimeoutError) for outcome in results):
             self._retire(channel)
         values = []
@@ -471,28 +615,78 @@ class Client:
         return values
 
     # -- broker queries -----------------------------------------------------------
+    #
+    # 8/MMI is per broker.  With several, ping() and stats() ask them in
+    # turn (those connected first) and give the first answer, in the same
+    # form as with one; broker_stats() gives each one's.
 
-    def _mmi(self, service, body=b"", timeout=1.0):
+    def _mmi(self, service, body=b"", timeout=1.0, channel=None):
         req = Request(service, b"", body, max(1, int(timeout * 1000)))
-        channel = self._channel()
+        channel = channel or self._channel()
         req.job_id = channel.next_id()
         return _result(self._run(channel, req, timeout))
 
+    def _first_answer(self, service, timeout, body=b""):
+        """The first broker's answer to an MMI query; the last error if none answers."""
+        if not self._several:
+            return self._mmi(service, body, timeout)
+        channels = [self._channel(i) for i in range(len(self.frontends))]
+        channels.sort(key=lambda channel: not channel.broker.up)
+        error = None
+        for channel in channels:
+            try:
+                return self._mmi(service, body, timeout, channel)
+            except (exc.TimeoutError, exc.BrokerLostError) as lost:
+                error = lost
+        raise error
+
     def ping(self, timeout=1.0):
-        """The broker's pid, or None if no broker answers within ``timeout``."""
+        """The pid of the (first) broker that answers within ``timeout``, or None."""
         try:
-            return int(self._mmi(protocol.MMI_PING, timeout=timeout))
+            return int(self._first_answer(protocol.MMI_PING, timeout))
         except (exc.TimeoutError, exc.BrokerLostError):
             return None
 
     def has_service(self, service=None, timeout=1.0) -> bool:
-        """Whether the broker has at least one worker for ``service`` (8/MMI)."""
+        """Whether a broker has at least one worker for ``service`` (8/MMI).
+
+        With several brokers, whether one of those that answer has.
+        """
         name = (service or self.service).encode()
-        return self._mmi(protocol.MMI_SERVICE, name, timeout) == protocol.MMI_FOUND
+        if not self._several:
+            return self._mmi(protocol.MMI_SERVICE, name, timeout) == protocol.MMI_FOUND
+        answered, error = False, None
+        for i in range(len(self.frontends)):
+            try:
+                found = self._mmi(protocol.MMI_SERVICE, name, timeout, self._channel(i))
+            except (exc.TimeoutError, exc.BrokerLostError) as lost:
+                error = lost
+                continue
+            if found == protocol.MMI_FOUND:
+                return True
+            answered = True
+        if not answered:
+            raise error
+        return False
 
     def stats(self, timeout=1.0) -> dict:
-        """The broker's statistics: workers idle and busy, queues, jobs done."""
-        return json.loads(self._mmi(protocol.MMI_STATS, timeout=timeout))
+        """The broker's statistics: workers idle and busy, queues, jobs done.
+
+        With several brokers, the first that answers (its ``frontend`` says
+        which); :meth:`broker_stats` gives every broker's.
+        """
+        return json.loads(self._first_answer(protocol.MMI_STATS, timeout))
+
+    def broker_stats(self, timeout=1.0) -> dict:
+        """Each broker's statistics, by frontend; None for one that does not answer."""
+        each = {}
+        for i, frontend in enumerate(self.frontends):
+            try:
+                each[frontend] = json.loads(self._mmi(protocol.MMI_STATS, b"", timeout,
+                                                      self._channel(i)))
+            except (exc.TimeoutError, exc.BrokerLostError):
+                each[frontend] = None
+        return each
 
     # -- closing ----------------------------------------------------------------------
 
@@ -553,6 +747,18 @@ def check_service(service: str) -> bytes:
             f"({len(name)} bytes) cannot be sent: service names are 1 to "
             f"{protocol.MAX_SERVICE_LENGTH} bytes and do not start with 'mmi.'")
     return name
+
+
+def choose(channels, avoid, turn):
+    """The channel for a job: the ``turn``-th, in a round, of the best ones.
+
+    Best are those whose broker some socket is connected to (``up``), then
+    those not known lost, then any; those whose broker is in ``avoid``
+    (it lost this job already) only when no other is left.
+    """
+    fresh = [c for c in channels if c.broker not in avoid] or channels
+    best = [c for c in fresh if c.broker.up] or [c for c in fresh if not c.broker.lost] or fresh
+    return best[turn % len(best)]
 
 
 def _result(reply):

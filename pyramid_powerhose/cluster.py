@@ -100,7 +100,12 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _resolved(settings: Settings) -> Settings:
-    """``settings`` with concrete endpoints: the private defaults spelled out."""
+    """``settings`` with concrete endpoints: the private defaults spelled out.
+
+    A cluster runs one broker: SettingsError if ``settings`` lists several.
+    """
+    for name in ("frontend", "backend"):
+        endpoints.single(getattr(settings, name), name, "a cluster's broker")
     return settings.replace(frontend=endpoints.resolve(settings.frontend, "frontend"),
                             backend=endpoints.resolve(settings.backend, "backend"))
 

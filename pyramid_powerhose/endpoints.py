@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 
-from .exc import DuplicateBrokerError, UnsafeDirectoryError
+from .exc import DuplicateBrokerError, SettingsError, UnsafeDirectoryError
 
 IPC = "ipc://"
 
@@ -56,6 +56,25 @@ def resolve(endpoint: str, name: str) -> str:
     if endpoint:
         return endpoint
     return default_frontend() if name == "frontend" else default_backend()
+
+
+def resolve_all(endpoint, name: str) -> tuple:
+    """Every endpoint of a setting that may list several (a str or a tuple), as a
+    tuple; the default for ``name`` when it lists none."""
+    if isinstance(endpoint, tuple):
+        return endpoint
+    return (resolve(endpoint, name),)
+
+
+def single(endpoint, name: str, who: str) -> str:
+    """``endpoint``, if it is one; SettingsError if it lists several, for ``who``
+    (a broker, a cluster) binds exactly one."""
+    if isinstance(endpoint, tuple):
+        raise SettingsError(
+            f"{name} lists {len(endpoint)} endpoints ({' '.join(endpoint)}), but {who} "
+            "binds exactly one; run a broker per endpoint, and give the list to the "
+            "clients (frontend) and workers (backend) instead")
+    return endpoint
 
 
 def ipc_path(endpoint: str):

@@ -11,8 +11,11 @@ worker the same settings (:func:`command_line`) and the docs' table
 
 Constructing :class:`Settings` touches no file system: an empty
 ``frontend``/``backend`` means the private default endpoint, resolved by
-:func:`pyramid_powerhose.endpoints.resolve` when a socket is made.  This
-module imports neither Pyramid nor ZeroMQ.
+:func:`pyramid_powerhose.endpoints.resolve` when a socket is made.  Either
+may list several brokers (clients and workers use them all; a broker or a
+cluster refuses them): a str for one endpoint, a tuple for several, and
+``Settings.frontends``/``.backends`` a tuple either way.  This module
+imports neither Pyramid nor ZeroMQ.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ CLUSTER_MODES = ("auto", "spawn", "attach")
 # keywords; plugin is the Pyramid app's powerhose.* ini keys.
 ROLES = ("broker", "worker", "client", "cluster", "plugin", "status")
 COMMANDS = ("broker", "worker", "cluster", "status")
+# Commands that run exactly one broker, so take one frontend and one backend.
+SINGLE_BROKER = ("broker", "cluster")
 PREFIX = "powerhose."
 
 
@@ -48,6 +53,34 @@ def _text(key, value):
     if not isinstance(value, str):
         raise SettingsError(f"{key} must be text, got {value!r}")
     return value.strip()
+
+
+def _endpoints(key, value):
+    """One endpoint, or several: whitespace-separated text, or a list or tuple of them.
+
+    Normal form, so that one endpoint looks the same however it was
+    written: ``""`` for none (the private default), the endpoint itself (a
+    str) for one, a tuple of str for several.
+    """
+    if isinstance(value, str):
+        items = value.split()
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        items = [part for item in value for part in item.split()]
+    else:
+        raise SettingsError(f"{key} must be an endpoint, or a list of endpoints, "
+                            f"got {value!r}")
+    if len(set(items)) != len(items):
+        raise SettingsError(f"{key} names an endpoint twice: {' '.join(items)}")
+    if len(items) > 1:
+        return tuple(items)
+    return items[0] if items else ""
+
+
+def several(value) -> tuple:
+    """An endpoint setting's endpoints, as a tuple: () for the default."""
+    if isinstance(value, tuple):
+        return value
+    return (value,) if value else ()
 
 
 def _mode(key, value):
@@ -161,10 +194,10 @@ def _as_text(value) -> str:
 # -- the table ------------------------------------------------------------------------
 
 def option(default=dataclasses.MISSING, *, roles, help, convert, ini=None, flag=None,
-           to_text=_as_text, shown=None, default_factory=dataclasses.MISSING):
+           to_text=_as_text, shown=None, repeat=False, default_factory=dataclasses.MISSING):
     """A Settings field that is also an option; see :class:`Option` for the arguments."""
     metadata = {"roles": frozenset(roles), "help": help, "convert": convert, "ini": ini,
-                "flag": flag, "to_text": to_text, "shown": shown}
+                "flag": flag, "to_text": to_text, "shown": shown, "repeat": repeat}
     if not metadata["roles"] <= set(ROLES):
         raise ValueError(f"roles must be among {', '.join(ROLES)}, got {sorted(roles)}")
     return field(default=default, default_factory=default_factory, metadata=metadata,
@@ -183,13 +216,20 @@ class Settings:
                          flag="target", shown="none",
                          help="the worker callable: pkg.module:func or pkg.module.func, "
                          "importable from the working directory")
-    frontend: str = option("", roles={"broker", "client", "cluster", "plugin", "status"},
-                           convert=_text,
-                           shown="ipc socket in a private per-user directory",
-                           help="ZeroMQ endpoint where clients reach the broker")
-    backend: str = option("", roles={"broker", "worker", "cluster", "plugin"}, convert=_text,
-                          shown="ipc socket in a private per-user directory",
-                          help="ZeroMQ endpoint where workers reach the broker")
+    # One endpoint is a str, several a tuple (see _endpoints); Settings.frontends
+    # and .backends give a tuple either way.
+    frontend: str | tuple[str, ...] = option(
+        "", roles={"broker", "client", "cluster", "plugin", "status"}, convert=_endpoints,
+        repeat=True, shown="ipc socket in a private per-user directory",
+        help="ZeroMQ endpoint where clients reach the broker; a client may be given "
+        "several brokers (repeat the flag; in an ini file, separate them with spaces) "
+        "and spreads its jobs over those that answer; a broker or a cluster takes one")
+    backend: str | tuple[str, ...] = option(
+        "", roles={"broker", "worker", "cluster", "plugin"}, convert=_endpoints,
+        repeat=True, shown="ipc socket in a private per-user directory",
+        help="ZeroMQ endpoint where workers reach the broker; a worker may be given "
+        "several brokers (repeat the flag; in an ini file, separate them with spaces), "
+        "serves them all and runs one job at a time; a broker or a cluster takes one")
     service: str = option("default", roles={"worker", "client", "cluster", "plugin"},
                           convert=_text, help="the MDP service workers serve and jobs go to")
     heartbeat: float = option(1.0, roles={"broker", "worker", "cluster", "plugin"},
@@ -201,6 +241,11 @@ class Settings:
                            help="heartbeats missed before the other side counts as gone")
     timeout: float = option(5.0, roles={"client", "plugin"}, convert=_seconds,
                             help="seconds a client waits for a job's result")
+    retries: int = option(0, roles={"client", "plugin"}, convert=_whole,
+                          help="times a client sends a job again, to another broker if "
+                          "one answers, when its broker was lost with the job in flight "
+                          "(BrokerLostError), within the job's timeout: for idempotent "
+                          "jobs only, since the lost job may have run")
     worker_timeout: float = option(10.0, roles={"worker", "cluster", "plugin"},
                                    convert=_seconds, flag="--timeout",
                                    help="hard limit in seconds on one job: past it the "
@@ -310,13 +355,14 @@ class Settings:
         # Read-only, so that a frozen Settings is immutable all the way down.
         object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
         for name in ("frontend", "backend"):
-            endpoint = getattr(self, name)
-            if endpoint:  # empty: the default, resolved when a socket is made
+            value = _endpoints(name, getattr(self, name))
+            object.__setattr__(self, name, value)
+            for endpoint in several(value):  # none: the default, resolved when used
                 try:
                     endpoints.check(endpoint, name)
                 except ValueError as exc:
                     raise SettingsError(str(exc)) from None
-        if self.frontend and self.frontend == self.backend:
+        if set(self.frontends) & set(self.backends):
             raise SettingsError("frontend and backend must be different endpoints")
         if not self.service or len(self.service.encode()) > 255:
             raise SettingsError("service must be 1 to 255 bytes")
@@ -339,6 +385,8 @@ class Settings:
         if self.max_queue_bytes < self.max_job_size:
             raise SettingsError(f"max_queue_bytes ({self.max_queue_bytes}) must be at least "
                                 f"max_job_size ({self.max_job_size}), or no large job could wait")
+        if self.retries < 0:
+            raise SettingsError(f"retries must be 0 or more, got {self.retries!r}")
         if self.numprocesses < 0:
             raise SettingsError("numprocesses must be 0 or more")
         if bool(self.curve_broker) and not self.curve_secret:
@@ -356,6 +404,16 @@ class Settings:
         if self.cluster not in CLUSTER_MODES:
             raise SettingsError(f"cluster must be one of {', '.join(CLUSTER_MODES)}, "
                                 f"got {self.cluster!r}")
+
+    @property
+    def frontends(self) -> tuple[str, ...]:
+        """The brokers' frontends as a tuple, whatever their number; () for the default."""
+        return several(self.frontend)
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The brokers' backends as a tuple, whatever their number; () for the default."""
+        return several(self.backend)
 
     def replace(self, **changes) -> "Settings":
         """A new Settings with ``changes``, checked like any other."""
@@ -392,7 +450,8 @@ class Option:
     ``flag`` is ``--flag``, a positional's name, or None (no command takes
     it); ``convert(key, value)`` turns text into the field's value and
     names ``key`` in its errors; ``to_text`` is its inverse, for
-    :func:`command_line`; ``shown`` is the default as the help and docs say it.
+    :func:`command_line`; ``shown`` is the default as the help and docs say it;
+    ``repeat``: the flag may be given several times, for a tuple of values.
     """
 
     name: str
@@ -404,6 +463,7 @@ class Option:
     flag: str | None
     to_text: Callable
     shown: str | None
+    repeat: bool
 
     def default_text(self, literal="{}") -> str:
         """The default as people read it; ``literal`` wraps a value (rst: ``{}``)."""
@@ -481,6 +541,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         if opt.is_flag:
             parser.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction,
                                 help=help)
+        elif opt.repeat:
+            parser.add_argument(opt.flag, dest=opt.name, help=help, action="append",
+                                metavar=opt.flag[2:].replace("-", "_").upper())
         else:
             parser.add_argument(opt.flag, dest=opt.name, help=help,
                                 metavar=opt.flag[2:].replace("-", "_").upper())
@@ -498,6 +561,9 @@ def from_arguments(args: argparse.Namespace, role: str, **extra) -> Settings:
         if opt.flag is None or text is None:
             continue
         value = opt.convert(opt.flag, text)
+        if isinstance(value, tuple) and role in SINGLE_BROKER:
+            endpoints.single(value, opt.flag, f"powerhose-{role}" if role == "broker"
+                             else "a cluster")
         if value is not None:
             values[opt.name] = value
     values.update(extra)
@@ -519,6 +585,9 @@ def command_line(settings: Settings, role: str) -> list[str]:
         value = getattr(settings, opt.name)
         if opt.is_flag:
             argv.append(opt.flag if value else "--no-" + opt.flag[2:])
+        elif opt.repeat and isinstance(value, tuple):
+            for item in value:
+                argv += [opt.flag, opt.to_text(item)]
         else:
             argv += [opt.flag, opt.to_text(value)]
     return argv

@@ -13,13 +13,22 @@ margin, it writes every thread's stack to the log and ends the process,
 and the broker fails the job with WorkerLostError; the supervisor
 restarts the worker.
 
+A worker may serve several brokers (several ``--backend``), one DEALER
+socket each, with heartbeats and reconnection per broker; it still runs one
+job at a time, in the order the jobs were read.  While it runs a job from
+one broker it sends PAUSE to the others, so that they count it busy and
+send it nothing, and RESUME once that job is done (PROTOCOL.rst, "Several
+brokers").  With one broker, none of that is sent.
+
 Life cycle, in one place each: ``connect`` (READY), ``handle_request``
-(job started, job finished), ``reconnect`` (broker lost), ``retire``
-(max age, max memory or SIGTERM: DISCONNECT after the current job, then exit).
+(job started, job finished), ``_lost`` (broker lost: reconnect later),
+``retire`` (max age, max memory or SIGTERM: DISCONNECT after the current
+job, then exit).
 """
 
 from __future__ import annotations
 
+import collections
 import faulthandler
 import importlib
 import logging
@@ -94,6 +103,26 @@ def resolve_target(target: str):
     return obj
 
 
+class _Broker:
+    """One broker this worker registers with: its socket and its timers.
+
+    ``lost_since`` is when it stopped answering (None while it answers);
+    while ``socket`` is None the worker waits until ``reconnect_at``.
+    ``paused``: we sent it PAUSE and no RESUME since.
+    """
+
+    __slots__ = ("backend", "socket", "expiry", "next_heartbeat", "paused", "lost_since",
+                 "backoff", "reconnect_at")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.socket = None
+        self.expiry = self.next_heartbeat = self.reconnect_at = 0.0
+        self.paused = False
+        self.lost_since = None
+        self.backoff = 0.1
+
+
 class Worker:
     def __init__(self, target, settings, context=None):
         self.target = target
@@ -103,12 +132,15 @@ class Worker:
         self.curve = curve.client_keys(settings)  # None: no CURVE
         self.heartbeat = settings.heartbeat
         self.liveness = settings.heartbeat * settings.liveness
-        self.socket = None
+        self.brokers = []  # one _Broker per backend, made when run() starts
+        self._inbox = collections.deque()  # (broker, socket, frames) read, not yet handled
+        self._poller = None  # over the brokers' sockets, when there are several
         self.stop_requested = False
         self.jobs_done = 0
         self._lock = threading.Lock()  # held by whoever uses the socket
         self._busy_since = None
         self._current = None
+        self._current_broker = None
         self._client_address = b""
         self.backlog_since = None  # when the requests now in our socket may have arrived
         self._watchdog_stop = threading.Event()
@@ -125,22 +157,28 @@ class Worker:
 
     # -- life cycle -----------------------------------------------------------
 
-    def connect(self):
-        """A new socket and a READY, as MDP asks after any disconnection."""
-        if self.socket is not None:
-            self.socket.close(0)
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.linger = 1000
+    def connect(self, broker):
+        """A new socket to ``broker`` and a READY, as MDP asks after any disconnection."""
+        self._close(broker, 0)
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 1000
         if self.curve is not None:
-            curve.connect_with(self.socket, *self.curve)
-        # Resolved here, not in Settings: the default directory is used only now.
-        self.backend = endpoints.resolve(self.settings.backend, "backend")
-        self.socket.connect(self.backend)
-        multipart.send(self.socket, protocol.worker_ready(self.service, self.settings.prefetch))
-        multipart.send(self.socket, protocol.worker_info(_about()))
+            curve.connect_with(sock, *self.curve)
+        sock.connect(broker.backend)
+        multipart.send(sock, protocol.worker_ready(self.service, self.settings.prefetch))
+        multipart.send(sock, protocol.worker_info(_about()))
+        broker.socket = sock
+        broker.paused = False  # a new registration starts unpaused
+        self._poller = None
         now = time.monotonic()
-        self.broker_expiry = now + self.liveness
-        self.next_heartbeat = now + self.heartbeat
+        broker.expiry = now + self.liveness
+        broker.next_heartbeat = now + self.heartbeat
+
+    def _close(self, broker, linger=None):
+        if broker.socket is not None:
+            broker.socket.close(linger)
+            broker.socket = None
+            self._poller = None
 
     def run(self) -> int:
         """Serve jobs until retired, stopped, or without a broker too long."""
@@ -152,36 +190,27 @@ class Worker:
             return self._loop()
         finally:
             self._watchdog_stop.set()
-            if self.socket is not None:
-                self.socket.close()
+            if self.brokers:
+                for broker in self.brokers:
+                    self._close(broker)
                 # Wait (up to the linger) for our last REPLY and DISCONNECT to
                 # leave: the broker requeues prefetched jobs only on DISCONNECT.
                 self.context.term()
             self._lock.release()
 
     def _loop(self):
-        self.connect()
+        # Resolved here, not in Settings: the default directory is used only now.
+        self.brokers = [_Broker(backend) for backend in
+                        endpoints.resolve_all(self.settings.backend, "backend")]
+        for broker in self.brokers:
+            self.connect(broker)
         log.info("worker pid %d serving %r on %s", os.getpid(), self.settings.service,
-                 self.backend)
-        no_broker_since = None
-        backoff = 0.1
+                 self._backends(self.brokers))
         timeout_ms = int(self.heartbeat * 1000)
         while True:
-            frames = multipart.recv_within(self.socket, timeout_ms)
-            if frames is not None:
-                now = time.monotonic()
-                self.broker_expiry = now + self.liveness
-                no_broker_since, backoff = None, 0.1
-                try:
-                    command = protocol.parse_broker_command(frames)
-                except ProtocolError as exc:
-                    log.warning("dropped malformed message from broker: %s", exc)
-                    continue
-                if command.command == protocol.REQUEST:
-                    self.handle_request(command)
-                elif command.command == protocol.DISCONNECT:
-                    log.info("broker sent DISCONNECT; registering again")
-                    self.connect()
+            message = self._next_message(timeout_ms)
+            if message is not None:
+                self._handle(*message)
             now = time.monotonic()
             if self.parent is not None and os.getppid() != self.parent:
                 log.warning("parent process %d is gone; stopping", self.parent)
@@ -190,20 +219,166 @@ class Worker:
             if (self.stop_requested or self.over_memory
                     or (self.retire_at is not None and now >= self.retire_at)):
                 return self.retire()
-            if now >= self.broker_expiry:
-                no_broker_since = no_broker_since or now - self.liveness
-                if now - no_broker_since >= self.settings.broker_timeout:
-                    log.error("no broker at %s for %.0fs; exiting", self.backend,
-                              now - no_broker_since)
+            for broker in self.brokers:
+                if broker.socket is None:
+                    if now >= broker.reconnect_at:
+                        self.connect(broker)
+                elif now >= broker.expiry:
+                    self._lost(broker, now)
+                elif now >= broker.next_heartbeat:
+                    self._tell(broker, protocol.HEARTBEAT)
+                    broker.next_heartbeat = now + self.heartbeat
+            if all(broker.lost_since is not None for broker in self.brokers):
+                since = max(broker.lost_since for broker in self.brokers)
+                if now - since >= self.settings.broker_timeout:
+                    log.error("no broker at %s for %.0fs; exiting",
+                              self._backends(self.brokers), now - since)
                     return EXIT_NO_BROKER
-                log.warning("broker at %s not answering; reconnecting in %.1fs",
-                            self.backend, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                self.connect()
-            elif now >= self.next_heartbeat:
-                multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
-                self.next_heartbeat = now + self.heartbeat
+
+    def _next_message(self, timeout_ms):
+        """(broker, socket, frames) of the next message, or None after ``timeout_ms``.
+
+        With one broker, one receive on its socket.  With several, one
+        message from each socket that has one, queued in the order read
+        (the closest to arrival order there is).
+        """
+        if len(self.brokers) == 1:
+            broker = self.brokers[0]
+            if broker.socket is None:  # waiting to reconnect
+                time.sleep(max(0.0, min(timeout_ms / 1000, broker.reconnect_at
+                                        - time.monotonic())))
+                return None
+            frames = multipart.recv_within(broker.socket, timeout_ms)
+            return None if frames is None else (broker, broker.socket, frames)
+        if not self._inbox:
+            self._read_each(0)
+        if not self._inbox:
+            self._read_each(timeout_ms)
+        return self._inbox.popleft() if self._inbox else None
+
+    def _read_each(self, timeout_ms):
+        if self._poller is None:
+            self._poller = zmq.Poller()
+            for broker in self.brokers:
+                if broker.socket is not None:
+                    self._poller.register(broker.socket, zmq.POLLIN)
+        ready = dict(self._poller.poll(timeout_ms))
+        for broker in self.brokers:
+            sock = broker.socket
+            if sock is not None and sock in ready:
+                try:
+                    self._inbox.append((broker, sock, multipart.recv(sock, multipart.NOBLOCK)))
+                except zmq.Again:
+                    pass
+
+    def _handle(self, broker, sock, frames):
+        """One message from ``broker``: a sign of life, and maybe a job or a DISCONNECT."""
+        if sock is not broker.socket:
+            return  # read before we reconnected to that broker: it forgot us since
+        broker.expiry = time.monotonic() + self.liveness
+        broker.lost_since, broker.backoff = None, 0.1
+        try:
+            command = protocol.parse_broker_command(frames)
+        except ProtocolError as exc:
+            log.warning("dropped malformed message from the broker at %s: %s",
+                        broker.backend, exc)
+            return
+        if command.command == protocol.REQUEST:
+            self.handle_request(command, broker)
+        elif command.command == protocol.DISCONNECT:
+            log.info("broker at %s sent DISCONNECT; registering again", broker.backend)
+            self.connect(broker)
+
+    def _lost(self, broker, now):
+        """``broker`` did not answer for ``liveness`` heartbeats: reconnect after a backoff."""
+        if broker.lost_since is None:
+            broker.lost_since = now - self.liveness
+        log.warning("broker at %s not answering; reconnecting in %.1fs", broker.backend,
+                    broker.backoff)
+        self._close(broker, 0)
+        broker.reconnect_at = now + broker.backoff
+        broker.backoff = min(broker.backoff * 2, 5.0)
+
+    @staticmethod
+    def _backends(brokers):
+        return " ".join(broker.backend for broker in brokers)
+
+    # -- several brokers: PAUSE and RESUME ----------------------------------------
+
+    def _hold(self, holder):
+        """About to run a job from ``holder``: the other brokers must count us busy.
+
+        A broker known lost is told nothing (see _present).
+        """
+        for broker in self.brokers:
+            if not self._present(broker):
+                continue
+            if broker is holder:
+                if broker.paused:
+                    self._tell(broker, protocol.RESUME)
+                    broker.paused = False
+            elif not broker.paused:
+                self._tell(broker, protocol.PAUSE)
+                broker.paused = True
+
+    def _resume_all(self):
+        """A job is done: every broker may send us jobs again.
+
+        After every job, not only once nothing is left: a broker that keeps
+        us busy with its prefetched jobs would otherwise starve the others.
+        """
+        for broker in self.brokers:
+            if broker.paused and self._present(broker):
+                self._tell(broker, protocol.RESUME)
+            broker.paused = False
+
+    @staticmethod
+    def _present(broker) -> bool:
+        """Whether to tell ``broker`` PAUSE and RESUME: not while it is known lost.
+
+        To a broker that is not there, they would queue up in the socket
+        (later ones dropped once it is full), and a broker starting on that
+        endpoint would read the stale backlog, perhaps ending on a PAUSE.
+        A new registration starts unpaused; a job it sends while we run
+        another waits in our queue, like a prefetched one.
+        """
+        return broker.socket is not None and broker.lost_since is None
+
+    # -- sending: never wait on one broker ------------------------------------------
+    #
+    # A DEALER whose broker died may have nowhere to queue a message, and a
+    # send would then wait for that broker's return, starving the others
+    # and the heartbeats.  So nothing waits: a command that cannot be
+    # queued is dropped (the broker is gone; we register afresh when it is
+    # back), and a reply waits for room at most ``liveness``.
+
+    def _tell(self, broker, command):
+        """Send HEARTBEAT, PAUSE, RESUME or DISCONNECT to ``broker``, if it can be queued."""
+        try:
+            multipart.send(broker.socket, protocol.worker_command(command), multipart.NOBLOCK)
+        except zmq.Again:
+            log.debug("broker at %s unreachable; command %r dropped", broker.backend, command)
+
+    def _reply(self, broker, client, reply):
+        """Send a job's REPLY to the broker it came from."""
+        frames = protocol.worker_reply(client, reply)
+        sock = broker.socket
+        for wait in (False, True):
+            if wait and not sock.poll(int(self.liveness * 1000), zmq.POLLOUT):
+                break
+            try:
+                multipart.send(sock, frames, multipart.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        log.warning("job %r: the broker at %s is unreachable; reply dropped (it fails "
+                    "the job when it notices the worker is gone)", reply.job_id, broker.backend)
+
+    def _pending(self) -> bool:
+        """Whether a message waits to be handled (read, or in a socket)."""
+        return bool(self._inbox) or any(
+            broker.socket is not None and multipart.readable(broker.socket)
+            for broker in self.brokers)
 
     def retire(self) -> int:
         """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
@@ -214,7 +389,9 @@ class Worker:
         else:
             reason = "max age reached"
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
-        multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
+        for broker in self.brokers:
+            if broker.socket is not None:
+                self._tell(broker, protocol.DISCONNECT)
         return EXIT_OK
 
     def request_stop(self, *_):
@@ -227,7 +404,8 @@ class Worker:
 
     # -- jobs ---------------------------------------------------------------------
 
-    def handle_request(self, command):
+    def handle_request(self, command, broker):
+        """Run one job from ``broker`` and send the reply back to it."""
         req = command.request
         now = time.monotonic()
         # A prefetched request waited in our socket while we ran the previous
@@ -241,10 +419,13 @@ class Worker:
             reply = Reply.error(req.job_id, protocol.ERR_TIMEOUT,
                                 f"job waited {waited:.2f}s in the worker behind another job "
                                 "and its deadline passed; it was not run")
-            multipart.send(self.socket, protocol.worker_reply(command.client, reply))
+            self._reply(broker, command.client, reply)
             return
+        if len(self.brokers) > 1:
+            self._hold(broker)
         job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
         self._current = job
+        self._current_broker = broker
         self._client_address = command.client
         self._busy_since = now
         self._lock.release()  # the watchdog may heartbeat while we work
@@ -257,14 +438,19 @@ class Worker:
         # The bookkeeping comes before the reply: once it is sent, our I/O
         # thread must run to pass it on, often on this core, and every
         # microsecond we keep the core delays the client.
-        if not multipart.readable(self.socket):
+        if not self._pending():
             self.backlog_since = None  # what comes next did not queue behind this job
-        # We could not read the broker's heartbeats while busy.
-        now = time.monotonic()
-        self.broker_expiry = max(self.broker_expiry, now + self.liveness)
-        self.next_heartbeat = now + self.heartbeat
+        # We could not read the brokers' heartbeats while busy: that time
+        # does not count against them.  (Reset to now + liveness, a broker
+        # that died would never expire while another keeps us busy.)
+        started, now = now, time.monotonic()
+        for each in self.brokers:
+            each.expiry += now - started
+        broker.next_heartbeat = now + self.heartbeat  # the reply is a sign of life
         self.jobs_done += 1
-        multipart.send(self.socket, protocol.worker_reply(command.client, reply))
+        self._reply(broker, command.client, reply)
+        if len(self.brokers) > 1:
+            self._resume_all()
         if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
             self.over_memory = True  # checked after each job: one system call
 
@@ -314,7 +500,9 @@ class Worker:
         if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
             try:
                 if self._busy_since is not None:
-                    multipart.send(self.socket, protocol.worker_command(protocol.HEARTBEAT))
+                    for broker in self.brokers:
+                        if broker.socket is not None:
+                            self._tell(broker, protocol.HEARTBEAT)
                     last_beat = now
             finally:
                 self._lock.release()
@@ -334,9 +522,11 @@ class Worker:
                                 f"job exceeded the worker's {self.settings.worker_timeout}s "
                                 "time limit (--timeout); the worker was restarted")
             try:
-                multipart.send(self.socket, protocol.worker_reply(self._client_address, reply))
-                multipart.send(self.socket, protocol.worker_command(protocol.DISCONNECT))
-                self.socket.close(linger=1000)
+                self._reply(self._current_broker, self._client_address, reply)
+                for broker in self.brokers:
+                    if broker.socket is not None:
+                        self._tell(broker, protocol.DISCONNECT)
+                        broker.socket.close(linger=1000)
                 self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
                 pass

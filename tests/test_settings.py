@@ -30,7 +30,7 @@ PARSERS = {"broker": broker.make_parser, "worker": worker.make_parser,
 CHANGED = dict(
     target="tests.targets:echo", frontend="tcp://127.0.0.1:5001",
     backend="ipc:///tmp/powerhose-test/back.sock", service="resize", heartbeat=0.25,
-    liveness=4, timeout=2.5, worker_timeout=30.5, max_age=600.0, max_age_delta=1 / 3,
+    liveness=4, timeout=2.5, retries=2, worker_timeout=30.5, max_age=600.0, max_age_delta=1 / 3,
     broker_timeout=20.0, max_memory=512, prefetch=3, nice=0, no_worker_timeout=2.0,
     max_job_size=1024, max_queue=7, max_queue_bytes=4096, curve_secret="/k/me.key_secret",
     curve_broker="/k/broker.key", curve_allow="/k/allowed", insecure=True, status_page=True,
@@ -273,6 +273,79 @@ def test_construction_touches_no_file_system(monkeypatch, tmp_path):
     assert endpoints.resolve(s.frontend, "frontend") == \
         f"ipc://{runtime}/powerhose/frontend.sock"
     assert (runtime / "powerhose").is_dir()
+
+
+# -- several brokers: frontend and backend lists ---------------------------------------------
+
+A, B = "tcp://127.0.0.1:5001", "ipc:///tmp/ph-b/front.sock"
+BACK_A, BACK_B = "tcp://127.0.0.1:5002", "ipc:///tmp/ph-b/back.sock"
+
+
+@pytest.mark.parametrize("value", [[A, B], (A, B), f"{A} {B}", f"  {A}\n\t{B} ", [f"{A} {B}"]])
+def test_several_endpoints_in_every_spelling_are_one_tuple(value):
+    s = Settings(frontend=value, backend=[BACK_A, BACK_B])
+    assert s.frontend == (A, B) and s.frontends == (A, B)
+    assert s.backend == (BACK_A, BACK_B) and s.backends == (BACK_A, BACK_B)
+    assert hash(s) == hash(Settings(frontend=(A, B), backend=(BACK_A, BACK_B)))
+    assert pickle.loads(pickle.dumps(s)) == s
+
+
+@pytest.mark.parametrize("value, normal, many", [
+    ("", "", ()), ([], "", ()), (" ", "", ()), ([A], A, (A,)), (f" {A} ", A, (A,))])
+def test_one_endpoint_or_none_stays_a_string(value, normal, many):
+    s = Settings(frontend=value)
+    assert s.frontend == normal and s.frontends == many
+    assert s == Settings(frontend=normal)
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(frontend=[A, "nowhere"]), "frontend must be a ZeroMQ endpoint"),
+    (dict(frontend=[A, A]), "frontend names an endpoint twice"),
+    (dict(frontend=[A, 5]), "frontend must be an endpoint, or a list of endpoints"),
+    (dict(frontend=[A, B], backend=[BACK_A, B]), "frontend and backend must be different"),
+])
+def test_several_endpoints_are_checked_each(values, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings(**values)
+
+
+def test_ini_lists_are_whitespace_separated():
+    read = settings_from_mapping({"powerhose.frontend": f"{A}\n{B}",
+                                  "powerhose.backend": BACK_A, "powerhose.retries": "1"})
+    assert (read.frontend, read.backend, read.retries) == ((A, B), BACK_A, 1)
+    with pytest.raises(SettingsError, match="^powerhose.frontend names an endpoint twice"):
+        settings_from_mapping({"powerhose.frontend": f"{A} {A}"})
+    with pytest.raises(SettingsError, match="^powerhose.retries must be 0 or more"):
+        settings_from_mapping({"powerhose.retries": "-1"})
+
+
+def test_repeated_flags_give_several_endpoints_and_round_trip():
+    args = worker.make_parser().parse_args(["t", "--backend", BACK_A, "--backend", BACK_B])
+    s = from_arguments(args, "worker")
+    assert s.backend == (BACK_A, BACK_B)
+    argv = command_line(s, "worker")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--backend"] == [BACK_A, BACK_B]
+    again = from_arguments(worker.make_parser().parse_args(["t"] + argv), "worker")
+    assert again == s
+    # One flag may carry a whitespace-separated list too (an ini value passed on).
+    args = worker.make_parser().parse_args(["t", "--backend", f"{BACK_A} {BACK_B}"])
+    assert from_arguments(args, "worker").backend == (BACK_A, BACK_B)
+
+
+def test_a_broker_and_a_cluster_take_exactly_one_endpoint_each():
+    for role, argv in [("broker", ["--frontend", A, "--frontend", B]),
+                       ("cluster", ["t", "--backend", BACK_A, "--backend", BACK_B])]:
+        with pytest.raises(SettingsError, match="^--(frontend|backend) lists 2 endpoints"):
+            from_arguments(PARSERS[role]().parse_args(argv), role)
+    from pyramid_powerhose.broker import Broker
+    from pyramid_powerhose.cluster import Cluster
+    with pytest.raises(SettingsError, match="^frontend lists 2 endpoints"):
+        Broker(Settings(frontend=[A, B]))
+    with pytest.raises(SettingsError, match="^backend lists 2 endpoints"):
+        Cluster(Settings(target="t:t", backend=[BACK_A, BACK_B]))
+    # One endpoint in a list is one endpoint.
+    assert from_arguments(PARSERS["broker"]().parse_args(["--frontend", A]),
+                          "broker").frontend == A
 
 
 def test_frontend_and_backend_compared_only_when_both_are_given():
