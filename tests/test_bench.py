@@ -351,3 +351,13 @@ def test_metrics_cost_script_measures_both_clients_and_leaves_nothing(tmp_path):
     assert all(number(cell) > 0 for cell in column(result, "jobs/s"))
     assert list(tmp_path.glob("ph-metrics-*")) == []
     assert_nothing_left("metrics_cost.py", tmp_path)
+
+
+def test_brokers_script_measures_one_and_two_brokers_and_leaves_nothing(tmp_path):
+    """bench/brokers.py, a smoke run: both clusters measured, nothing left."""
+    out = run_script("brokers.py", "--quick", tmp_path=tmp_path)
+    (result,) = tables(out)
+    assert column(result, "") == ["one broker", "two brokers"]
+    assert all(number(cell) > 0 for cell in column(result, "jobs/s"))
+    assert list(tmp_path.glob("ph-brokers-*")) == []
+    assert_nothing_left("brokers.py", tmp_path)

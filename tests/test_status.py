@@ -84,3 +84,18 @@ def test_workers_say_their_pid_and_host(cluster, client):
     listed = client.stats()["workers"]
     assert sorted(w["pid"] for w in listed) == sorted(w.pid for w in workers)
     assert {w["host"] for w in listed} == {socket.gethostname()}
+
+
+def test_status_of_several_brokers_shows_each(start_broker, endpoints, run_dir):
+    other = f"ipc://{run_dir}/front2.sock"
+    first = start_broker()
+    second = start_broker(frontend=other, backend=f"ipc://{run_dir}/back2.sock")
+    missing_one = f"ipc://{run_dir}/nobody.sock"
+    result = subprocess.run(command("powerhose") + [
+        "status", "--frontend", endpoints.frontend, "--frontend", other,
+        "--frontend", missing_one, "--json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    each = json.loads(result.stdout)
+    assert each[endpoints.frontend]["pid"] == first.pid
+    assert each[other]["pid"] == second.pid
+    assert each[missing_one] is None

@@ -38,21 +38,39 @@ def main(argv=None):
     with Client(settings=settings) as client:
         try:
             while True:
-                try:
-                    stats = client.stats(timeout=STATS_TIMEOUT)
-                except PowerhoseError as exc:
-                    print(f"powerhose status: no broker answers on {client.frontend} "
-                          f"({type(exc).__name__})", file=sys.stderr)
+                each = _read(client)
+                if not any(each.values()):
+                    print(f"powerhose status: no broker answers on "
+                          f"{' '.join(each) or client.frontend}", file=sys.stderr)
                     return 1
-                if args.json:
-                    print(json.dumps(stats), flush=True)
-                else:
-                    print((CLEAR if args.watch else "") + render(stats), flush=True)
+                print((CLEAR if args.watch else "") + _show(each, args.json), flush=True)
                 if not args.watch:
                     return 0
                 time.sleep(args.watch)
         except KeyboardInterrupt:
             return 0
+
+
+def _read(client) -> dict:
+    """Each broker's statistics by frontend (None: no answer)."""
+    if len(client.frontends) > 1:
+        return client.broker_stats(timeout=STATS_TIMEOUT)
+    try:
+        return {client.frontend: client.stats(timeout=STATS_TIMEOUT)}
+    except PowerhoseError:
+        return {client.frontend: None}
+
+
+def _show(each: dict, as_json: bool) -> str:
+    """One broker: its report, or its stats as JSON; several: each in turn, by
+    frontend (JSON: one object, by frontend)."""
+    if len(each) == 1:
+        (stats,) = each.values()
+        return json.dumps(stats) if as_json else render(stats)
+    if as_json:
+        return json.dumps(each)
+    return "\n\n".join(f"== {frontend}: no answer" if stats is None else
+                        f"== {frontend}\n{render(stats)}" for frontend, stats in each.items())
 
 
 if __name__ == "__main__":
