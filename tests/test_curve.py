@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 
 from pyramid_powerhose import curve, protocol as p
-from pyramid_powerhose.exc import SettingsError
+from pyramid_powerhose.exc import BrokerLostError, SettingsError
 
 from .conftest import command, read_log, wait_for
 
@@ -328,3 +328,35 @@ def test_a_spawned_cluster_runs_curve_with_one_key_pair(keys, run_dir):
         with Client(frontend=front, timeout=20) as plain:
             with pytest.raises(BrokerLostError):
                 plain.execute(b"x")
+
+
+def test_a_libzmq_without_curve_is_an_error_never_a_plain_connection(monkeypatch, keys):
+    """zmq.has('curve') false (a libzmq built without it): every CURVE setting
+    is refused at once, by the broker, the client and the keys command alike."""
+    from pyramid_powerhose import Client
+    monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve")
+    with pytest.raises(SettingsError, match="CURVE"):
+        curve.require_curve()
+    with pytest.raises(SettingsError):
+        Client(frontend="tcp://127.0.0.1:1", curve_secret=keys.client.secret_file,
+               curve_broker=keys.broker.public_file)
+
+
+def test_ipc_endpoints_may_use_curve_too(procs, keys, run_dir):
+    from pyramid_powerhose import Client
+    front, back = f"ipc://{run_dir}/cf.sock", f"ipc://{run_dir}/cb.sock"
+    broker = procs.start(command("powerhose-broker") + [
+        "--frontend", front, "--backend", back, "--heartbeat", "0.2",
+        "--curve-secret", keys.broker.secret_file, "--curve-allow", keys.allowed], "broker")
+    procs.start(command("powerhose-worker") + [
+        "tests.targets:echo", "--backend", back, "--heartbeat", "0.2",
+        "--curve-secret", keys.worker.secret_file, "--curve-broker", keys.broker.public_file],
+        "worker")
+    with Client(frontend=front, curve_secret=keys.client.secret_file,
+                curve_broker=keys.broker.public_file) as client:
+        wait_for(lambda: client.ping(timeout=0.5) == broker.pid, what="the broker")
+        wait_for(lambda: client.has_service(), what="the worker over CURVE on ipc")
+        assert client.execute(b"ipc and curve") == b"ipc and curve"
+    with Client(frontend=front, timeout=20) as plain:  # no key: refused on ipc too
+        with pytest.raises(BrokerLostError):
+            plain.execute(b"x")
