@@ -33,6 +33,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -154,6 +155,22 @@ def _close_socket(sock):
         sock.close(0)
 
 
+def _gevent_patched() -> bool:
+    """Whether gevent has monkey-patched this process (its sockets, at least)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("socket")
+
+
+def _green_recv_within(sock, timeout_ms):
+    """multipart.recv_within for a green socket: the wait yields to gevent's hub."""
+    if timeout_ms > 0 and not sock.poll(timeout_ms):
+        return None
+    try:
+        return multipart.recv(sock, multipart.NOBLOCK)
+    except zmq.Again:
+        return None
+
+
 class _ConnectionWatcher:
     """A thread that reads every channel's socket monitor and keeps its state.
 
@@ -162,8 +179,9 @@ class _ConnectionWatcher:
     it when libzmq says the monitored socket is gone.
     """
 
-    def __init__(self, context):
+    def __init__(self, context, green=False):
         self._pid = os.getpid()
+        self._green = green
         self._stopped = False
         self._lock = threading.Lock()
         # Held to change a broker's ``up``, notified when one changes.
@@ -196,7 +214,11 @@ class _ConnectionWatcher:
         self._wake_out.close(0)
 
     def _run(self):
-        poller = zmq.Poller()
+        if self._green:  # a greenlet under gevent: its poll must yield
+            import zmq.green as green_zmq
+            poller = green_zmq.Poller()
+        else:
+            poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
         channels = {}  # monitor socket -> _Watched
         try:
@@ -326,7 +348,17 @@ class Client:
 
     def _reset(self):
         self._generation = _fork_generation
-        self._context = zmq.Context()
+        # Under gevent (monkey-patched), every wait must yield to its hub, or
+        # one waiting greenlet would stall them all: pyzmq's green sockets
+        # poll cooperatively, and replies are then read without blocking.
+        self._green = _gevent_patched()
+        if self._green:
+            import zmq.green as green_zmq
+            self._context = green_zmq.Context()
+            self._recv_within = _green_recv_within
+        else:
+            self._context = zmq.Context()
+            self._recv_within = multipart.recv_within
         self._local = threading.local()
         self._channels = weakref.WeakSet()
         self._brokers = None  # one _Broker per frontend, made with the first channel
@@ -350,7 +382,7 @@ class Client:
             raise exc.PowerhoseError("the client is closed")
         with self._lock:
             if self._watcher is None:
-                self._watcher = _ConnectionWatcher(self._context)
+                self._watcher = _ConnectionWatcher(self._context, self._green)
                 weakref.finalize(self, self._watcher.stop)  # a client never closed
                 self._brokers = [_Broker(endpoint, i)
                                  for i, endpoint in enumerate(self.frontends)]
@@ -508,7 +540,7 @@ class Client:
         sock = channel.socket
         while True:
             remaining = deadline - time.monotonic()
-            frames = multipart.recv_within(sock, int(min(remaining, WAIT_SLICE) * 1000))
+            frames = self._recv_within(sock, int(min(remaining, WAIT_SLICE) * 1000))
             if frames is None:
                 if remaining <= WAIT_SLICE:
                     raise exc.TimeoutError(
@@ -521,7 +553,7 @@ class Client:
                 except exc.BrokerLostError:
                     # A reply that came in just before the connection dropped
                     # is still ours to read.
-                    frames = multipart.recv_within(sock, 0)
+                    frames = self._recv_within(sock, 0)
                     if frames is None:
                         raise
                 else:

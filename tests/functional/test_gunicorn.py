@@ -1,5 +1,5 @@
-"""The plugin under gunicorn, a pre-forking server: sync and gthread workers,
-with and without --preload, recycling (--max-requests).
+"""The plugin under gunicorn, a pre-forking server: sync, gthread and gevent
+workers, with and without --preload, recycling (--max-requests).
 
 Checked: offloaded requests run concurrently (their total time is far under
 the serial sum) and return the right results; one cluster serves every
@@ -107,7 +107,8 @@ def brokers(run_dir):
     (["-k", "sync", "-w", "4"], 4),
     (["-k", "gthread", "-w", "1", "--threads", "4"], 4),
     (["-k", "sync", "-w", "4", "--preload"], 4),
-], ids=["sync", "gthread", "sync-preload"])
+    (["-k", "gevent", "-w", "1", "--worker-connections", "16"], 4),
+], ids=["sync", "gthread", "sync-preload", "gevent"])
 def test_offloaded_requests_run_concurrently_on_one_cluster(gunicorn, run_dir, args,
                                                            concurrent):
     proc, url = gunicorn(*args)
