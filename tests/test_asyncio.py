@@ -121,3 +121,38 @@ def test_several_brokers_share_the_jobs(start_broker, start_worker, endpoints, r
     with Client(frontend=[endpoints.frontend, other[0]]) as client:
         done = [s["services"]["default"]["done"] for s in client.broker_stats().values()]
     assert min(done) >= 5
+
+
+def test_an_asyncio_http_server_serves_offloaded_requests_at_once(start_broker, start_worker,
+                                                                  endpoints, procs):
+    import concurrent.futures
+    import socket
+    import sys
+    import urllib.request
+
+    from .conftest import REPO
+    workers(start_broker, start_worker, endpoints, 4)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs.start([sys.executable, "-m", "tests.asyncio_server", "127.0.0.1", str(port),
+                 endpoints.frontend], "asyncio-server", cwd=REPO)
+    url = f"http://127.0.0.1:{port}/job"
+
+    def get(seconds):
+        with urllib.request.urlopen(f"{url}?s={seconds}", timeout=30) as response:
+            return response.read()
+
+    wait_for(lambda: _answers(get), timeout=30, what="the asyncio server")
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pids = list(pool.map(get, ["1"] * 4))
+    assert time.monotonic() - started < 2.5  # four 1 s jobs at once, not one after another
+    assert len(set(pids)) == 4
+
+
+def _answers(get):
+    try:
+        return get("0").isdigit()
+    except OSError:
+        return False
