@@ -1,5 +1,6 @@
-"""The plugin under gunicorn, a pre-forking server: sync, gthread and gevent
-workers, with and without --preload, recycling (--max-requests).
+"""The plugin under real servers: gunicorn, a pre-forking server (sync,
+gthread and gevent workers, with and without --preload, recycling with
+--max-requests), and waitress's threads under pserve.
 
 Checked: offloaded requests run concurrently (their total time is far under
 the serial sum) and return the right results; one cluster serves every
@@ -37,7 +38,7 @@ def gunicorn(run_dir):
     """Start gunicorn on a private ini; kill everything it started at the end."""
     started = []
 
-    def start(*args):
+    def start(*args, waitress=False):
         ini = os.path.join(run_dir, "app.ini")
         with open(ini, "w") as f:
             f.write("\n".join([
@@ -48,10 +49,17 @@ def gunicorn(run_dir):
                 "powerhose.prefetch = 1", "powerhose.heartbeat = 0.2",
                 "powerhose.timeout = 30", f"powerhose.working_dir = {REPO}", ""]))
         port = free_port()
+        if waitress:  # pserve and waitress's threads, for comparison
+            with open(ini, "a") as f:
+                f.write(f"[server:main]\nuse = egg:waitress#main\nlisten = 127.0.0.1:{port}\n"
+                        "threads = 4\n")
+            argv = command("pserve") + [ini]
+        else:
+            argv = command("gunicorn") + ["--paste", ini, "-b", f"127.0.0.1:{port}",
+                                          "--graceful-timeout", "20", *args]
         log = open(os.path.join(run_dir, "gunicorn.log"), "wb")
         proc = subprocess.Popen(
-            command("gunicorn") + ["--paste", ini, "-b", f"127.0.0.1:{port}",
-                                   "--graceful-timeout", "20", *args],
+            argv,
             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -101,6 +109,13 @@ def brokers(run_dir):
     return [p for p in mentioning(f"{run_dir}/front.sock")
             if "cli.broker" in " ".join(p.cmdline()) or "powerhose-broker" in " ".join(
                 p.cmdline())]
+
+
+def test_waitress_threads_offload_at_once(gunicorn, run_dir):
+    proc, url = gunicorn(waitress=True)
+    answers, took = concurrently(url, 4)
+    assert all(a is not None for a in answers)
+    assert len({a["worker"] for a in answers}) == 4 and took < 4 * JOB * 0.75
 
 
 @pytest.mark.parametrize("args, concurrent", [
