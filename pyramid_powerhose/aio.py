@@ -24,9 +24,8 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from . import curve, endpoints, exc, protocol, tracing
-from .client import CONNECT_TIMEOUT, _result, check_job, check_service
+from .client import CONNECT_TIMEOUT, _result, check_job, check_service, client_settings
 from .protocol import Request
-from .settings import Settings
 
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
@@ -94,15 +93,8 @@ class AsyncClient:
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
                  settings=None, curve_secret=None, curve_broker=None, retries=None):
-        base = settings or Settings()
-        self.settings = base.replace(
-            frontend=frontend or base.frontend,
-            timeout=base.timeout if timeout is None else timeout,
-            service=service or base.service,
-            max_job_size=max_job_size or base.max_job_size,
-            curve_secret=curve_secret or base.curve_secret,
-            curve_broker=curve_broker or base.curve_broker,
-            retries=base.retries if retries is None else retries)
+        self.settings = client_settings(settings, frontend, timeout, service, max_job_size,
+                                        curve_secret, curve_broker, retries)
         self.timeout = self.settings.timeout
         self.service = self.settings.service
         self._curve = curve.client_keys(self.settings)

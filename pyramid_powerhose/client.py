@@ -311,16 +311,8 @@ class Client:
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
                  settings=None, curve_secret=None, curve_broker=None, retries=None):
-        base = settings or Settings()
-        self.settings = base.replace(
-            frontend=frontend or base.frontend,
-            timeout=base.timeout if timeout is None else timeout,
-            service=service or base.service,
-            max_job_size=max_job_size or base.max_job_size,
-            curve_secret=curve_secret or base.curve_secret,
-            curve_broker=curve_broker or base.curve_broker,
-            retries=base.retries if retries is None else retries,
-        )
+        self.settings = client_settings(settings, frontend, timeout, service, max_job_size,
+                                        curve_secret, curve_broker, retries)
         # CURVE: this client's key pair and the broker's public key, or None.
         self._curve = curve.client_keys(self.settings)
         self._frontends = None  # resolved on first use: the default may be needed
@@ -745,6 +737,22 @@ class Client:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def client_settings(settings, frontend, timeout, service, max_job_size, curve_secret,
+                    curve_broker, retries) -> Settings:
+    """A client's settings: ``settings`` (or the defaults), with the arguments
+    given (None, or empty, keeps the setting's value); for Client and AsyncClient."""
+    base = settings or Settings()
+    return base.replace(
+        frontend=frontend or base.frontend,
+        timeout=base.timeout if timeout is None else timeout,
+        service=service or base.service,
+        max_job_size=max_job_size or base.max_job_size,
+        curve_secret=curve_secret or base.curve_secret,
+        curve_broker=curve_broker or base.curve_broker,
+        retries=base.retries if retries is None else retries,
+    )
 
 
 def check_job(settings, data, headers, timeout):
