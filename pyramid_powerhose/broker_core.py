@@ -556,6 +556,11 @@ class BrokerCore:
         log.info("worker %s registered for %r (%s, credit %d)", msg.address.hex(),
                  msg.service, "powerhose" if msg.extended else "plain MDP", msg.credit)
         self._worker_ready(worker, now)
+        if not worker.jobs:
+            # Answer at once: a worker that connected late in its liveness
+            # window would otherwise give up on us before our next heartbeat
+            # and leave a registration behind that has no socket.
+            self._to_worker(backend_command(worker.address, HEARTBEAT), worker)
 
     def _reply(self, worker: WorkerRef, msg, now: float):
         if not worker.jobs or msg.client != worker.jobs[0].msg.address:

@@ -160,7 +160,8 @@ def short_jobs(core, now, workers, job_time=0.01):
 def test_jobs_go_to_the_worker_idle_the_longest():
     core = make_core()
     for t, worker in ((0.0, b"w1"), (0.1, b"w2"), (0.2, b"w3")):
-        assert ready(core, t, worker) == []  # no answer to READY
+        sends = ready(core, t, worker)
+        assert commands(sends, p.HEARTBEAT) == [worker] and len(sends) == 1  # heard at once
     sent = []
     for job_id in (b"1", b"2", b"3"):
         sent += dispatched(submit(core, 1.0, b"c", job_id))
@@ -350,6 +351,18 @@ def test_no_worker_error_after_the_no_worker_timeout_not_before(after, fails):
     assert (stats["queued"], stats["failed"]) == ((0, 1) if fails else (1, 0))
 
 
+def test_ready_is_answered_at_once_with_a_heartbeat_or_a_job():
+    core = make_core()
+    # An idle worker hears from us straight away, not at the next tick.
+    sends = ready(core, 0.0, b"w1")
+    assert commands(sends, p.HEARTBEAT) == [b"w1"] and dispatched(sends) == []
+    # A worker that registers with a job waiting gets the job, and nothing else.
+    submit(core, 0.0, b"c", b"1")
+    submit(core, 0.0, b"c", b"2")
+    sends = ready(core, 0.1, b"w2")
+    assert dispatched(sends) == [(b"w2", b"2")] and commands(sends, p.HEARTBEAT) == []
+
+
 def test_a_worker_registering_in_time_takes_the_queued_job():
     core = make_core(no_worker_timeout=1.0)
     submit(core, 0.0, b"c", b"1")
@@ -413,8 +426,8 @@ def _prefetching_worker_with_two_jobs(idle_credit):
     now = short_jobs(core, 1.0, [b"a"], job_time=0.01)
     sent = dispatched(submit(core, now, b"cl", b"1") + submit(core, now, b"cl", b"2"))
     assert sent == [(b"a", b"1"), (b"a", b"2")]
-    assert ready(core, now, b"b", credit=idle_credit) == []
-    assert ready(core, now, b"c", credit=idle_credit) == []
+    assert commands(ready(core, now, b"b", credit=idle_credit), p.HEARTBEAT) == [b"b"]
+    assert commands(ready(core, now, b"c", credit=idle_credit), p.HEARTBEAT) == [b"c"]
     assert [len(core.workers[w].jobs) for w in (b"a", b"b", b"c")] == [2, 0, 0]
     return core, now + 0.01
 
