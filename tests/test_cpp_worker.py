@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -101,6 +102,13 @@ def test_echo_is_binary_safe(cpp_cluster, client):
         assert client.execute(data, service="cpp") == data
     log = read_log(cpp_cluster[1])
     assert "(echo) done" in log and "1048576 bytes" in log
+
+
+def test_the_worker_says_its_pid_and_host(cpp_cluster, client):
+    _, worker = cpp_cluster
+    wait_for(lambda: [w["pid"] for w in client.stats()["workers"]] == [worker.pid],
+             what="the C++ worker's INFO in the broker's stats")
+    assert [w["host"] for w in client.stats()["workers"]] == [socket.gethostname()]
 
 
 def test_sha256_matches_hashlib(cpp_cluster, client):

@@ -18,6 +18,8 @@ inline const std::string REQUEST = "\x02";
 inline const std::string REPLY = "\x03";
 inline const std::string HEARTBEAT = "\x04";
 inline const std::string DISCONNECT = "\x05";
+inline const std::string INFO = "\x08";  // powerhose/1: who the worker is
+inline const std::size_t MAX_ABOUT_LENGTH = 255;
 
 inline const std::string EXT_TOKEN = "powerhose/1";
 inline const std::string STATUS_OK = "OK";
@@ -49,6 +51,12 @@ struct BrokerCommand {
 
 inline Frames ready(const std::string& service) {
     return {"", WORKER, READY, service, EXT_TOKEN};
+}
+
+// INFO, sent right after READY: "pid@host", for the broker's stats.
+inline Frames info(std::string about) {
+    if (about.size() > MAX_ABOUT_LENGTH) about.resize(MAX_ABOUT_LENGTH);
+    return {"", WORKER, INFO, std::move(about)};
 }
 
 inline Frames command(const std::string& cmd) {  // HEARTBEAT or DISCONNECT

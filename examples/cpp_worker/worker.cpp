@@ -408,8 +408,16 @@ private:
             throw std::runtime_error("cannot connect to " + options_.backend + ": " +
                                      zmq_strerror(errno));
         send(mdp::ready(options_.service));
+        send(mdp::info(about()));
         broker_expiry_ = Clock::now() + heartbeat_ * mdp::LIVENESS;
         log("INFO", "READY sent for '", options_.service, "' to ", options_.backend);
+    }
+
+    // pid@host, as the Python worker says it.
+    static std::string about() {
+        char host[256] = {0};
+        if (gethostname(host, sizeof host - 1) != 0) host[0] = '\0';
+        return std::to_string(getpid()) + "@" + host;
     }
 
     void close_socket(int linger_ms) {
