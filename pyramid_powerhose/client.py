@@ -781,8 +781,9 @@ def collect_replies():
     not say who it is), is appended to the list this yields, in the order
     the replies arrive: results and errors alike, not a job lost with its
     broker or timed out.  A job submitted within it is noted when it
-    completes, even after the block is left.  A broker older than this
-    feature leaves the list empty (and passes the header on to the job).
+    completes, even after the block is left.  Blocks nest: the innermost
+    one gets the replies.  A broker older than this feature leaves the list
+    empty (and passes the header on to the job).
     """
     replies = []
     token = _collected.set(replies)
