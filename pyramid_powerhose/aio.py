@@ -24,7 +24,8 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from . import curve, endpoints, exc, protocol, tracing
-from .client import CONNECT_TIMEOUT, _result, check_job, check_service, client_settings
+from .client import (CONNECT_TIMEOUT, _result, ask_worker, check_job, check_service,
+                     client_settings, note_reply)
 from .protocol import Request
 
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -124,7 +125,7 @@ class AsyncClient:
         """Run one job and return its result (bytes); errors as Client.execute's."""
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
         name = check_service(service or self.service)
-        headers = tracing.inject(headers)
+        headers = ask_worker(tracing.inject(headers))  # asks who runs it, in collect_replies()
         retries = self.settings.retries if retries is None else retries
         deadline = time.monotonic() + timeout
         lost = []
@@ -154,13 +155,17 @@ class AsyncClient:
                         f"job {job_id.decode()} on {service.decode()!r} got no result within "
                         f"{timeout}s from the broker at {broker.frontend}")
                 try:
-                    return await asyncio.wait_for(asyncio.shield(future),
-                                                  min(remaining, CONNECT_TIMEOUT))
+                    reply = await asyncio.wait_for(asyncio.shield(future),
+                                                   min(remaining, CONNECT_TIMEOUT))
                 except asyncio.TimeoutError:
                     if not broker.up and time.monotonic() - sent >= CONNECT_TIMEOUT:
                         raise exc.BrokerLostError(
                             f"no broker accepted a connection at {broker.frontend} within "
                             f"{CONNECT_TIMEOUT}s; is powerhose-broker running?") from None
+                    continue
+                if reply.worker is not None:  # asked for (collect_replies())
+                    note_reply(reply)
+                return reply
         finally:
             broker.waiting.pop(job_id, None)  # timed out or cancelled: a late reply is dropped
             if not future.done():

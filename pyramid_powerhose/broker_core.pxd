@@ -131,7 +131,7 @@ cdef class BrokerCore:
     cpdef list client_message(self, list frames, double now)
     cdef Service _service(self, bytes name, double now)
     cdef bytes mmi(self, ClientMessage msg, double now)
-    cdef void _fail(self, ClientMessage msg, code, message)
+    cdef void _fail(self, ClientMessage msg, code, message, bytes worker=*)
     cpdef list worker_message(self, list frames, double now)
     cdef void _register(self, WorkerMessage msg, double now)
     cdef void _pause(self, WorkerRef worker, bint paused, double now)

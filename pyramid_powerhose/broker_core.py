@@ -473,9 +473,11 @@ class BrokerCore:
             return json.dumps(self.stats(now)).encode()
         return MMI_NOT_IMPLEMENTED
 
-    def _fail(self, msg, code, message):
+    def _fail(self, msg, code, message, worker=b""):
+        """Fail a job; ``worker``: the pid@host of the worker that held it, if any,
+        for a client that asked."""
         reply = Reply.error(msg.request.job_id, code, message)
-        self._to_client(frontend_reply(msg, reply))
+        self._to_client(frontend_reply(msg, reply, worker))
         svc: Service = self.services.get(msg.request.service)
         if svc is not None:
             svc.failed += 1
@@ -585,7 +587,8 @@ class BrokerCore:
             body = msg.body
             if not reply_frames_ok(body) or body[0] != client.request.job_id:
                 self._fail(client, ERR_BAD_REQUEST,
-                           f"worker {worker.address.hex()} sent a malformed reply")
+                           f"worker {worker.address.hex()} sent a malformed reply",
+                           worker.about)
                 self._delete_worker(worker, now)
                 self._disconnect(worker.address)
                 return
@@ -593,10 +596,10 @@ class BrokerCore:
                 svc.ended(None, now)
             else:
                 svc.ended(body[2].decode("utf-8", "replace"), now)
-            self._to_client(frontend_worker_reply(client, body))
+            self._to_client(frontend_worker_reply(client, body, worker.about))
         else:
             svc.ended(None, now)
-            self._to_client(frontend_plain_reply(client, msg.body))
+            self._to_client(frontend_plain_reply(client, msg.body, worker.about))
         self._worker_ready(worker, now)
 
     def _worker_ready(self, worker: WorkerRef, now: float):
@@ -825,7 +828,7 @@ class BrokerCore:
                 self._fail(job.msg, ERR_WORKER_LOST,
                            f"worker {worker.address.hex()} serving {_name(svc.name)!r} "
                            "died or disconnected while running the job; check the "
-                           "worker's log")
+                           "worker's log", worker.about)
 
     def _serve_queue(self, svc: Service, now: float):
         """Jobs put back at the head of the queue go to idle workers, one each
@@ -860,7 +863,8 @@ class BrokerCore:
         for worker in self.workers.values():
             for job in worker.jobs:
                 self._fail(job.msg, ERR_WORKER_LOST,
-                           "broker stopped before the job finished (grace period over)")
+                           "broker stopped before the job finished (grace period over)",
+                           worker.about)
             worker.jobs.clear()
 
     def disconnect_all(self) -> list[Send]:

@@ -28,6 +28,7 @@ broker if one answers.  With one frontend, none of this costs anything.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import contextvars
 import itertools
 import json
@@ -430,6 +431,7 @@ class Client:
     def _request(self, data, headers, service, timeout):
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
         headers = tracing.inject(headers)  # the caller's trace, if any, goes with the job
+        headers = ask_worker(headers)  # inside collect_replies(): who runs it?
         name = check_service(service or self.service)
         req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
         return req, timeout
@@ -556,6 +558,8 @@ class Client:
                 log.warning("dropped malformed reply from %s: %s", channel.frontend, error)
                 continue
             if reply.job_id in wanted:
+                if reply.worker is not None:  # asked for (collect_replies())
+                    note_reply(reply)
                 return reply
             log.debug("dropped late reply for job %r", reply.job_id)
 
@@ -753,6 +757,56 @@ def client_settings(settings, frontend, timeout, service, max_job_size, curve_se
         curve_broker=curve_broker or base.curve_broker,
         retries=base.retries if retries is None else retries,
     )
+
+
+# -- which worker ran a job -------------------------------------------------------
+#
+# Asked for by the debug toolbar's panel (toolbar.py), through every layer
+# between it and the client (request.powerhose, the metrics wrapper,
+# submit's thread) without changing what execute, map and submit return.
+
+_collected = contextvars.ContextVar("powerhose_collected_replies", default=None)
+
+
+@contextlib.contextmanager
+def collect_replies():
+    """Note the replies of the jobs run in this context, with who ran them.
+
+    Within it, each job that :meth:`Client.execute`, :meth:`Client.map` or
+    :meth:`Client.submit` (or :class:`~pyramid_powerhose.aio.AsyncClient`)
+    sends asks the broker which worker runs it (the reserved header
+    ``powerhose.worker``, PROTOCOL.rst), and its reply, a
+    :class:`~pyramid_powerhose.protocol.Reply` whose ``worker`` is that
+    worker's ``pid@host`` ("" when no worker ran the job, or the worker did
+    not say who it is), is appended to the list this yields, in the order
+    the replies arrive: results and errors alike, not a job lost with its
+    broker or timed out.  A job submitted within it is noted when it
+    completes, even after the block is left.  Blocks nest: the innermost
+    one gets the replies.  A broker older than this feature leaves the list
+    empty (and passes the header on to the job).
+    """
+    replies = []
+    token = _collected.set(replies)
+    try:
+        yield replies
+    finally:
+        _collected.reset(token)
+
+
+def ask_worker(headers: dict) -> dict:
+    """``headers``, plus the reserved header that asks the broker who runs the
+    job when called within :func:`collect_replies`."""
+    if _collected.get() is None:
+        return headers
+    return {**headers, protocol.WORKER_HEADER: "1"}
+
+
+def note_reply(reply):
+    """Append a reply that says who ran its job to the current
+    :func:`collect_replies` list, if any."""
+    replies = _collected.get()
+    if replies is not None:
+        replies.append(reply)
 
 
 def check_job(settings, data, headers, timeout):

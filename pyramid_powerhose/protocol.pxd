@@ -23,6 +23,7 @@ cdef class Reply(_Message):
     cdef public object message
     cdef public object exc_type
     cdef public object traceback
+    cdef public object worker
 
 
 cdef class ClientMessage(_Message):
@@ -30,6 +31,7 @@ cdef class ClientMessage(_Message):
     cdef public bint extended
     cdef public Request request
     cdef public list body
+    cdef public bint wants_worker
 
 
 cdef class WorkerMessage(_Message):
@@ -61,9 +63,9 @@ cpdef list encode_headers(headers)
 cpdef ClientMessage parse_frontend(list frames)
 cpdef long long job_size(Request req) except -1
 cpdef frontend_rejection(list frames, message)
-cpdef list frontend_reply(ClientMessage msg, Reply reply)
-cpdef list frontend_worker_reply(ClientMessage msg, list body)
-cpdef list frontend_plain_reply(ClientMessage msg, list body)
+cpdef list frontend_reply(ClientMessage msg, Reply reply, bytes worker=*)
+cpdef list frontend_worker_reply(ClientMessage msg, list body, bytes worker=*)
+cpdef list frontend_plain_reply(ClientMessage msg, list body, bytes worker=*)
 cpdef bint reply_frames_ok(list frames)
 cpdef WorkerMessage parse_backend(list frames)
 cpdef list backend_request(bytes address, bytes client, Request req, bint extended, body=*)

@@ -49,6 +49,12 @@ EXT_CLIENT = b"PHC01"
 EXT_TOKEN = b"powerhose/1"
 STATUS_OK = b"OK"
 STATUS_ERROR = b"ERR"
+# A reserved request header (any value): the client asks which worker ran
+# the job.  The broker takes it out of the job's headers and appends one
+# frame to its PHC01 reply, the worker's pid@host (empty when no worker ran
+# the job or the worker did not say who it is).  A client that does not
+# send it never gets that frame.
+WORKER_HEADER = "powerhose.worker"
 
 # Error codes carried in an ERR reply; the client maps each to an exception.
 ERR_EXECUTION = "ExecutionError"
@@ -111,14 +117,16 @@ class Reply(_Message):
 
     ``data`` is the result when ``ok``; otherwise ``code`` is one of the
     ERR_* codes, and ``exc_type`` and ``traceback`` describe a remote
-    exception (ExecutionError).
+    exception (ExecutionError).  ``worker`` is who ran the job (pid@host,
+    "" if unknown) when the client asked (:data:`WORKER_HEADER`), else None.
     """
 
-    __slots__ = ("job_id", "ok", "data", "code", "message", "exc_type", "traceback")
+    __slots__ = ("job_id", "ok", "data", "code", "message", "exc_type", "traceback",
+                 "worker")
     _fields = __slots__
 
     def __init__(self, job_id, ok, data=b"", code="", message="", exc_type="",
-                 traceback=""):
+                 traceback="", worker=None):
         self.job_id = job_id
         self.ok = ok
         self.data = data
@@ -126,13 +134,15 @@ class Reply(_Message):
         self.message = message
         self.exc_type = exc_type
         self.traceback = traceback
+        self.worker = worker
 
     @classmethod
     def error(cls, job_id, code, message, exc_type="", traceback=""):
         return cls(job_id, False, b"", code, message, exc_type, traceback)
 
     def body(self) -> list[bytes]:
-        """The frames after the job id: status and payload."""
+        """The frames after the job id: status and payload (not ``worker``,
+        which only the broker adds)."""
         if self.ok:
             return [STATUS_OK, self.data]
         return [
@@ -202,10 +212,17 @@ def client_request(req: Request) -> list[bytes]:
 
 
 def parse_client_reply(frames) -> Reply:
-    """What our client receives on its DEALER: [b"", PHC01, service, id, status, ...]."""
+    """What our client receives on its DEALER: [b"", PHC01, service, id, status, ...],
+    and, if it asked (:data:`WORKER_HEADER`), the worker's pid@host last."""
     if len(frames) < 6 or frames[0] != b"" or frames[1] != EXT_CLIENT:
         raise ProtocolError("not a PHC01 reply")
-    return parse_reply_body(frames[3], frames[4:])
+    body = frames[4:]
+    count = len(body)
+    if (count == 3 and body[0] == STATUS_OK) or (count == 6 and body[0] == STATUS_ERROR):
+        reply = parse_reply_body(frames[3], body[:-1])
+        reply.worker = body[-1].decode("utf-8", "replace")
+        return reply
+    return parse_reply_body(frames[3], body)
 
 
 def reply_frames_ok(frames) -> bool:
@@ -232,17 +249,20 @@ class ClientMessage(_Message):
     """A request as the broker sees it arrive on the frontend.
 
     ``extended``: PHC01 (ours) or MDPC01 (plain); ``body``: the plain
-    client's body frames, kept as sent.
+    client's body frames, kept as sent; ``wants_worker``: the request carried
+    :data:`WORKER_HEADER` (taken out of its headers), so the reply says who
+    ran the job.
     """
 
-    __slots__ = ("address", "extended", "request", "body")
+    __slots__ = ("address", "extended", "request", "body", "wants_worker")
     _fields = __slots__
 
-    def __init__(self, address, extended, request, body):
+    def __init__(self, address, extended, request, body, wants_worker=False):
         self.address = address
         self.extended = extended
         self.request = request
         self.body = body
+        self.wants_worker = wants_worker
 
 
 def parse_frontend(frames) -> ClientMessage:
@@ -260,9 +280,15 @@ def parse_frontend(frames) -> ClientMessage:
             raise ProtocolError("PHC01 request needs job id, ttl and data")
         job_id = _check_job_id(frames[4])
         ttl = _decode_ttl(frames[5])
-        headers = decode_headers(frames[7:]) if len(frames) > 7 else {}
+        wants_worker = False
+        if len(frames) > 7:
+            headers = decode_headers(frames[7:])
+            # Reserved: a question to the broker, not part of the job.
+            wants_worker = headers.pop(WORKER_HEADER, None) is not None
+        else:
+            headers = {}
         req = Request(service, job_id, frames[6], ttl, headers)
-        return ClientMessage(address, True, req, [])
+        return ClientMessage(address, True, req, [], wants_worker)
     raise ProtocolError(f"unknown client header {header[:10]!r}")
 
 
@@ -297,11 +323,16 @@ def frontend_rejection(frames, message):
     return None
 
 
-def frontend_reply(msg: ClientMessage, reply: Reply) -> list[bytes]:
-    """The broker's reply to a client, in that client's dialect."""
+def frontend_reply(msg: ClientMessage, reply: Reply, worker: bytes = b"") -> list[bytes]:
+    """The broker's reply to a client, in that client's dialect; ``worker``
+    (pid@host of the worker that ran the job, if any) goes to an extended
+    client that asked for it."""
     head = [msg.address, b""]
     if msg.extended:
-        return [*head, EXT_CLIENT, msg.request.service, reply.job_id, *reply.body()]
+        frames = [*head, EXT_CLIENT, msg.request.service, reply.job_id, *reply.body()]
+        if msg.wants_worker:
+            frames.append(worker)
+        return frames
     if reply.ok:
         return [*head, MDP_CLIENT, msg.request.service, reply.data]
     # A plain client cannot be told an exception; it gets a readable error body.
@@ -315,20 +346,25 @@ def frontend_reply(msg: ClientMessage, reply: Reply) -> list[bytes]:
     ]
 
 
-def frontend_worker_reply(msg: ClientMessage, body) -> list[bytes]:
+def frontend_worker_reply(msg: ClientMessage, body, worker: bytes = b"") -> list[bytes]:
     """An extended worker's REPLY body (``[job id, status, ...]``, checked
-    with :func:`reply_frames_ok`), passed to the client in its dialect."""
+    with :func:`reply_frames_ok`), passed to the client in its dialect
+    (``worker`` as in :func:`frontend_reply`)."""
     if msg.extended:
         # Both ends speak the extension: the frames pass through as they are.
-        return [msg.address, b"", EXT_CLIENT, msg.request.service, *body]
+        frames = [msg.address, b"", EXT_CLIENT, msg.request.service, *body]
+        if msg.wants_worker:
+            frames.append(worker)
+        return frames
     return frontend_reply(msg, parse_reply_body(body[0], body[1:]))
 
 
-def frontend_plain_reply(msg: ClientMessage, body) -> list[bytes]:
-    """A plain worker's (or MMI's) reply body, passed to a client."""
+def frontend_plain_reply(msg: ClientMessage, body, worker: bytes = b"") -> list[bytes]:
+    """A plain worker's (or MMI's) reply body, passed to a client (``worker``
+    as in :func:`frontend_reply`)."""
     if msg.extended:
         data = body[0] if len(body) == 1 else b"".join(body)
-        return frontend_reply(msg, Reply(msg.request.job_id, True, data))
+        return frontend_reply(msg, Reply(msg.request.job_id, True, data), worker)
     return [msg.address, b"", MDP_CLIENT, msg.request.service, *body]
 
 

@@ -4,8 +4,9 @@ Listed in the toolbar's own includes, as it documents for add-ons
 (``debugtoolbar.includes = pyramid_powerhose.toolbar``; the ``[toolbar]``
 extra), it adds a *Powerhose* tab
 listing, for each job of the request: its service, its size, how long the
-call took, and its outcome, with the remote traceback of an
-``ExecutionError``.  Without the include nothing is recorded.
+call took, the worker that ran it (pid@host) and its outcome, with the
+remote traceback of an ``ExecutionError``.  Without the include nothing is
+recorded, and no job asks who runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 from pyramid.exceptions import ConfigurationError
 
+from .client import collect_replies
 from .exc import ExecutionError
 from .plugin import IRequestJobs
 
@@ -58,36 +60,55 @@ class RecordingPowerhose:
     def submit(self, data, timeout=None, headers=None, service=None):
         record = self._new("submit", [data], service)
         start = time.perf_counter()
-        future = self._powerhose.submit(data, timeout, headers, service)
-        future.add_done_callback(lambda f: self._done(record, start, f.exception()))
+        # The job's thread runs in a copy of this context: its reply is noted
+        # in ``replies`` when it comes, after this block.
+        with collect_replies() as replies:
+            future = self._powerhose.submit(data, timeout, headers, service)
+        future.add_done_callback(lambda f: self._done(record, start, f.exception(), replies))
         return future
 
     def _new(self, call, items, service):
         record = {"call": call, "jobs": len(items),
                   "service": service or self._powerhose.settings.service,
                   "bytes": sum(len(x) if isinstance(x, (bytes, str)) else 0 for x in items),
-                  "ms": None, "outcome": "running", "traceback": ""}
+                  "ms": None, "worker": "", "outcome": "running", "traceback": ""}
         self._jobs.append(record)
         return record
 
     def _record(self, call, items, service, run):
         record = self._new(call, items, service)
         start = time.perf_counter()
-        try:
-            result = run()
-        except Exception as error:
-            self._done(record, start, error)
-            raise
-        self._done(record, start, None)
+        with collect_replies() as replies:
+            try:
+                result = run()
+            except Exception as error:
+                self._done(record, start, error, replies)
+                raise
+        self._done(record, start, None, replies)
         return result
 
     @staticmethod
-    def _done(record, start, error):
+    def _done(record, start, error, replies):
         record["ms"] = round((time.perf_counter() - start) * 1000, 3)
+        record["worker"] = _workers(replies)
         record["outcome"] = "OK" if error is None else type(error).__name__
         if isinstance(error, ExecutionError):
             record["outcome"] += f" ({error.exc_type})"
             record["traceback"] = error.traceback
+
+
+def _workers(replies) -> str:
+    """Who ran the jobs: ``pid@host``, each followed by its number of jobs
+    when there were several (map); "" when no reply said (no worker ran the
+    job, the worker did not say, an older broker, or a client that runs jobs
+    in-process)."""
+    counts = {}
+    for reply in replies:
+        if reply.worker:
+            counts[reply.worker] = counts.get(reply.worker, 0) + 1
+    if len(replies) == 1:
+        return ", ".join(counts)
+    return ", ".join(f"{worker} ({count})" for worker, count in counts.items())
 
 
 try:

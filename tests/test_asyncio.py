@@ -4,12 +4,14 @@ brokers.  Each test runs its own event loop (asyncio.run)."""
 
 import asyncio
 import signal
+import socket
 import time
 
 import pytest
 
 from pyramid_powerhose import Client, exc
 from pyramid_powerhose.aio import AsyncClient
+from pyramid_powerhose.client import collect_replies
 
 from .conftest import wait_for
 
@@ -36,6 +38,23 @@ def test_coroutines_await_their_jobs_together(start_broker, start_worker, endpoi
     pids, took, mapped = asyncio.run(main())
     assert len(set(pids)) == 4 and took < 2.5  # about 1 s, not 4
     assert len(mapped) == 10 and all(p.isdigit() for p in mapped)
+
+
+def test_collected_replies_say_which_worker_ran_each_job(start_broker, start_worker,
+                                                         endpoints):
+    workers(start_broker, start_worker, endpoints, 2)
+
+    async def main():
+        async with AsyncClient(frontend=endpoints.frontend, timeout=10) as client:
+            with collect_replies() as replies:
+                pids = await client.map([b"0.5", b"0.5"])  # one job each
+            await client.execute(b"0")  # not asked
+            return pids, replies
+
+    pids, replies = asyncio.run(main())
+    host = socket.gethostname()
+    assert sorted(r.worker for r in replies) == sorted(f"{p.decode()}@{host}" for p in pids)
+    assert len(set(pids)) == 2
 
 
 def test_the_same_errors_as_client(start_broker, start_worker, endpoints):

@@ -1056,6 +1056,50 @@ def test_info_from_an_unknown_worker_is_ignored():
     assert core.workers == {}
 
 
+def test_a_client_that_asks_is_told_which_worker_ran_its_job():
+    core = make_core()
+    ready(core, 0.0, b"a")
+    core.worker_message([b"a", *p.worker_info(b"4321@web1")], 0.0)
+    asked = {p.WORKER_HEADER: "1", "k": "v"}
+    (request,) = worker_sends(submit(core, 1.0, b"c", b"1", headers=asked))
+    # The question is the broker's: the worker gets the job's own headers only.
+    assert request.frames == [b"a", b"", p.MDP_WORKER, p.REQUEST, b"c", b"",
+                              b"1", b"0", b"data", b"k", b"v"]
+    (sent,) = client_sends(reply(core, 1.5, b"a", b"c", b"1"))
+    assert sent.frames == [b"c", b"", p.EXT_CLIENT, SVC, b"1", b"OK", b"result", b"4321@web1"]
+    submit(core, 2.0, b"c", b"2", headers=asked)
+    (sent,) = client_sends(reply_error(core, 2.5, b"a", b"c", b"2"))
+    assert sent.frames == [b"c", b"", p.EXT_CLIENT, SVC, b"2", b"ERR", p.ERR_EXECUTION.encode(),
+                           b"boom", b"ValueError", b"tb", b"4321@web1"]
+    # Not asked: the reply is as it always was.
+    submit(core, 3.0, b"c", b"3", headers={"k": "v"})
+    (sent,) = client_sends(reply(core, 3.5, b"a", b"c", b"3"))
+    assert sent.frames == [b"c", b"", p.EXT_CLIENT, SVC, b"3", b"OK", b"result"]
+    # Lost with its worker (silent past its liveness): who it was.
+    submit(core, 4.0, b"c", b"4", headers=asked)
+    (sent,) = client_sends(core.tick(10.0))
+    assert sent.frames[4:7] == [b"4", b"ERR", p.ERR_WORKER_LOST.encode()]
+    assert sent.frames[-1] == b"4321@web1" and len(sent.frames) == 11
+    # Never ran (no worker left): nobody.
+    submit(core, 11.0, b"c", b"5", headers=asked)
+    (sent,) = client_sends(core.tick(13.0))
+    assert sent.frames[4:7] == [b"5", b"ERR", p.ERR_NO_WORKER.encode()]
+    assert sent.frames[-1] == b"" and len(sent.frames) == 11
+
+
+def test_a_worker_that_did_not_say_who_it_is_is_nobody():
+    core = make_core()
+    ready_plain(core, 0.0, b"p")
+    submit(core, 1.0, b"c", b"1", headers={p.WORKER_HEADER: "1"})
+    (sent,) = client_sends(core.worker_message(
+        [b"p", b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"r"], 1.5))
+    assert sent.frames == [b"c", b"", p.EXT_CLIENT, SVC, b"1", b"OK", b"r", b""]
+    submit(core, 2.0, b"c", b"2")
+    (sent,) = client_sends(core.worker_message(
+        [b"p", b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"r"], 2.5))
+    assert sent.frames == [b"c", b"", p.EXT_CLIENT, SVC, b"2", b"OK", b"r"]
+
+
 def Send_to(core, address):
     """A send to ``address`` that failed (its connection is gone)."""
     from pyramid_powerhose.broker_core import Send

@@ -245,8 +245,8 @@ def test_a_malformed_worker_reply_fails_that_job_and_costs_the_worker_its_place(
 
 
 def _next_command(sock):
-    """The broker's next message to a hand-made worker other than a HEARTBEAT
-    (the broker answers READY with one at once)."""
+    """The broker's next message to a hand-made worker, HEARTBEATs skipped (the
+    broker answers READY with one when it has no job for the worker)."""
     while True:
         assert sock.poll(5000)
         frames = sock.recv_multipart()
@@ -272,3 +272,34 @@ def test_a_job_for_a_service_name_that_is_not_utf8_expires_cleanly(start_broker,
         sock.close()
         context.term()
     assert client.ping() == broker.pid  # still serving
+
+
+def test_only_a_phc01_client_that_asks_gets_the_worker_frame(start_broker, start_worker,
+                                                              endpoints, client, wait_workers,
+                                                              req_socket):
+    """On the wire, with a real broker and worker: the reply to a request with
+    the reserved header ``powerhose.worker`` has one more frame, the worker's
+    pid@host; the job's target never sees the header; other replies are as
+    before."""
+    import socket as sockets
+    start_broker()
+    worker = start_worker("tests.targets:headers")
+    wait_workers(client, 1)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoints.frontend)
+    try:
+        sock.send_multipart([b"", b"PHC01", b"default", b"1", b"5000", b"", b"k", b"v",
+                             b"powerhose.worker", b"1"])
+        assert sock.poll(5000)
+        assert sock.recv_multipart() == [b"", b"PHC01", b"default", b"1", b"OK", b"k=v",
+                                         f"{worker.pid}@{sockets.gethostname()}".encode()]
+        sock.send_multipart([b"", b"PHC01", b"default", b"2", b"5000", b"", b"k", b"v"])
+        assert sock.poll(5000)
+        assert sock.recv_multipart() == [b"", b"PHC01", b"default", b"2", b"OK", b"k=v"]
+    finally:
+        sock.close()
+        context.term()
+    req_socket.send_multipart([MDPC01, b"default", b""])
+    assert req_socket.recv_multipart() == [MDPC01, b"default", b""]

@@ -122,3 +122,47 @@ def test_info_carries_the_workers_pid_and_host():
         p.parse_backend([b"w", *p.worker_info(b"x" * 256)])
     with pytest.raises(p.ProtocolError):
         p.parse_backend([b"w", b"", p.MDP_WORKER, p.INFO])
+
+
+def test_a_client_that_asks_gets_the_worker_as_one_last_frame():
+    asked = Request(b"svc", b"5", b"x", 0, {p.WORKER_HEADER: "1", "k": "v"})
+    frames = p.client_request(asked)
+    assert frames == [b"", p.EXT_CLIENT, b"svc", b"5", b"0", b"x",
+                      b"powerhose.worker", b"1", b"k", b"v"]
+    msg = p.parse_frontend([b"addr", *frames])
+    # The broker's question, not the job's: the worker never sees the header.
+    assert msg.wants_worker and msg.request.headers == {"k": "v"}
+    assert p.backend_request(b"w", b"addr", msg.request, True)[6:] == [
+        b"5", b"0", b"x", b"k", b"v"]
+    ok = p.frontend_worker_reply(msg, [b"5", p.STATUS_OK, b"result"], b"77@host")
+    assert ok == [b"addr", b"", p.EXT_CLIENT, b"svc", b"5", b"OK", b"result", b"77@host"]
+    assert p.parse_client_reply(ok[1:]) == Reply(b"5", True, b"result", worker="77@host")
+    err = Reply.error(b"5", p.ERR_EXECUTION, "boom", "ValueError", "tb")
+    failed = p.frontend_worker_reply(msg, [b"5", *err.body()], b"77@host")
+    assert failed[4:] == [b"5", b"ERR", b"ExecutionError", b"boom", b"ValueError", b"tb",
+                          b"77@host"]
+    assert p.parse_client_reply(failed[1:]) == Reply(
+        b"5", False, b"", p.ERR_EXECUTION, "boom", "ValueError", "tb", "77@host")
+    # Errors of the broker's own, and plain workers' replies, say it too
+    # (empty when no worker ran the job or the worker did not say who it is).
+    no_worker = p.frontend_reply(msg, Reply.error(b"5", p.ERR_NO_WORKER, "none"))
+    assert no_worker[4:] == [b"5", b"ERR", b"NoWorkerError", b"none", b"", b"", b""]
+    assert p.parse_client_reply(no_worker[1:]).worker == ""
+    plain = p.frontend_plain_reply(msg, [b"ab", b"c"], b"")
+    assert plain[4:] == [b"5", b"OK", b"abc", b""]
+
+
+def test_a_client_that_does_not_ask_gets_replies_as_before():
+    msg = p.parse_frontend([b"addr", *p.client_request(Request(b"svc", b"5", b"x", 0,
+                                                                {"k": "v"}))])
+    assert not msg.wants_worker and msg.request.headers == {"k": "v"}
+    ok = p.frontend_worker_reply(msg, [b"5", p.STATUS_OK, b"result"], b"77@host")
+    assert ok == [b"addr", b"", p.EXT_CLIENT, b"svc", b"5", b"OK", b"result"]
+    assert p.parse_client_reply(ok[1:]) == Reply(b"5", True, b"result")  # worker None
+    err = p.frontend_reply(msg, Reply.error(b"5", p.ERR_NO_WORKER, "none"), b"77@host")
+    assert err[4:] == [b"5", b"ERR", b"NoWorkerError", b"none", b"", b""]
+    assert p.parse_client_reply(err[1:]).worker is None
+    # A plain MDP client never sees it, asked or not (it cannot send headers).
+    plain = p.parse_frontend([b"addr", b"", p.MDP_CLIENT, b"svc", b"x"])
+    assert p.frontend_worker_reply(plain, [b"", p.STATUS_OK, b"r"], b"77@host") == [
+        b"addr", b"", p.MDP_CLIENT, b"svc", b"r"]
