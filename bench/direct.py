@@ -10,20 +10,31 @@ libzmq floors and the two process pools a user would pick instead:
 (ii)  relay: ``zmq.proxy`` (ROUTER to DEALER, libzmq's C loop) in its own
       process, 2 REP echo workers behind it: 4 messages, no Python;
 (iii) 1-hop: a DEALER straight to a ROUTER echo process: 2 messages, the
-      floor for running anything in another process over libzmq;
+      floor for running anything in another process over libzmq, both
+      ends sending and reading with ``pyramid_powerhose.multipart`` (one
+      compiled call per message), as the prototypes below do;
+(iii-b) the same hop as ``overhead.py``'s (b): pyzmq REQ/REP, one frame,
+      pyzmq's own send and recv (the 1-hop figure issue 19 quotes);
 (iv)  lease: the candidate.  A stand-in broker (a Python loop, ROUTER on
-      both sides) grants this process a lease on each of 2 workers; a
-      job goes from the calling thread's DEALER straight to the worker's
-      ROUTER, bound on ipc in the run's private dir; the worker polls that
-      socket and its DEALER to the broker, checks the lease, answers
-      straight back, and *then*, off the critical path, tells the broker
-      ``DONE`` (job id, run time, outcome): the broker notes it as the
-      real one would (worker idle again, a histogram, the outcome).
-      Threads of this process share the leases through a lock and a
-      condition (LRU among them);
-(iv-b) lease, batched: the same, but the worker keeps its counts and
-      sends them with its heartbeat (every 100 ms here) instead of one
-      ``DONE`` per job;
+      both sides) grants this process a lease on each of 2 workers (credit
+      2 each, as ``powerhose-worker --prefetch``); a job goes from the
+      calling thread's DEALER straight to the worker's ROUTER, bound on ipc
+      in the run's private dir; the worker polls that socket and its DEALER
+      to the broker, checks the lease's epoch, answers straight back, and
+      *then*, off the critical path, tells the broker ``DONE`` (job id, run
+      time, outcome), which the broker notes as the real one would (the
+      worker idle again, a histogram, the outcome).  Threads of this process
+      share the leases under a lock and a condition: the least loaded lease,
+      then the least recently used;
+(iv-b) lease, FREE when idle: the same, but the worker tells the broker
+      ``FREE`` (with its counts) only once it has been idle for 1 ms after
+      a job: under load, no message to the broker per job; when the load
+      stops, the broker knows within a millisecond;
+(iv-c) lease, counts per beat: the same, the counts sent every 100 ms with
+      the heartbeat, nothing else;
+(iv-d) lease, one socket: (iv-b) with the worker on one ROUTER socket,
+      bound for clients and connected to the broker's backend (the broker
+      sees the frames a DEALER would send): no poller in the worker's loop;
 (v)   ``ProcessPoolExecutor(2)``: ``submit().result()``;
 (vi)  ``multiprocessing.Pool(2)``: ``apply()``.
 
@@ -33,7 +44,7 @@ from 8 threads, and (unless ``--no-break-even``) the break-even of
 ``floor.py``: 4 threads, 2 workers at the cluster's ``nice``, the
 built-in GIL-holding job, speed-up over in-process, for powerhose, the
 1-hop floor (``floor.py``'s *direct*: a REQ per thread to 2 REP workers)
-and the lease.  Medians over rounds, [range of the rounds].
+and the leases (iv), (iv-b) and (iv-d).  Medians over rounds, [range of the rounds].
 
     python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-4 minutes
     python bench/direct.py --quick     # smoke run, under a minute
@@ -69,17 +80,23 @@ ME = [sys.executable, os.path.abspath(__file__), "serve"]
 WORKERS = 2
 BE_THREADS = 4  # the break-even's calling threads, as floor.py's
 SIZES_MS = (0.05, 0.1, 0.2, 0.3, 0.5)
+LEASES = {"lease": "job", "lease-lazy": "lazy", "lease-beat": "beat", "lease-one": "one"}  # name: worker's mode
 TARGETS = {"round trip / 1-hop": 1.25, "break-even / 1-hop": 1.3}  # from issue 19
 
 # Frames of the prototype.  Direct: client -> worker ["", PHD, job_id, ttl, epoch, data],
 # worker -> client ["", PHD, job_id, "OK", result] or ["", PHD, job_id, "NOT_RUN"].
 # Worker -> broker: READY ["", MDPW, 0x01, service, "powerhose/1", "1", direct endpoint],
 # DONE ["", MDPW, 0x09, job_id, run_us, outcome], STATS ["", MDPW, 0x0a, jobs, run_us],
+# FREE ["", MDPW, 0x0c, jobs, run_us],
 # HEARTBEAT ["", MDPW, 0x04].  Client -> broker: LEASE ["", PHL, service, count];
 # broker -> client ["", PHL, service, endpoint, epoch, endpoint, epoch, ...];
 # broker -> worker LEASED ["", MDPW, 0x0b, client, epoch].
 PHD, PHL, MDPW = b"PHD01", b"PHL01", b"MDPW01"
-READY, HEARTBEAT, DONE, STATS, LEASED = b"\x01", b"\x04", b"\x09", b"\x0a", b"\x0b"
+READY, HEARTBEAT, DONE, STATS, LEASED, FREE = (b"\x01", b"\x04", b"\x09", b"\x0a", b"\x0b",
+                                               b"\x0c")
+BROKER_ID = b"broker"  # the broker's routing id on a one-socket worker's ROUTER
+CREDIT = 2  # jobs a worker accepts at once, as powerhose-worker's --prefetch
+IDLE_MS = 1  # lazy: a worker idle this long after a job tells the broker FREE
 OK, NOT_RUN = b"OK", b"NOT_RUN"
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
            0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -98,11 +115,14 @@ def serve(kind, *args):
     if kind == "router-echo":  # the 1-hop floor
         sock = context.socket(zmq.ROUTER)
         sock.bind(args[0])
+        send, recv = multipart.send, multipart.recv  # as the lease's worker sends and reads
         while True:
-            sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+            send(sock, recv(sock))
     if kind == "lease-broker":
         lease_broker(context, *args)
     if kind == "lease-worker":
+        if args[3] == "one":
+            lease_worker_one(context, *args[:3])
         lease_worker(context, *args)
     raise SystemExit(f"unknown kind {kind}")
 
@@ -133,8 +153,10 @@ def lease_broker(context, frontend, backend):
                     worker[4] += 1
                     histogram[bisect.bisect_left(BUCKETS, int(frames[5]) / 1e6)] += 1
                     outcomes[frames[6]] += 1
-                elif command == STATS:  # batched: counts since the last one
-                    workers[address][4] += int(frames[4])
+                elif command == STATS or command == FREE:  # counts since the last one
+                    worker = workers[address]
+                    worker[3] = command == FREE
+                    worker[4] += int(frames[4])
                 elif command == READY:
                     workers[address] = [frames[7], None, 0, True, 0]
             else:  # a LEASE request: every worker of the service, to this client
@@ -153,30 +175,37 @@ def lease_broker(context, frontend, backend):
                 multipart.send(back, [worker_address, b"", MDPW, HEARTBEAT])
 
 
-def lease_worker(context, job, direct, backend, per_job):
+def lease_worker(context, job, direct, backend, mode):
     """A worker with a direct ROUTER (bound, ipc, private dir) and a DEALER to the
-    broker; runs a direct job only under a current lease, tells the broker DONE
-    after each reply (``per_job`` "1") or its counts with each heartbeat."""
+    broker; runs a direct job only under a current lease.  What it tells the
+    broker depends on ``mode``: ``job``, DONE after each reply; ``lazy``, FREE
+    (with its counts) once it has been idle for IDLE_MS after a job; ``beat``,
+    its counts with each heartbeat (every 100 ms)."""
     if job == "jobs":
         os.nice(Settings().nice)
     run = in_process if job == "jobs" else echo
-    per_job = per_job == "1"
     mine = context.socket(zmq.ROUTER)
     mine.bind(direct)
     broker = context.socket(zmq.DEALER)
     broker.connect(backend)
-    multipart.send(broker, [b"", MDPW, READY, b"default", b"powerhose/1", b"1",
+    multipart.send(broker, [b"", MDPW, READY, b"default", b"powerhose/1", b"%d" % CREDIT,
                             direct.encode()])
     poller = zmq.Poller()
     poller.register(mine, zmq.POLLIN)
     poller.register(broker, zmq.POLLIN)
     epoch = None
     jobs = run_ns = 0
-    beat = 0.1 if not per_job else 1.0
+    owed = False  # lazy: jobs done since the last FREE
+    beat = 0.1 if mode == "beat" else 1.0
     next_beat = time.monotonic() + beat
     clock = time.perf_counter_ns
     while True:
-        for sock, _ in poller.poll(int(beat * 1000)):
+        ready = poller.poll(IDLE_MS if owed else int(beat * 1000))
+        if owed and not ready:  # idle for IDLE_MS: the broker hears it once
+            multipart.send(broker, [b"", MDPW, FREE, b"%d" % jobs, b"%d" % (run_ns // 1000)])
+            jobs = run_ns = 0
+            owed = False
+        for sock, _ in ready:
             if sock is mine:
                 frames = multipart.recv(mine)
                 if frames[5] != epoch:  # no lease, or an old one: the job never ran
@@ -186,12 +215,13 @@ def lease_worker(context, job, direct, backend, per_job):
                 result = run(frames[6])
                 took = clock() - started
                 multipart.send(mine, [frames[0], b"", PHD, frames[3], OK, result])
-                if per_job:
+                if mode == "job":
                     multipart.send(broker, [b"", MDPW, DONE, frames[3], b"%d" % (took // 1000),
                                             OK])
                 else:
                     jobs += 1
                     run_ns += took
+                    owed = mode == "lazy"
             else:
                 frames = multipart.recv(broker)
                 if frames[2] == LEASED:
@@ -199,21 +229,81 @@ def lease_worker(context, job, direct, backend, per_job):
         now = time.monotonic()
         if now >= next_beat:
             next_beat = now + beat
-            if jobs:
+            if jobs and mode == "beat":
                 multipart.send(broker, [b"", MDPW, STATS, b"%d" % jobs, b"%d" % (run_ns // 1000)])
                 jobs = run_ns = 0
             else:
                 multipart.send(broker, [b"", MDPW, HEARTBEAT])
 
 
-def start_lease(procs, run_dir, name, job="echo", per_job=True):
+def lease_worker_one(context, job, direct, backend):
+    """``lease_worker`` in ``lazy`` mode with one socket instead of two: a ROUTER
+    bound on the direct endpoint for clients *and* connected to the broker's
+    backend (ZMQ_CONNECT_ROUTING_ID names the broker ``broker`` on it).  The
+    broker sees the same frames as from a DEALER; the worker waits on one
+    socket, with no poller."""
+    if job == "jobs":
+        os.nice(Settings().nice)
+    run = in_process if job == "jobs" else echo
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTING_ID, b"w" + os.urandom(8))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.CONNECT_ROUTING_ID, BROKER_ID)
+    sock.connect(backend)
+    sock.bind(direct)
+    send, recv_within = multipart.send, multipart.recv_within
+    ready = [BROKER_ID, b"", MDPW, READY, b"default", b"powerhose/1", b"%d" % CREDIT,
+             direct.encode()]
+    while True:  # a ROUTER cannot send before the connection is up
+        try:
+            send(sock, ready)
+            break
+        except zmq.ZMQError:
+            time.sleep(0.01)
+    epoch = None
+    jobs = run_ns = 0
+    owed = False
+    next_beat = time.monotonic() + 1.0
+    clock = time.perf_counter_ns
+    while True:
+        if owed and not zmq.zmq_poll([(sock, zmq.POLLIN)], IDLE_MS):
+            # Idle for IDLE_MS after a job: the broker hears it once.  (zmq_poll,
+            # not RCVTIMEO: libzmq times RCVTIMEO with a coarse millisecond clock,
+            # so a 1 ms receive timeout may end at once.)
+            send(sock, [BROKER_ID, b"", MDPW, FREE, b"%d" % jobs, b"%d" % (run_ns // 1000)])
+            jobs = run_ns = 0
+            owed = False
+            continue
+        frames = recv_within(sock, 1000)
+        if frames is None:
+            pass
+        elif frames[0] == BROKER_ID:
+            if frames[3] == LEASED:
+                epoch = frames[5]
+        elif frames[5] != epoch:
+            send(sock, [frames[0], b"", PHD, frames[3], NOT_RUN])
+        else:
+            started = clock()
+            result = run(frames[6])
+            took = clock() - started
+            send(sock, [frames[0], b"", PHD, frames[3], OK, result])
+            jobs += 1
+            run_ns += took
+            owed = True
+        now = time.monotonic()
+        if now >= next_beat:
+            next_beat = now + 1.0
+            send(sock, [BROKER_ID, b"", MDPW, HEARTBEAT])
+
+
+def start_lease(procs, run_dir, name, job="echo", mode="job"):
     """A lease broker and WORKERS lease workers; returns the broker's frontend."""
     front, back = f"ipc://{run_dir}/{name}-f.sock", f"ipc://{run_dir}/{name}-b.sock"
     procs.start(f"{name}-broker", ME + ["lease-broker", front, back])
     for i in range(WORKERS):
         procs.start(f"{name}-worker-{i}", ME + ["lease-worker", job,
                                                 f"ipc://{run_dir}/{name}-w{i}.sock", back,
-                                                "1" if per_job else "0"])
+                                                mode])
     return front
 
 
@@ -243,7 +333,9 @@ class LeaseClient:
             time.sleep(0.05)
         control.close()
         time.sleep(0.2)  # the prototype's shortcut: LEASED reaches the workers first
-        self.free = collections.deque(zip(grant[3::2], grant[4::2]))  # (endpoint, epoch)
+        # [jobs in flight, last used, endpoint, epoch]: the least loaded, then the LRU
+        self.leases = [[0, 0, endpoint, epoch] for endpoint, epoch in zip(grant[3::2], grant[4::2])]
+        self.turn = iter(range(1, 1 << 62))
         self.cond = threading.Condition(threading.Lock())
         self.local = threading.local()
         self.sockets = []
@@ -264,9 +356,14 @@ class LeaseClient:
 
     def __call__(self, data):
         with self.cond:
-            while not self.free:
-                self.cond.wait()
-            endpoint, epoch = lease = self.free.popleft()
+            while True:
+                lease = min(self.leases)
+                if lease[0] < CREDIT:
+                    break
+                self.cond.wait()  # the real client would also ask the broker for a lease
+            lease[0] += 1
+            lease[1] = next(self.turn)
+            endpoint, epoch = lease[2], lease[3]
         try:
             sock = self._socket(endpoint)
             job_id = b"%x" % next(self.ids)
@@ -279,7 +376,7 @@ class LeaseClient:
                     break
         finally:
             with self.cond:
-                self.free.append(lease)
+                lease[0] -= 1
                 self.cond.notify()
         if frames[3] != OK:
             raise RuntimeError(f"job {job_id!r}: {frames[3:]!r}")
@@ -304,8 +401,8 @@ class DealerCall:
 
     def __call__(self):
         sock = self.sock
-        sock.send_multipart([b"", PAYLOAD], copy=False)
-        return sock.recv_multipart()[1]
+        multipart.send(sock, [b"", PAYLOAD])  # as the lease's client sends and reads
+        return multipart.recv(sock)[1]
 
 
 # -- reporting -----------------------------------------------------------------------------
@@ -314,8 +411,11 @@ LABELS = {
     "powerhose": "(i) powerhose, today",
     "relay": "(ii) zmq.proxy relay",
     "1-hop": "(iii) 1-hop floor",
+    "reqrep": "(iii-b) 1-hop, REQ/REP pyzmq",
     "lease": "(iv) lease, DONE per job",
-    "lease-batched": "(iv-b) lease, batched",
+    "lease-lazy": "(iv-b) lease, FREE when idle",
+    "lease-beat": "(iv-c) lease, counts per beat",
+    "lease-one": "(iv-d) lease, one socket",
     "pool": "(v) ProcessPoolExecutor(2)",
     "mp": "(vi) multiprocessing.Pool(2)",
 }
@@ -370,9 +470,12 @@ def verdicts(lat, tput, evens):
     def med(name):
         return statistics.median(s[1] for s in lat[name])
     rows = []
-    for name in ("lease", "lease-batched"):
+    for name in LEASES:
         rt = med(name) / med("1-hop")
         rows.append([LABELS[name], "round trip / 1-hop", f"{rt:.2f}", "<= 1.25",
+                     "met" if rt <= TARGETS["round trip / 1-hop"] else "NOT met"])
+        rt = med(name) / med("reqrep")
+        rows.append(["", "round trip / REQ/REP hop", f"{rt:.2f}", "<= 1.25",
                      "met" if rt <= TARGETS["round trip / 1-hop"] else "NOT met"])
         below = med(name) < min(med("pool"), med("mp"))
         rows.append(["", "round trip below both pools", f"{med(name):.0f} us", "yes",
@@ -380,9 +483,9 @@ def verdicts(lat, tput, evens):
         tp = statistics.median(tput[name]) / statistics.median(tput["powerhose"])
         rows.append(["", "jobs/s / powerhose", f"{tp:.2f}", ">= 1.0",
                      "met" if tp >= 1.0 else "NOT met"])
-        if evens and name == "lease":
-            if evens["lease"] and evens["1-hop"]:
-                be = evens["lease"] / evens["1-hop"]
+        if evens and name in evens:
+            if evens[name] and evens["1-hop"]:
+                be = evens[name] / evens["1-hop"]
                 rows.append(["", "break-even / 1-hop", f"{be:.2f}", "<= 1.3",
                              "met" if be <= TARGETS["break-even / 1-hop"] else "NOT met"])
             else:
@@ -430,10 +533,12 @@ def main(argv=None):
             relay = harness.req_caller(context, harness.start_relay(procs, run_dir, "relay",
                                                                    WORKERS), procs)
             hop = DealerCall(context, f"ipc://{run_dir}/hop.sock", procs)
-            lease = LeaseClient(context, start_lease(procs, run_dir, "lease"), procs)
-            batched = LeaseClient(context, start_lease(procs, run_dir, "batched", per_job=False),
-                                  procs)
-            leases += [lease, batched]
+            procs.start("rep", SERVE + ["echo-bind", f"ipc://{run_dir}/rep.sock"])
+            reqrep = harness.req_caller(context, f"ipc://{run_dir}/rep.sock", procs)
+            for name, mode in LEASES.items():
+                leases.append(LeaseClient(context, start_lease(procs, run_dir, name, mode=mode),
+                                          procs))
+            lease, lazy, beat, one = leases
             client, _, _ = harness.start_powerhose(
                 procs, f"ipc://{run_dir}/ph-f.sock", f"ipc://{run_dir}/ph-b.sock",
                 harness.ECHO_TARGET, WORKERS)
@@ -442,13 +547,16 @@ def main(argv=None):
                 "powerhose": lambda: client.execute(PAYLOAD),
                 "relay": relay,
                 "1-hop": hop,
+                "reqrep": reqrep,
                 "lease": lambda: lease(PAYLOAD),
-                "lease-batched": lambda: batched(PAYLOAD),
+                "lease-lazy": lambda: lazy(PAYLOAD),
+                "lease-beat": lambda: beat(PAYLOAD),
+                "lease-one": lambda: one(PAYLOAD),
                 "pool": lambda: pool.submit(echo, PAYLOAD).result(),
                 "mp": lambda: mp_pool.apply(echo, (PAYLOAD,)),
             }
             throughput = {}
-            for name in ("powerhose", "lease", "lease-batched", "pool", "mp"):
+            for name in ("powerhose", *LEASES, "pool", "mp"):
                 loads.append(Load(latency[name]))
                 throughput[name] = loads[-1]
             lat, tput = harness.run_rounds(latency, throughput, args.rounds, args.count,
@@ -466,10 +574,12 @@ def main(argv=None):
                 for i, endpoint in enumerate(hops):
                     procs.start(f"be-hop-{i}", SERVE + ["jobs-bind", endpoint])
                 hop_jobs = harness.ReqCaller(context, hops)
-                leases.append(LeaseClient(context, start_lease(procs, run_dir, "be-lease",
-                                                               job="jobs"), procs))
                 calls = {"in-process": in_process, "powerhose": be_client.execute,
-                         "1-hop": hop_jobs, "lease": leases[-1]}
+                         "1-hop": hop_jobs}
+                for name in ("lease", "lease-lazy", "lease-one"):
+                    leases.append(LeaseClient(context, start_lease(
+                        procs, run_dir, f"be-{name}", job="jobs", mode=LEASES[name]), procs))
+                    calls[name] = leases[-1]
                 paths = tuple(calls)
                 for path in paths[1:]:
                     harness.wait_until(lambda: all(calls[path](b"1") == in_process(b"1")
