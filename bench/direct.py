@@ -34,7 +34,9 @@ libzmq floors and the two process pools a user would pick instead:
       the heartbeat, nothing else;
 (iv-d) lease, one socket: (iv-b) with the worker on one ROUTER socket,
       bound for clients and connected to the broker's backend (the broker
-      sees the frames a DEALER would send): no poller in the worker's loop;
+      sees the frames a DEALER would send), waiting in one blocking receive
+      (its timeout after a job, 2 ms, is how it notices it is idle): no
+      poll in the worker's loop;
 (v)   ``ProcessPoolExecutor(2)``: ``submit().result()``;
 (vi)  ``multiprocessing.Pool(2)``: ``apply()``.
 
@@ -266,17 +268,15 @@ def lease_worker_one(context, job, direct, backend):
     next_beat = time.monotonic() + 1.0
     clock = time.perf_counter_ns
     while True:
-        if owed and not zmq.zmq_poll([(sock, zmq.POLLIN)], IDLE_MS):
-            # Idle for IDLE_MS after a job: the broker hears it once.  (zmq_poll,
-            # not RCVTIMEO: libzmq times RCVTIMEO with a coarse millisecond clock,
-            # so a 1 ms receive timeout may end at once.)
-            send(sock, [BROKER_ID, b"", MDPW, FREE, b"%d" % jobs, b"%d" % (run_ns // 1000)])
-            jobs = run_ns = 0
-            owed = False
-            continue
-        frames = recv_within(sock, 1000)
+        # One blocking receive, as the 1-hop floor's; after a job, with a timeout
+        # of IDLE_MS + 1: libzmq times RCVTIMEO with a coarse millisecond clock, so
+        # a timeout of n ms ends after n - 1 to n ms.  No poll on the critical path.
+        frames = recv_within(sock, IDLE_MS + 1 if owed else 1000)
         if frames is None:
-            pass
+            if owed:  # idle for about IDLE_MS after a job: the broker hears it once
+                send(sock, [BROKER_ID, b"", MDPW, FREE, b"%d" % jobs, b"%d" % (run_ns // 1000)])
+                jobs = run_ns = 0
+                owed = False
         elif frames[0] == BROKER_ID:
             if frames[3] == LEASED:
                 epoch = frames[5]
@@ -336,6 +336,7 @@ class LeaseClient:
         # [jobs in flight, last used, endpoint, epoch]: the least loaded, then the LRU
         self.leases = [[0, 0, endpoint, epoch] for endpoint, epoch in zip(grant[3::2], grant[4::2])]
         self.turn = iter(range(1, 1 << 62))
+        self.waiting = 0  # threads waiting for room on a lease
         self.cond = threading.Condition(threading.Lock())
         self.local = threading.local()
         self.sockets = []
@@ -360,7 +361,9 @@ class LeaseClient:
                 lease = min(self.leases)
                 if lease[0] < CREDIT:
                     break
-                self.cond.wait()  # the real client would also ask the broker for a lease
+                self.waiting += 1  # the real client would also ask the broker for a lease
+                self.cond.wait()
+                self.waiting -= 1
             lease[0] += 1
             lease[1] = next(self.turn)
             endpoint, epoch = lease[2], lease[3]
@@ -377,7 +380,8 @@ class LeaseClient:
         finally:
             with self.cond:
                 lease[0] -= 1
-                self.cond.notify()
+                if self.waiting:
+                    self.cond.notify()
         if frames[3] != OK:
             raise RuntimeError(f"job {job_id!r}: {frames[3:]!r}")
         return frames[4]
