@@ -37,6 +37,9 @@ libzmq floors and the two process pools a user would pick instead:
       sees the frames a DEALER would send), waiting in one blocking receive
       (its timeout after a job, 2 ms, is how it notices it is idle): no
       poll in the worker's loop;
+(iv-e) lease, one socket, packed: (iv-d) with the direct frames packed,
+      ``["", epoch:job_id, data]`` and ``["", epoch:job_id, status, result]``
+      (3 and 4 frames instead of 6 and 5), and a leaner client call;
 (v)   ``ProcessPoolExecutor(2)``: ``submit().result()``;
 (vi)  ``multiprocessing.Pool(2)``: ``apply()``.
 
@@ -46,7 +49,7 @@ from 8 threads, and (unless ``--no-break-even``) the break-even of
 ``floor.py``: 4 threads, 2 workers at the cluster's ``nice``, the
 built-in GIL-holding job, speed-up over in-process, for powerhose, the
 1-hop floor (``floor.py``'s *direct*: a REQ per thread to 2 REP workers)
-and the leases (iv), (iv-b) and (iv-d).  Medians over rounds, [range of the rounds].
+and the leases (iv), (iv-b) and (iv-e).  Medians over rounds, [range of the rounds].
 
     python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-4 minutes
     python bench/direct.py --quick     # smoke run, under a minute
@@ -82,7 +85,8 @@ ME = [sys.executable, os.path.abspath(__file__), "serve"]
 WORKERS = 2
 BE_THREADS = 4  # the break-even's calling threads, as floor.py's
 SIZES_MS = (0.05, 0.1, 0.2, 0.3, 0.5)
-LEASES = {"lease": "job", "lease-lazy": "lazy", "lease-beat": "beat", "lease-one": "one"}  # name: worker's mode
+LEASES = {"lease": "job", "lease-lazy": "lazy", "lease-beat": "beat", "lease-one": "one",
+          "lease-lean": "lean"}  # name: worker's mode
 TARGETS = {"round trip / 1-hop": 1.25, "break-even / 1-hop": 1.3}  # from issue 19
 
 # Frames of the prototype.  Direct: client -> worker ["", PHD, job_id, ttl, epoch, data],
@@ -123,8 +127,8 @@ def serve(kind, *args):
     if kind == "lease-broker":
         lease_broker(context, *args)
     if kind == "lease-worker":
-        if args[3] == "one":
-            lease_worker_one(context, *args[:3])
+        if args[3] in ("one", "lean"):
+            lease_worker_one(context, *args[:3], lean=args[3] == "lean")
         lease_worker(context, *args)
     raise SystemExit(f"unknown kind {kind}")
 
@@ -238,12 +242,13 @@ def lease_worker(context, job, direct, backend, mode):
                 multipart.send(broker, [b"", MDPW, HEARTBEAT])
 
 
-def lease_worker_one(context, job, direct, backend):
+def lease_worker_one(context, job, direct, backend, lean=False):
     """``lease_worker`` in ``lazy`` mode with one socket instead of two: a ROUTER
     bound on the direct endpoint for clients *and* connected to the broker's
     backend (ZMQ_CONNECT_ROUTING_ID names the broker ``broker`` on it).  The
     broker sees the same frames as from a DEALER; the worker waits on one
-    socket, with no poller."""
+    socket, with no poller.  ``lean``: the direct frames are packed, request
+    ["", epoch:job_id, data], reply ["", epoch:job_id, "OK", result]."""
     if job == "jobs":
         os.nice(Settings().nice)
     run = in_process if job == "jobs" else echo
@@ -262,7 +267,7 @@ def lease_worker_one(context, job, direct, backend):
             break
         except zmq.ZMQError:
             time.sleep(0.01)
-    epoch = None
+    epoch = prefix = None
     jobs = run_ns = 0
     owed = False
     next_beat = time.monotonic() + 1.0
@@ -280,6 +285,18 @@ def lease_worker_one(context, job, direct, backend):
         elif frames[0] == BROKER_ID:
             if frames[3] == LEASED:
                 epoch = frames[5]
+                prefix = epoch + b":"
+        elif lean:
+            if not frames[2].startswith(prefix):
+                send(sock, [frames[0], b"", frames[2], NOT_RUN])
+                continue
+            started = clock()
+            result = run(frames[3])
+            took = clock() - started
+            send(sock, [frames[0], b"", frames[2], OK, result])
+            jobs += 1
+            run_ns += took
+            owed = True
         elif frames[5] != epoch:
             send(sock, [frames[0], b"", PHD, frames[3], NOT_RUN])
         else:
@@ -391,6 +408,44 @@ class LeaseClient:
             sock.close(0)
 
 
+class LeanLeaseClient(LeaseClient):
+    """LeaseClient with the direct frames packed: ["", epoch:job_id, data] out,
+    ["", epoch:job_id, status, result] back."""
+
+    def __init__(self, context, frontend, procs):
+        super().__init__(context, frontend, procs)
+        for lease in self.leases:
+            lease[3] += b":"
+
+    def __call__(self, data):
+        cond = self.cond
+        with cond:
+            lease = min(self.leases)
+            while lease[0] >= CREDIT:
+                self.waiting += 1
+                cond.wait()
+                self.waiting -= 1
+                lease = min(self.leases)
+            lease[0] += 1
+            lease[1] = next(self.turn)
+        try:
+            sock = self._socket(lease[2])
+            head = lease[3] + b"%x" % next(self.ids)
+            multipart.send(sock, [b"", head, data])
+            while True:
+                frames = multipart.recv_within(sock, 200)
+                if frames is not None and frames[1] == head:
+                    break
+        finally:
+            with cond:
+                lease[0] -= 1
+                if self.waiting:
+                    cond.notify()
+        if frames[2] != OK:
+            raise RuntimeError(f"job {head!r}: {frames[2:]!r}")
+        return frames[3]
+
+
 class DealerCall:
     """The 1-hop floor's client: one DEALER to a ROUTER echo."""
 
@@ -420,6 +475,7 @@ LABELS = {
     "lease-lazy": "(iv-b) lease, FREE when idle",
     "lease-beat": "(iv-c) lease, counts per beat",
     "lease-one": "(iv-d) lease, one socket",
+    "lease-lean": "(iv-e) lease, one socket, packed",
     "pool": "(v) ProcessPoolExecutor(2)",
     "mp": "(vi) multiprocessing.Pool(2)",
 }
@@ -540,9 +596,9 @@ def main(argv=None):
             procs.start("rep", SERVE + ["echo-bind", f"ipc://{run_dir}/rep.sock"])
             reqrep = harness.req_caller(context, f"ipc://{run_dir}/rep.sock", procs)
             for name, mode in LEASES.items():
-                leases.append(LeaseClient(context, start_lease(procs, run_dir, name, mode=mode),
-                                          procs))
-            lease, lazy, beat, one = leases
+                kind = LeanLeaseClient if mode == "lean" else LeaseClient
+                leases.append(kind(context, start_lease(procs, run_dir, name, mode=mode), procs))
+            lease, lazy, beat, one, lean = leases
             client, _, _ = harness.start_powerhose(
                 procs, f"ipc://{run_dir}/ph-f.sock", f"ipc://{run_dir}/ph-b.sock",
                 harness.ECHO_TARGET, WORKERS)
@@ -556,6 +612,7 @@ def main(argv=None):
                 "lease-lazy": lambda: lazy(PAYLOAD),
                 "lease-beat": lambda: beat(PAYLOAD),
                 "lease-one": lambda: one(PAYLOAD),
+                "lease-lean": lambda: lean(PAYLOAD),
                 "pool": lambda: pool.submit(echo, PAYLOAD).result(),
                 "mp": lambda: mp_pool.apply(echo, (PAYLOAD,)),
             }
@@ -580,8 +637,9 @@ def main(argv=None):
                 hop_jobs = harness.ReqCaller(context, hops)
                 calls = {"in-process": in_process, "powerhose": be_client.execute,
                          "1-hop": hop_jobs}
-                for name in ("lease", "lease-lazy", "lease-one"):
-                    leases.append(LeaseClient(context, start_lease(
+                for name in ("lease", "lease-lazy", "lease-lean"):
+                    kind = LeanLeaseClient if LEASES[name] == "lean" else LeaseClient
+                    leases.append(kind(context, start_lease(
                         procs, run_dir, f"be-{name}", job="jobs", mode=LEASES[name]), procs))
                     calls[name] = leases[-1]
                 paths = tuple(calls)
