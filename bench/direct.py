@@ -51,8 +51,8 @@ built-in GIL-holding job, speed-up over in-process, for powerhose, the
 1-hop floor (``floor.py``'s *direct*: a REQ per thread to 2 REP workers)
 and the leases (iv), (iv-b) and (iv-e).  Medians over rounds, [range of the rounds].
 
-    python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-4 minutes
-    python bench/direct.py --quick     # smoke run, under a minute
+    python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-5 minutes
+    python bench/direct.py --quick     # smoke run, about 15 seconds
     python bench/direct.py --no-break-even --rounds 25
 """
 
