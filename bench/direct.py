@@ -15,7 +15,7 @@ libzmq floors and the two process pools a user would pick instead:
       compiled call per message), as the prototypes below do;
 (iii-b) the same hop as ``overhead.py``'s (b): pyzmq REQ/REP, one frame,
       pyzmq's own send and recv (the 1-hop figure issue 19 quotes);
-(iv)  lease: the candidate.  A stand-in broker (a Python loop, ROUTER on
+(iv)  lease, DONE per job.  A stand-in broker (a Python loop, ROUTER on
       both sides) grants this process a lease on each of 2 workers (credit
       2 each, as ``powerhose-worker --prefetch``); a job goes from the
       calling thread's DEALER straight to the worker's ROUTER, bound on ipc
@@ -26,9 +26,10 @@ libzmq floors and the two process pools a user would pick instead:
       worker idle again, a histogram, the outcome).  Threads of this process
       share the leases under a lock and a condition: the least loaded lease,
       then the least recently used;
-(iv-b) lease, FREE when idle: the same, but the worker tells the broker
-      ``FREE`` (with its counts) only once it has been idle for 1 ms after
-      a job: under load, no message to the broker per job; when the load
+(iv-b) lease, FREE when idle (the design's choice): the same, but the
+      worker tells the broker
+``FREE`` (with its counts) only once it has been idle for 1 ms
+      after a job: under load, no message to the broker per job; when the load
       stops, the broker knows within a millisecond;
 (iv-c) lease, counts per beat: the same, the counts sent every 100 ms with
       the heartbeat, nothing else;
@@ -49,7 +50,10 @@ from 8 threads, and (unless ``--no-break-even``) the break-even of
 ``floor.py``: 4 threads, 2 workers at the cluster's ``nice``, the
 built-in GIL-holding job, speed-up over in-process, for powerhose, the
 1-hop floor (``floor.py``'s *direct*: a REQ per thread to 2 REP workers)
-and the leases (iv), (iv-b) and (iv-e).  Medians over rounds, [range of the rounds].
+and the leases (iv), (iv-b) and (iv-e).  Medians over rounds, [range of
+the rounds].  Not prototyped: revocation, monitors, deadlines, headers,
+typed errors.  On a shared machine the break-even moves a lot between
+runs: only figures of one run compare.
 
     python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-5 minutes
     python bench/direct.py --quick     # smoke run, about 15 seconds
@@ -586,7 +590,7 @@ def main(argv=None):
         try:
             # The pools first: they fork, and a fork is only clean before zmq threads exist.
             pool = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=os.setpgrp)
-            mp_pool = multiprocessing.get_context("fork").Pool(WORKERS)
+            mp_pool = multiprocessing.get_context("fork").Pool(WORKERS, initializer=os.setpgrp)
             assert pool.submit(echo, PAYLOAD).result() == mp_pool.apply(echo, (PAYLOAD,))
             context = zmq.Context()
             procs.start("router-echo", ME + ["router-echo", f"ipc://{run_dir}/hop.sock"])
@@ -628,7 +632,8 @@ def main(argv=None):
             evens = None
             if not args.no_break_even:
                 cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS, background=True,
-                                      timeout=0)
+                                      timeout=0, frontend=f"ipc://{run_dir}/be-f.sock",
+                                      backend=f"ipc://{run_dir}/be-b.sock")
                 cluster.start()
                 be_client = Client(frontend=cluster.frontend, timeout=60)
                 hops = [f"ipc://{run_dir}/be-hop-{i}.sock" for i in range(WORKERS)]
