@@ -27,10 +27,9 @@ libzmq floors and the two process pools a user would pick instead:
       share the leases under a lock and a condition: the least loaded lease,
       then the least recently used;
 (iv-b) lease, FREE when idle (the design's choice): the same, but the
-      worker tells the broker
-``FREE`` (with its counts) only once it has been idle for 1 ms
-      after a job: under load, no message to the broker per job; when the load
-      stops, the broker knows within a millisecond;
+      worker tells the broker ``FREE`` (with its counts) only once it has
+      been idle for 1 ms after a job: under load, no message to the broker
+      per job; when the load stops, the broker knows within a millisecond;
 (iv-c) lease, counts per beat: the same, the counts sent every 100 ms with
       the heartbeat, nothing else;
 (iv-d) lease, one socket: (iv-b) with the worker on one ROUTER socket,
