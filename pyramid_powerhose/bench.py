@@ -93,6 +93,7 @@ def run_threads(call, data, jobs, threads, progress=None):
     """
     shares = _split(jobs, threads)
     results = [None] * threads
+    done = [False] * threads  # each thread's own word that it has returned
     errors = []
     start = threading.Barrier(threads + 1)
     stopping = threading.Event()
@@ -115,24 +116,31 @@ def run_threads(call, data, jobs, threads, progress=None):
             errors.append(exc)
             stopping.set()
             start.abort()
+        finally:
+            done[i] = True
 
     workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = None
     try:
         with _signals_held():
             for worker in workers:
                 worker.start()
-        start.wait()
-        started = time.perf_counter()
-        for worker in workers:
-            worker.join()
-    except threading.BrokenBarrierError:  # a thread failed while warming up
+        try:
+            start.wait()
+            started = time.perf_counter()
+        except threading.BrokenBarrierError:
+            pass  # a thread failed while warming up: its error is raised below
         for worker in workers:
             worker.join()
     except BaseException:
         stopping.set()
         start.abort()  # threads still warming up wake with BrokenBarrierError
-        for worker in workers:
-            worker.join()
+        # Not join(): on Python 3.11 a join() that a signal interrupts may
+        # mark a running thread as finished, and a second join() returns at
+        # once while the thread still waits on its socket.
+        with _signals_held():
+            while not all(done):
+                time.sleep(0.01)
         raise
     if errors:
         raise errors[0]
