@@ -25,10 +25,15 @@ import zmq.utils.monitor
 
 from . import curve, endpoints, exc, protocol, tracing
 from .client import (CONNECT_TIMEOUT, _result, ask_worker, check_job, check_service,
-                     client_settings, note_reply)
+                     choose, client_settings, note_reply)
 from .protocol import Request
 
 _MONITORED = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+
+
+def _itself(broker):
+    """For :func:`~pyramid_powerhose.client.choose`: here the items are the brokers."""
+    return broker
 
 
 class _Broker:
@@ -45,6 +50,7 @@ class _Broker:
         self.monitor = self.socket.get_monitor_socket(_MONITORED)
         self.socket.connect(frontend)
         self.up = False
+        self.lost = False  # its connection dropped, and none since
         self.waiting = {}  # job id -> Future of its Reply
         self.tasks = [asyncio.ensure_future(self._read()),
                       asyncio.ensure_future(self._watch())]
@@ -65,9 +71,9 @@ class _Broker:
             event = zmq.utils.monitor.parse_monitor_message(
                 await self.monitor.recv_multipart())["event"]
             if event == self.up_event:
-                self.up = True
+                self.up, self.lost = True, False
             elif event == zmq.EVENT_DISCONNECTED:
-                self.up = False
+                self.up, self.lost = False, True
                 self.fail_all(f"the connection to the broker at {self.frontend} dropped "
                               "while the job was in flight")
 
@@ -115,10 +121,7 @@ class AsyncClient:
         return self._brokers
 
     def _choose(self, avoid=()):
-        brokers = self._all()
-        fresh = [b for b in brokers if b not in avoid] or brokers
-        best = [b for b in fresh if b.up] or fresh
-        return best[next(self._turn) % len(best)]
+        return choose(self._all(), avoid, next(self._turn), _itself)
 
     async def execute(self, data, timeout=None, headers=None, service=None,
                       retries=None) -> bytes:

@@ -33,6 +33,7 @@ import contextvars
 import itertools
 import json
 import logging
+import operator
 import os
 import sys
 import threading
@@ -843,15 +844,18 @@ def check_service(service: str) -> bytes:
     return name
 
 
-def choose(channels, avoid, turn):
-    """The channel for a job: the ``turn``-th, in a round, of the best ones.
+def choose(items, avoid, turn, broker_of=operator.attrgetter("broker")):
+    """Where a job goes: the ``turn``-th, in a round, of the best ``items``.
 
-    Best are those whose broker some socket is connected to (``up``), then
-    those not known lost, then any; those whose broker is in ``avoid``
-    (it lost this job already) only when no other is left.
+    ``broker_of(item)`` is the item's broker (a channel's by default; the
+    asyncio client passes its brokers themselves).  Best are those whose
+    broker is connected (``up``), then those not known ``lost``, then any;
+    those whose broker is in ``avoid`` (it lost this job already) only when
+    no other is left.  Both clients choose by this one rule.
     """
-    fresh = [c for c in channels if c.broker not in avoid] or channels
-    best = [c for c in fresh if c.broker.up] or [c for c in fresh if not c.broker.lost] or fresh
+    fresh = [i for i in items if broker_of(i) not in avoid] or items
+    best = ([i for i in fresh if broker_of(i).up]
+            or [i for i in fresh if not broker_of(i).lost] or fresh)
     return best[turn % len(best)]
 
 

@@ -343,6 +343,16 @@ def test_a_lost_broker_is_used_only_when_none_other_is_left():
     assert chosen(channels((0, True), (0, True))) == [0, 1, 0, 1]
 
 
+def test_the_asyncio_client_chooses_its_brokers_by_the_same_rule():
+    from pyramid_powerhose.aio import _itself
+    brokers = [SimpleNamespace(up=0, lost=True), SimpleNamespace(up=0, lost=False),
+               SimpleNamespace(up=1, lost=False)]
+    assert [choose(brokers, (), turn, _itself) for turn in range(2)] == [brokers[2]] * 2
+    brokers[2].up = 0
+    assert [choose(brokers, (), turn, _itself) for turn in range(2)] == brokers[1:]
+    assert choose(brokers, (brokers[1], brokers[2]), 0, _itself) is brokers[0]
+
+
 def test_a_retry_avoids_the_broker_that_lost_the_job():
     both = channels((1, False), (1, False))
     assert chosen(both, avoid=(both[0].broker,)) == [1, 1, 1, 1]
