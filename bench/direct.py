@@ -79,7 +79,7 @@ import harness
 from harness import PAYLOAD, SERVE, THREADS, Load, Processes, in_process
 
 from pyramid_powerhose import Client, multipart
-from pyramid_powerhose.bench import (BUILTIN_TARGET, break_even, describe_machine, jobs_for,
+from pyramid_powerhose.bench import (BUILTIN_TARGET, describe_machine, jobs_for,
                                      rounds_per_ms, table)
 from pyramid_powerhose.cluster import get_cluster
 from pyramid_powerhose.settings import Settings
@@ -510,17 +510,7 @@ def rt_report(args, lat, tput):
 
 
 def be_report(sizes, measured, paths, rounds):
-    rows, points = [], {path: [] for path in paths[1:]}
-    for ms, (rates, cpu) in zip(sizes, measured):
-        row = [f"{ms:g}", f"{cpu:.3f}", f"{statistics.median(rates['in-process']):.0f}"]
-        for path in paths[1:]:
-            speedup = statistics.median(a / b for a, b in zip(rates[path], rates["in-process"]))
-            points[path].append((cpu, speedup))
-            row.append(f"{speedup:.2f}x")
-        rows.append(row)
-    evens = {path: break_even(line) for path, line in points.items()}
-    rows.append(["break-even", "", ""] + [f"{evens[p]:.3f}" if evens[p] else "not reached"
-                                          for p in paths[1:]])
+    rows, evens = harness.break_even_table(sizes, measured, paths[1:])
     out = [f"break-even: {BE_THREADS} threads, {WORKERS} workers at nice {Settings().nice}, "
            f"the built-in job; speed-up over in-process, median over {rounds} rounds of the "
            "ratio within a round; CPU ms: the in-process runs' CPU time per job", "",

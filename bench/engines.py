@@ -52,7 +52,7 @@ import harness
 from harness import PAYLOAD, REPO, THREADS, Load, Processes, ReqCaller, say, wait_until
 
 from pyramid_powerhose.bench import (
-    BUILTIN_TARGET, break_even, describe_machine, jobs_for, rounds_per_ms, table)
+    BUILTIN_TARGET, describe_machine, jobs_for, rounds_per_ms, table)
 
 CONTESTANTS = ("relay", "baseline-native", "baseline-python", "current", "current-pure")
 SHORT = dict(zip(CONTESTANTS, ("r", "bn", "bp", "c", "cp")))  # ipc paths are limited to 107 bytes
@@ -357,17 +357,7 @@ def report(contestants, skipped, lat, tput, measured, args):
                f"{args.be_rounds} rounds of the ratio within a round.  CPU ms: the "
                "in-process runs' CPU time per job.")
     out.append("")
-    rows, points = [], {name: [] for name in names}
-    for ms, (rates, cpu) in zip(args.sizes, measured):
-        row = [f"{ms:g}", f"{cpu:.3f}", f"{statistics.median(rates['in-process']):.0f}"]
-        for name in names:
-            speedup = statistics.median(a / b for a, b in zip(rates[name], rates["in-process"]))
-            points[name].append((cpu, speedup))
-            row.append(f"{speedup:.2f}x")
-        rows.append(row)
-    evens = {name: break_even(line) for name, line in points.items()}
-    rows.append(["break-even", "", ""] + [f"{evens[n]:.3f} ms" if evens[n] else "not reached"
-                                           for n in names])
+    rows, evens = harness.break_even_table(args.sizes, measured, names)
     out.append(table(["job ms", "CPU ms", "in-process jobs/s", *names], rows))
     out.append("")
 

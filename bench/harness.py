@@ -40,8 +40,8 @@ import time
 import zmq
 
 from pyramid_powerhose import Client
-from pyramid_powerhose.bench import (describe_machine, hmac_chain, rounds_per_ms, run_threads,
-                                     table)
+from pyramid_powerhose.bench import (break_even, describe_machine, hmac_chain, rounds_per_ms,
+                                     run_threads, table)
 from pyramid_powerhose.exc import PowerhoseError
 from pyramid_powerhose.job import Job
 from pyramid_powerhose.settings import Settings
@@ -438,6 +438,24 @@ def measure_size(calls, ms, jobs, rounds, first_round, progress, threads, per_ms
             rates[path].append(jobs / seconds)
             progress()
     return rates, statistics.median(cpu_ms)
+
+
+def break_even_table(sizes, measured, names):
+    """``measure_size``'s results as table rows: per size, the in-process CPU ms
+    and jobs/s, and each path's speed-up (the median of the per-round
+    ratios); the last row, each path's break-even.  Returns (rows, evens)."""
+    rows, points = [], {name: [] for name in names}
+    for ms, (rates, cpu) in zip(sizes, measured):
+        row = [f"{ms:g}", f"{cpu:.3f}", f"{statistics.median(rates['in-process']):.0f}"]
+        for name in names:
+            speedup = statistics.median(a / b for a, b in zip(rates[name], rates["in-process"]))
+            points[name].append((cpu, speedup))
+            row.append(f"{speedup:.2f}x")
+        rows.append(row)
+    evens = {name: break_even(line) for name, line in points.items()}
+    rows.append(["break-even", "", ""] + [f"{evens[n]:.3f} ms" if evens[n] else "not reached"
+                                           for n in names])
+    return rows, evens
 
 
 def counter(total, label):

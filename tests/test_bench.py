@@ -236,6 +236,24 @@ def test_table_reads_back_as_a_simple_table():
 
 # -- the scripts that study the product ----------------------------------------------------
 
+def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
+    """bench/direct.py, a smoke run: the same paths in the round-trip and jobs/s
+    tables, every figure positive, a verdict per goal, nothing left behind."""
+    out = run_script("direct.py", "--quick", tmp_path=tmp_path)
+    assert machine_header(out)
+    round_trip, rates, break_evens, verdicts = tables(out)
+    paths = column(round_trip, "round trip (us)")
+    assert paths[0].startswith("(i) ") and len(paths) == 11
+    assert all(number(cell) > 0 for cell in column(round_trip, "median") + column(round_trip, "p99"))
+    assert set(column(rates, "8 threads")) < set(paths)
+    assert all(number(cell) > 0 for cell in column(rates, "jobs/s"))
+    assert [float(row[0]) for row in break_evens[1:-1]] == [0.1, 0.5]  # --quick
+    assert all(number(cell) > 0 for row in break_evens[1:-1] for cell in row[1:])
+    assert set(column(verdicts, "verdict")) <= {"met", "NOT met", "not reached"}
+    assert list(tmp_path.glob("ph-direct-*")) == []
+    assert_nothing_left("direct.py", tmp_path)
+
+
 def test_engines_script_times_every_contestant_and_leaves_nothing(tmp_path):
     """bench/engines.py, a smoke run: every contestant's round trip, jobs/s and
     speed-ups are positive, and its brokers, workers and temp trees are gone."""
