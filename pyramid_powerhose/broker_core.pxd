@@ -83,6 +83,7 @@ cdef class Service:
     cdef public long failed
     cdef public object job_time
     cdef public double last_used
+    cdef public double without_workers_since
     cdef public dict outcomes
     cdef public Histogram wait
     cdef public Histogram run

@@ -232,8 +232,8 @@ class Service:
     """
 
     __slots__ = ("name", "workers", "idle", "spare", "queue", "queued_bytes", "done",
-                 "failed", "job_time", "last_used", "outcomes", "wait", "run", "total",
-                 "rate")
+                 "failed", "job_time", "last_used", "without_workers_since", "outcomes",
+                 "wait", "run", "total", "rate")
 
     def __init__(self, name, now=0.0):
         self.name = name
@@ -246,6 +246,7 @@ class Service:
         self.failed = 0
         self.job_time = None  # moving average of job run times, seconds
         self.last_used = now
+        self.without_workers_since = now  # when its last worker left (or it was made)
         self.outcomes = {}  # error code: jobs that failed so (those that did not: done)
         self.wait = Histogram()  # seconds from arrival to a worker
         self.run = Histogram()  # seconds on the worker
@@ -772,7 +773,10 @@ class BrokerCore:
             for job in svc.queue:
                 if job.deadline is not None and job.deadline <= now:
                     self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
-                elif not svc.workers and now - job.received >= no_worker:
+                elif not svc.workers and \
+                        now - max(job.received, svc.without_workers_since) >= no_worker:
+                    # No worker for that long: not a job that waited behind
+                    # busy workers and saw the last one leave a moment ago.
                     self._fail(job.msg, ERR_NO_WORKER,
                                f"no worker serves {_name(svc.name)!r} on "
                                f"{self.settings.backend}; is powerhose-worker running "
@@ -809,6 +813,8 @@ class BrokerCore:
         svc: Service = worker.service
         svc.workers.discard(worker.address)
         svc.last_used = now
+        if not svc.workers:
+            svc.without_workers_since = now
         try:
             svc.idle.remove(worker)
         except ValueError:

@@ -351,6 +351,27 @@ def test_no_worker_error_after_the_no_worker_timeout_not_before(after, fails):
     assert (stats["queued"], stats["failed"]) == ((0, 1) if fails else (1, 0))
 
 
+def test_no_worker_error_counts_from_when_the_last_worker_left():
+    """A job that waited behind a busy worker is not failed the moment that
+    worker leaves: the service must have had no worker for the timeout."""
+    core = make_core(no_worker_timeout=1.0)
+    ready(core, 0.0, b"w")
+    assert dispatched(submit(core, 0.0, b"c", b"1")) == [(b"w", b"1")]
+    submit(core, 0.0, b"c", b"2")  # queued behind it
+    command(core, 5.0, b"w", p.DISCONNECT)  # job 1 is requeued
+    assert outcomes(core.tick(5.999)) == []
+    assert sorted(outcomes(core.tick(6.2))) == [(b"c", b"1", p.ERR_NO_WORKER),
+                                                (b"c", b"2", p.ERR_NO_WORKER)]
+    # Had a worker come within the timeout, it would have taken them.
+    core = make_core(no_worker_timeout=1.0)
+    ready(core, 0.0, b"w")
+    submit(core, 0.0, b"c", b"1")
+    submit(core, 0.0, b"c", b"2")
+    command(core, 5.0, b"w", p.DISCONNECT)
+    assert outcomes(core.tick(5.5)) == []
+    assert dispatched(ready(core, 5.9, b"v")) == [(b"v", b"1")]
+
+
 def test_ready_is_answered_at_once_with_a_heartbeat_or_a_job():
     core = make_core()
     # An idle worker hears from us straight away, not at the next tick.

@@ -157,7 +157,12 @@ def sockets():
 
 def ping(sock, timeout=0.5):
     """mmi.ping over PHC01: the broker's pid, or None if nothing came back."""
-    sock.send_multipart([b"", p.EXT_CLIENT, p.MMI_PING, b"1", b"1000", b""])
+    try:
+        sock.send_multipart([b"", p.EXT_CLIENT, p.MMI_PING, b"1", b"1000", b""], zmq.NOBLOCK)
+    except zmq.Again:
+        # No connection takes it: the broker refused the handshake and libzmq
+        # dropped the pipe (a blocking send would wait for ever).
+        return None
     if not sock.poll(timeout * 1000):
         return None
     return int(p.parse_client_reply(sock.recv_multipart()).data)
