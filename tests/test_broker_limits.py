@@ -109,8 +109,11 @@ def test_service_names_nobody_serves_are_forgotten(start_broker, start_worker, w
 
 def test_memory_of_a_burst_of_large_jobs_goes_back_to_the_system(start_broker, start_worker,
                                                                   wait_workers, endpoints):
-    broker = psutil.Process(start_broker("--max-queue-bytes", str(1 << 30)).pid)
-    start_worker("tests.targets:sleep")
+    # Heartbeats of 1 s (not the fixtures' 0.2 s): moving 8 MiB jobs on a
+    # loaded machine must not pass for a dead worker.
+    broker = psutil.Process(start_broker("--max-queue-bytes", str(1 << 30),
+                                         "--heartbeat", "1").pid)
+    start_worker("tests.targets:sleep", "--heartbeat", "1")
     data = b"0.02" + b" " * (8 * MiB - 4)  # 8 MiB; the worker sleeps 20 ms
     with Client(frontend=endpoints.frontend, timeout=60.0) as client:
         wait_workers(client, 1)

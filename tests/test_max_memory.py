@@ -7,7 +7,10 @@ from tests.test_cluster import clusters  # noqa: F401 (fixture)
 
 
 def test_a_leaking_worker_is_recycled_without_losing_a_job(clusters, client):  # noqa: F811
-    cluster = clusters("tests.reliability_targets:leak", numprocesses=2, max_memory=120)
+    # Both workers may be restarting at once; on a slow machine for over a
+    # second, which would be NoWorkerError as documented, not a lost job.
+    cluster = clusters("tests.reliability_targets:leak", numprocesses=2, max_memory=120,
+                       no_worker_timeout=10)
     cluster.launch()
     first = set(cluster.pids()["workers"])
     # Each job keeps 10 MiB in its worker for ever: 60 jobs would be 300 MiB
