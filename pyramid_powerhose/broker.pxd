@@ -3,8 +3,23 @@
 # members, and the calls into the core C calls.
 
 from pyramid_powerhose.broker_core cimport BrokerCore, Send
+from pyramid_powerhose.multipart cimport readable, recv_within, send
 
 cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport errno as errno_of_c
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef double _now() noexcept
 
 cdef int BATCH
 cdef int FRONTEND, BACKEND, MONITOR, ZAP
@@ -45,11 +60,15 @@ cdef class _Readiness:
     cdef public bint stop_signalled
     cdef object poll
     cdef dict slot
+    cdef pollfd fds[5]  # MAX_DESCRIPTORS
+    cdef int nfds
     cdef int wake_r, wake_w
     cdef object previous_wakeup
 
     @cython.locals(ready=int)
     cdef int wait(self, int timeout_ms) except -1
+    @cython.locals(fired=int, rc=int, i=int, err=int)
+    cdef int _sleep(self, int timeout_ms) except -1
     @cython.locals(ready=int, i=int, bit=int)
     cdef int _ask(self) except -1
     cdef void asked(self, int side)

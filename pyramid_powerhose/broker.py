@@ -23,9 +23,14 @@ from time import monotonic
 import zmq
 
 from . import curve, endpoints
-from .multipart import NOBLOCK, readable, recv, send
+from .multipart import NOBLOCK, readable, recv_within, send
 from .broker_core import BrokerCore, Send
 from .exc import DuplicateBrokerError, SettingsError
+
+try:
+    import cython
+except ImportError:  # needed only to compile; uncompiled, this module does without
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +183,15 @@ class Broker:
                 self._drain(BACKEND)
             if ready & MONITOR:
                 self._read_monitor()
-                self._send(core.connection_closed(monotonic()))
+                self._send(core.connection_closed(_now()))
             if ready & ZAP:
                 self._answer_zap()
             if core.vanished:
                 # Read the vanished workers' last words before the core decides.
                 while readable(self.backend):
                     self._drain(BACKEND)
-                self._send(core.bury_vanished(monotonic()))
-            now = monotonic()
+                self._send(core.bury_vanished(_now()))
+            now = _now()
             if self.allow is not None:
                 self.allow.refresh(now)
             if self._stop_signalled or waiting.stop_signalled or self._parent_gone(now):
@@ -202,16 +207,16 @@ class Broker:
         core: BrokerCore = self.core
         sock = self.frontend if side == FRONTEND else self.backend
         for i in range(BATCH):
-            try:
-                frames = recv(sock, NOBLOCK)
-            except zmq.Again:
+            frames = recv_within(sock, 0)
+            if frames is None:
                 return
             if side == FRONTEND:
-                self._send(core.client_message(frames, monotonic()))
+                self._send(core.client_message(frames, _now()))
             else:
-                self._send(core.worker_message(frames, monotonic()))
-            # Ask rather than recv until EAGAIN: pyzmq's zmq.Again costs more
-            # than a message, and most wake-ups bring just one.
+                self._send(core.worker_message(frames, _now()))
+            # Ask rather than receive until there is none: both cost libzmq
+            # the same, but most wake-ups bring just one message, and the
+            # answer lets the next wait skip asking this socket again.
             if not readable(sock):
                 self._readiness.asked(side)
                 return
@@ -234,25 +239,21 @@ class Broker:
                     if exc.errno not in _UNREACHABLE:
                         raise
                     failed.append(out)
-            sends = self.core.undelivered(failed, monotonic()) if failed else None
+            sends = self.core.undelivered(failed, _now()) if failed else None
 
     def _answer_zap(self):
         """Whether a peer may connect: the allow-list decides (ZAP, RFC 27)."""
         self._readiness.stale |= ZAP
         while True:
-            try:
-                frames = recv(self.zap, NOBLOCK)
-            except zmq.Again:
+            frames = recv_within(self.zap, 0)
+            if frames is None:
                 return
             send(self.zap, self.allow.answer(frames))
 
     def _read_monitor(self):
         self._readiness.stale |= MONITOR
-        while True:
-            try:
-                recv(self.monitor, NOBLOCK)
-            except zmq.Again:
-                return
+        while recv_within(self.monitor, 0) is not None:
+            pass
 
     def _parent_gone(self, now) -> bool:
         if self._parent is None or now < self._next_parent_check:
@@ -265,7 +266,18 @@ class Broker:
         return False
 
 
+def _now() -> float:
+    """``time.monotonic()``; compiled, the same clock read in C, without a
+    Python call and a float object (four a job)."""
+    if not COMPILED:
+        return monotonic()
+    now: timespec
+    clock_gettime(CLOCK_MONOTONIC, cython.address(now))
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
 FRONTEND, BACKEND, MONITOR, ZAP = 1, 2, 4, 8  # bits of _Readiness.wait()'s answer
+MAX_DESCRIPTORS = 5  # those four sockets' and the wake-up pipe's
 STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
 
 
@@ -286,14 +298,20 @@ class _Readiness:
         self.sockets = sockets
         self.stale = (1 << len(sockets)) - 1  # bits: used (or fired) since last asked
         self.stop_signalled = False
-        self.poll = select.poll()
-        self.slot = {}
-        for i, sock in enumerate(sockets):
-            fd = sock.getsockopt(zmq.FD)
-            self.slot[fd] = 1 << i
-            self.poll.register(fd, select.POLLIN)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.poll.register(self.wake_r, select.POLLIN)
+        # Bit i: sockets[i]'s descriptor; the last bit, the wake-up pipe's.
+        descriptors = [sock.getsockopt(zmq.FD) for sock in sockets] + [self.wake_r]
+        if len(descriptors) > MAX_DESCRIPTORS:
+            raise ValueError(f"at most {MAX_DESCRIPTORS - 1} sockets")
+        self.poll = select.poll()
+        for fd in descriptors:
+            self.poll.register(fd, select.POLLIN)
+        self.slot = {fd: 1 << i for i, fd in enumerate(descriptors)}
+        self.nfds = len(descriptors)
+        if COMPILED:
+            for i in range(self.nfds):
+                self.fds[i].fd = descriptors[i]
+                self.fds[i].events = POLLIN
         try:
             self.previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         except ValueError:  # not the main thread: signals are not ours to handle
@@ -305,13 +323,36 @@ class _Readiness:
         ready = self._ask()
         if ready:
             return ready
-        for fd, _ in self.poll.poll(timeout_ms):
-            bit = self.slot.get(fd)
-            if bit is None:
-                self._drain_wake_pipe()
-            else:
-                self.stale |= bit
+        fired = self._sleep(timeout_ms)
+        wake = 1 << len(self.sockets)
+        if fired & wake:
+            self._drain_wake_pipe()
+        self.stale |= fired & (wake - 1)
         return self._ask()
+
+    def _sleep(self, timeout_ms) -> int:
+        """Sleep until a descriptor fires or ``timeout_ms`` is up: the bits of
+        those that fired."""
+        fired = 0
+        if not COMPILED:
+            for fd, _ in self.poll.poll(timeout_ms):
+                fired |= self.slot[fd]
+            return fired
+        # Compiled: poll() itself, on the array made once, rather than
+        # select.poll's method call and list of tuples (as much work as the
+        # rest of the loop's own per message).
+        with cython.nogil:  # another thread of this process may be waiting to run
+            rc = poll(self.fds, self.nfds, timeout_ms)
+        if rc < 0:
+            err = errno_of_c
+            if err != errno.EINTR:
+                raise OSError(err, os.strerror(err))
+            PyErr_CheckSignals()  # a signal: its Python handler runs now
+            return 0
+        for i in range(self.nfds):
+            if self.fds[i].revents:
+                fired |= 1 << i
+        return fired
 
     def _ask(self) -> int:
         """Ask the stale sockets; those with a message stay stale, since

@@ -24,6 +24,7 @@ cdef Send _send_record(list frames, bint to_worker, worker, job)
 
 
 cdef double _BOUNDS[18]  # len(BUCKETS)
+cdef double NO_DEADLINE
 cdef int _NBOUNDS
 
 
@@ -48,11 +49,15 @@ cdef class Rate:
 cdef class PendingJob:
     cdef public ClientMessage msg
     cdef public double received
-    cdef public object deadline
+    cdef public double deadline
     cdef public double sent
     cdef public long long size
 
+    cdef void _start(self, ClientMessage msg, double now, long long size)
     cdef long long ttl_ms(self, double now)
+
+
+cdef PendingJob _pending_job(ClientMessage msg, double now, long long size)
 
 
 cdef class WorkerRef:
@@ -60,7 +65,7 @@ cdef class WorkerRef:
     cdef public Service service
     cdef public bint extended
     cdef public int credit
-    cdef public object jobs
+    cdef public list jobs
     cdef public double expiry
     cdef public bint spare
     cdef public bint vanished
@@ -75,8 +80,8 @@ cdef class WorkerRef:
 cdef class Service:
     cdef public bytes name
     cdef public set workers
-    cdef public object idle
-    cdef public object spare
+    cdef public list idle
+    cdef public list spare
     cdef public object queue
     cdef public long long queued_bytes
     cdef public long done
@@ -138,6 +143,7 @@ cdef class BrokerCore:
     cdef void _pause(self, WorkerRef worker, bint paused, double now)
     cdef void _reply(self, WorkerRef worker, WorkerMessage msg, double now)
     cdef void _worker_ready(self, WorkerRef worker, double now)
+    @cython.locals(idle=list, spare=list)
     cdef bint _dispatch(self, Service svc, PendingJob job, double now)
     cdef void _list_spare(self, WorkerRef worker)
     cdef void _send_job(self, WorkerRef worker, PendingJob job, double now)
@@ -152,6 +158,7 @@ cdef class BrokerCore:
     cdef void _forget_idle_services(self, double now)
     cdef void _send_heartbeats(self)
     cdef void _delete_worker(self, WorkerRef worker, double now, bint requeue=*)
+    @cython.locals(idle=list)
     cdef void _serve_queue(self, Service svc, double now)
     @cython.locals(svc=Service)
     cdef void _abandon_all(self)

@@ -59,6 +59,7 @@ SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
            0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_WINDOW = 60  # seconds over which jobs/s is counted
+NO_DEADLINE = float("inf")
 # The same bounds, compiled: a C array (broker_core.pxd), compared without objects.
 _BOUNDS = BUCKETS
 _NBOUNDS = len(BUCKETS)
@@ -178,22 +179,35 @@ def _send_record(frames, to_worker, worker, job) -> Send:
 
 
 class PendingJob:
-    """A client's request, queued or in flight."""
+    """A client's request, queued or in flight.
+
+    ``deadline`` is infinite for a job without one: compared as a plain
+    number, compiled as a C double."""
 
     __slots__ = ("msg", "received", "deadline", "sent", "size")
 
     def __init__(self, msg, now, size=0):
+        self._start(msg, now, size)
+
+    def _start(self, msg, now, size):
         self.msg = msg
         self.received = now
         self.sent = now
         self.size = size  # bytes, as max_job_size and max_queue_bytes count them
         ttl = msg.request.ttl_ms
-        self.deadline = now + ttl / 1000.0 if ttl else None
+        self.deadline = now + ttl / 1000.0 if ttl else NO_DEADLINE
 
     def ttl_ms(self, now: float):
-        if self.deadline is None:
+        if self.deadline == NO_DEADLINE:
             return 0
         return max(1, int((self.deadline - now) * 1000))
+
+
+def _pending_job(msg, now, size) -> PendingJob:
+    """A PendingJob without a call to its constructor: compiled, a C function."""
+    job: PendingJob = PendingJob.__new__(PendingJob)
+    job._start(msg, now, size)
+    return job
 
 
 class WorkerRef:
@@ -201,6 +215,8 @@ class WorkerRef:
 
     ``jobs`` are the jobs sent to it and not yet answered, oldest (running)
     first; ``credit`` is how many it accepts at once (1 for plain MDP).
+    A list, not a deque: it holds a handful, and compiled, a list's
+    operations are C calls where a deque's are Python method calls.
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
@@ -212,7 +228,7 @@ class WorkerRef:
         self.service = service
         self.extended = extended
         self.credit = credit
-        self.jobs = deque()
+        self.jobs = []
         self.expiry = expiry
         self.spare = False  # listed in service.spare
         self.vanished = False  # a send to it failed: its connection is gone
@@ -228,7 +244,8 @@ class Service:
     """One service: its workers, the idle ones in LRU order, its queue.
 
     ``spare`` lists busy workers that accept one more job (credit > 1):
-    they are used only when no worker is idle.
+    they are used only when no worker is idle.  ``idle`` and ``spare`` are
+    lists (see :class:`WorkerRef`); the queue, which may be long, a deque.
     """
 
     __slots__ = ("name", "workers", "idle", "spare", "queue", "queued_bytes", "done",
@@ -238,8 +255,8 @@ class Service:
     def __init__(self, name, now=0.0):
         self.name = name
         self.workers = set()
-        self.idle = deque()  # left: idle the longest
-        self.spare = deque()
+        self.idle = []  # first: idle the longest
+        self.spare = []
         self.queue = deque()  # only through push, push_front, pop, keep and clear
         self.queued_bytes = 0
         self.done = 0
@@ -441,7 +458,7 @@ class BrokerCore:
         if not msg.extended:
             req.job_id = b"mdp-%d" % next(self._plain_ids)
         svc: Service = self._service(service, now)
-        job: PendingJob = PendingJob(msg, now, size)
+        job: PendingJob = _pending_job(msg, now, size)
         if svc.queue or not self._dispatch(svc, job, now):
             if len(svc.queue) >= self._max_queue or \
                     svc.queued_bytes + size > self._max_queue_bytes:
@@ -566,7 +583,8 @@ class BrokerCore:
             self._to_worker(backend_command(worker.address, HEARTBEAT), worker)
 
     def _reply(self, worker: WorkerRef, msg, now: float):
-        if not worker.jobs or msg.client != worker.jobs[0].msg.address:
+        job: PendingJob = worker.jobs[0] if worker.jobs else None
+        if job is None or msg.client != job.msg.address:
             # 7/MDP: a valid but unexpected command costs the worker its place.
             log.warning("worker %s replied to a job it does not hold; disconnected",
                         msg.address.hex())
@@ -574,7 +592,7 @@ class BrokerCore:
             self._disconnect(worker.address)
             return
         # A worker runs its jobs in the order it got them: this is the oldest.
-        job: PendingJob = worker.jobs.popleft()
+        del worker.jobs[0]  # compiled: list.pop(0) would be a Python method call
         client: ClientMessage = job.msg
         svc: Service = worker.service
         ran = now - max(job.sent, worker.last_reply)
@@ -612,7 +630,7 @@ class BrokerCore:
         room = svc.capacity(worker)
         while queue and len(worker.jobs) < room:
             job: PendingJob = svc.pop()
-            if job.deadline is not None and job.deadline <= now:
+            if job.deadline <= now:
                 self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
             else:
                 self._send_job(worker, job, now)
@@ -628,13 +646,15 @@ class BrokerCore:
         idle = svc.idle
         worker: WorkerRef
         if idle:
-            worker = idle.popleft()
+            worker = idle[0]
+            del idle[0]
             self._send_job(worker, job, now)
             self._list_spare(worker)
             return True
         spare = svc.spare
         while spare:
-            worker = spare.popleft()
+            worker = spare[0]
+            del spare[0]
             worker.spare = False
             if worker.vanished or worker.paused or \
                     self.workers.get(worker.address) is not worker or \
@@ -656,7 +676,7 @@ class BrokerCore:
         svc: Service = worker.service
         svc.wait.observe(now - job.received)
         job.sent = now
-        if job.deadline is not None:
+        if job.deadline != NO_DEADLINE:
             req.ttl_ms = job.ttl_ms(now)
         worker.jobs.append(job)
         self._to_worker(backend_request(
@@ -771,7 +791,7 @@ class BrokerCore:
         for svc in list(self._queued):
             keep = []
             for job in svc.queue:
-                if job.deadline is not None and job.deadline <= now:
+                if job.deadline <= now:
                     self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
                 elif not svc.workers and \
                         now - max(job.received, svc.without_workers_since) >= no_worker:
@@ -819,7 +839,7 @@ class BrokerCore:
             svc.idle.remove(worker)
         except ValueError:
             pass
-        jobs, worker.jobs = worker.jobs, deque()
+        jobs, worker.jobs = worker.jobs, []
         if not jobs:
             return
         if requeue:
@@ -842,10 +862,11 @@ class BrokerCore:
         queue, idle = svc.queue, svc.idle
         while queue and idle:
             job = svc.pop()
-            if job.deadline is not None and job.deadline <= now:
+            if job.deadline <= now:
                 self._fail(job.msg, ERR_TIMEOUT, self._timeout_message(job, now))
                 continue
-            worker = idle.popleft()
+            worker = idle[0]
+            del idle[0]
             self._send_job(worker, job, now)
             self._list_spare(worker)
         if not queue:

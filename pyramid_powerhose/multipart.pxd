@@ -13,3 +13,13 @@ cdef size_t _bound_address() noexcept
 cdef object _receive(void *handle, long timeout_ms)
 
 cdef int _FOREVER
+cdef bint _C_CALLS
+
+cpdef send_compiled(sock, frames, flags=*)
+cpdef recv_compiled(sock, flags=*)
+cpdef recv_within_compiled(sock, long timeout_ms)
+cpdef bint readable_compiled(sock) except -1
+cpdef send(sock, frames, flags=*)
+cpdef recv(sock, flags=*)
+cpdef recv_within(sock, long timeout_ms)
+cpdef bint readable(sock) except -1

@@ -114,7 +114,7 @@ def recv_within_python(sock, timeout_ms):
 def send_compiled(sock, frames, flags=0):
     """send_python in one call: the GIL is released only to wait for room."""
     handle: cython.p_void = _handle(sock)
-    message: tuple = tuple(frames)  # ours: another thread may change the list while we wait
+    message: list = frames if type(frames) is list else list(frames)
     count: cython.Py_ssize_t = len(message)
     if count == 0:
         raise ValueError("a message needs a frame")
@@ -141,6 +141,9 @@ def send_compiled(sock, frames, flags=0):
             # message once its first frame is in.  With NOBLOCK, a full
             # queue raises Again before anything is queued.
             if err == EAGAIN and i == 0 and not dontwait:
+                # Without the GIL another thread could change the caller's
+                # list: the rest of the message comes from a copy.
+                message = message[:]
                 with cython.nogil:
                     rc = libzmq.zmq_send(handle, data, size, more)
                     err = 0 if rc >= 0 else libzmq.zmq_errno()
@@ -259,12 +262,38 @@ def _compiled_usable() -> bool:
     return _bound_address() == _libzmq.address("zmq_msg_recv")
 
 
-COMPILED = _compiled_usable()
+_C_CALLS = _compiled_usable()
+COMPILED = _C_CALLS
 
-# What the rest of the package calls.
-if COMPILED:
-    send, recv, recv_within = send_compiled, recv_compiled, recv_within_compiled
-    readable = readable_compiled
-else:
-    send, recv, recv_within = send_python, recv_python, recv_within_python
-    readable = readable_python
+
+# What the rest of the package calls.  Compiled, each is one C function
+# that a compiled caller (the broker) calls without a Python call.
+
+
+def send(sock, frames, flags=0):
+    """``sock.send_multipart(frames, flags)`` for a list of bytes."""
+    if _C_CALLS:
+        return send_compiled(sock, frames, flags)
+    return send_python(sock, frames, flags)
+
+
+def recv(sock, flags=0):
+    """``sock.recv_multipart(flags)``: the frames of one message, as bytes."""
+    if _C_CALLS:
+        return recv_compiled(sock, flags)
+    return recv_python(sock, flags)
+
+
+def recv_within(sock, timeout_ms):
+    """The next message's frames, or None if none comes within ``timeout_ms``
+    (0: only one already there)."""
+    if _C_CALLS:
+        return recv_within_compiled(sock, timeout_ms)
+    return recv_within_python(sock, timeout_ms)
+
+
+def readable(sock) -> bool:
+    """Whether a message is waiting in ``sock`` (``ZMQ_EVENTS``)."""
+    if _C_CALLS:
+        return readable_compiled(sock)
+    return readable_python(sock)

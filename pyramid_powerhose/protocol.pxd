@@ -3,6 +3,8 @@
 # reads as C struct members, and the functions the broker calls per
 # message are callable from C (cpdef), without a Python call.
 
+cimport cython
+
 cdef class _Message:
     pass
 
@@ -58,6 +60,12 @@ cdef class BrokerCommand(_Message):
     cdef public bytes client
     cdef public Request request
 
+
+@cython.locals(ttl="long long", digit=int)
+cdef long long _decode_ttl(bytes frame) except -1
+cdef bytes _decimal(long long number)
+cdef bytes _check_service(bytes service)
+cdef bytes _check_job_id(bytes job_id)
 
 cpdef list encode_headers(headers)
 cpdef ClientMessage parse_frontend(list frames)
