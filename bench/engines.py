@@ -12,6 +12,9 @@ of them (this tree's ``Client`` and ``powerhose-worker``):
   (``--baseline``, default 73e07e2), extracted with ``git archive`` into a
   temp dir, its native modules built there, run with ``--engine native``
   and ``--engine python``;
+* ``before``: the broker of another commit (``--before``, default
+  HEAD), extracted and built the same way, run as it starts by default:
+  the working tree's change against the last commit, side by side;
 * ``current``: this working tree's broker, whatever engine it has;
 * ``current-pure``: this working tree's package copied without any
   compiled ``*.so``, so that Python imports the ``.py`` files: the same
@@ -32,6 +35,7 @@ order rotates from round to round), medians over rounds:
     python bench/engines.py --quick     # smoke run, about 20 seconds
     python bench/engines.py --only relay,current,current-pure --rounds 3
     python bench/engines.py --baseline HEAD~5 --rst   # header as an RST sentence
+    python bench/engines.py --only relay,before,current   # this change against HEAD
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ from harness import PAYLOAD, REPO, THREADS, Load, Processes, ReqCaller, say, wai
 from pyramid_powerhose.bench import (
     BUILTIN_TARGET, describe_machine, jobs_for, rounds_per_ms, table)
 
-CONTESTANTS = ("relay", "baseline-native", "baseline-python", "current", "current-pure")
-SHORT = dict(zip(CONTESTANTS, ("r", "bn", "bp", "c", "cp")))  # ipc paths are limited to 107 bytes
+CONTESTANTS = ("relay", "baseline-native", "baseline-python", "before", "current",
+               "current-pure")
+SHORT = dict(zip(CONTESTANTS, ("r", "bn", "bp", "b", "c", "cp")))  # ipc paths are limited to 107 bytes
 BASELINE = "73e07e2"
 WORKERS = 2
 BREAK_EVEN_THREADS = 4  # as floor.py and powerhose-bench
@@ -159,7 +164,19 @@ def probe(tree, name):
     return module, "--engine" in helped.stdout
 
 
-def prepare(names, rev, work_dir):
+def build_commit(rev, tree, work_dir):
+    """REV's tree in ``tree``, its compiled modules built; its short commit."""
+    commit = extract(rev, tree, work_dir)
+    say(f"building the compiled modules of {commit}")
+    try:
+        run_quietly("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                    tree, work_dir, f"building {commit}")
+    except RuntimeError as exc:
+        say(str(exc))
+    return commit
+
+
+def prepare(names, rev, work_dir, before="HEAD"):
     """The contestants to run, and a line for each that cannot run here."""
     ready, skipped = [], []
     if "relay" in names:
@@ -167,13 +184,7 @@ def prepare(names, rev, work_dir):
     baseline = [n for n in names if n.startswith("baseline-")]
     if baseline:
         tree = os.path.join(work_dir, "baseline")
-        commit = extract(rev, tree, work_dir)
-        say(f"building the native modules of {commit}")
-        try:
-            run_quietly("build", [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                        tree, work_dir, f"building {commit}")
-        except RuntimeError as exc:
-            say(str(exc))
+        commit = build_commit(rev, tree, work_dir)
         module, has_engine = probe(tree, "baseline")
         compiled = compiled_modules(tree)
         for name in baseline:
@@ -189,6 +200,12 @@ def prepare(names, rev, work_dir):
             else:
                 ready.append(Contestant(name, f"{commit}, git archive + build_ext", tree,
                                         ["--engine", engine], compiled, module))
+    if "before" in names:
+        tree = os.path.join(work_dir, "before")
+        commit = build_commit(before, tree, work_dir)
+        module, _ = probe(tree, "before")
+        ready.append(Contestant("before", f"{commit}, git archive + build_ext", tree, [],
+                                compiled_modules(tree), module))
     current = [n for n in names if n.startswith("current")]
     if "current-pure" in current:
         tree = os.path.join(work_dir, "pure")
@@ -383,7 +400,8 @@ def report(contestants, skipped, lat, tput, measured, args):
             met.append(ok)
             cells.append((f"{mine:.3f} ms" if mine else "not reached")
                          + f" {'met' if ok else 'NOT met'}")
-        cells.append("all met" if met and all(met) else "no" if met else "n/a")
+        # "all met" only if all three were measured and met
+        cells.append("no" if not all(met) else "all met" if len(met) == 3 else "n/a")
         rows.append(cells)
     relay_text = ("n/a" if relay_even is False else
                   f"{relay_even:.3f} ms" if relay_even else "not reached")
@@ -406,6 +424,8 @@ def parse_args(argv):
                         "%(default)s)")
     parser.add_argument("--baseline", default=BASELINE, metavar="REV",
                         help="the commit whose broker is the baseline (default %(default)s)")
+    parser.add_argument("--before", default="HEAD", metavar="REV",
+                        help="the commit whose broker is 'before' (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=7,
                         help="rounds of every measure, the contestants taking turns "
                         "(default %(default)s)")
@@ -443,7 +463,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     with harness.private_dir("ph-engines-") as work_dir:
-        contestants, skipped = prepare(args.only, args.baseline, work_dir)
+        contestants, skipped = prepare(args.only, args.baseline, work_dir, args.before)
         for line in skipped:
             say(f"skipped: {line}")
         if not contestants:

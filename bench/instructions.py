@@ -180,10 +180,11 @@ def setup_cluster(variant, procs, run_dir, valgrind):
     return loop.pid, run_jobs
 
 
-def measure(variant, run_dir, jobs):
-    """Instructions per job of one variant, in processes of its own."""
+def measure(variant, run_dir, jobs, keep=None):
+    """Instructions per job of one variant, in processes of its own; the
+    counters' dumps are left in ``keep`` if given (for callgrind_annotate)."""
     procs = Processes(run_dir)
-    out_file = os.path.join(run_dir, f"{variant}.callgrind")
+    out_file = os.path.join(keep or run_dir, f"{variant}.callgrind")
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
     try:
         if variant == "proxy":
@@ -215,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--only", default=",".join(names), metavar="A,B",
                         help="the processes to count, each next to its floor "
                         "(default: all of %(default)s)")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="leave callgrind's dumps in DIR, to read with callgrind_annotate")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     if not only or set(only) - set(names):
@@ -231,7 +234,7 @@ def main(argv=None):
                 continue
             counts = []
             for variant in (ours, floor):
-                counts.append(measure(variant, run_dir, args.jobs))
+                counts.append(measure(variant, run_dir, args.jobs, args.keep))
                 harness.say(f"{variant}: {counts[-1]:.0f} instructions per job")
             rows.append([ours, f"{counts[0] / 1000:.1f}k", f"{counts[1] / 1000:.1f}k",
                          f"{counts[0] / counts[1]:.2f}", what])
