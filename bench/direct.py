@@ -370,7 +370,10 @@ def load_fast(build_dir):
     """The compiled module, once it is shown to call the libzmq pyzmq uses."""
     if build_dir not in sys.path:
         sys.path.insert(0, build_dir)
-    import lease_fast
+    try:
+        import lease_fast
+    except ImportError as exc:  # e.g. multipart running as Python: no _receive to cimport
+        raise SystemExit(f"(iv-f): the compiled module does not load: {exc}") from None
     if not lease_fast.usable():
         raise SystemExit("(iv-f): the compiled module's libzmq calls do not reach pyzmq's "
                          f"libzmq (multipart compiled: {multipart.COMPILED})")
