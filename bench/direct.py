@@ -40,6 +40,11 @@ libzmq floors and the two process pools a user would pick instead:
 (iv-e) lease, one socket, packed: (iv-d) with the direct frames packed,
       ``["", epoch:job_id, data]`` and ``["", epoch:job_id, status, result]``
       (3 and 4 frames instead of 6 and 5), and a leaner client call;
+(iv-f) lease, compiled: (iv-e)'s client call and worker loop, the same work
+      compiled by Cython (``bench/lease_fast.pyx``, built at run time into
+      the run's private dir against pyzmq's .pxd files, as the package's
+      ``multipart``, whose compiled calls it uses): does compiling the
+      Python each end runs per job bring the lease within 1.25x the floor?
 (v)   ``ProcessPoolExecutor(2)``: ``submit().result()``;
 (vi)  ``multiprocessing.Pool(2)``: ``apply()``.
 
@@ -49,7 +54,7 @@ from 8 threads, and (unless ``--no-break-even``) the break-even of
 ``floor.py``: 4 threads, 2 workers at the cluster's ``nice``, the
 built-in GIL-holding job, speed-up over in-process, for powerhose, the
 1-hop floor (``floor.py``'s *direct*: a REQ per thread to 2 REP workers)
-and the leases (iv), (iv-b) and (iv-e).  Medians over rounds, [range of
+and the leases (iv), (iv-b), (iv-e) and (iv-f).  Medians over rounds, [range of
 the rounds].  Not prototyped: revocation, monitors, deadlines, headers,
 typed errors.  On a shared machine the break-even moves a lot between
 runs: only figures of one run compare.
@@ -57,6 +62,10 @@ runs: only figures of one run compare.
     python bench/direct.py             # 15 rounds, break-even at 5 sizes x 3 rounds: 3-5 minutes
     python bench/direct.py --quick     # smoke run, about 15 seconds
     python bench/direct.py --no-break-even --rounds 25
+    python bench/direct.py --no-break-even --only lease-lean lease-fast powerhose
+
+``--only`` names the paths to run (the 1-hop floor always runs); (iv-f)
+needs Cython and a C compiler, as the package's compiled modules do.
 """
 
 from __future__ import annotations
@@ -65,6 +74,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import signal
@@ -89,7 +99,8 @@ WORKERS = 2
 BE_THREADS = 4  # the break-even's calling threads, as floor.py's
 SIZES_MS = (0.05, 0.1, 0.2, 0.3, 0.5)
 LEASES = {"lease": "job", "lease-lazy": "lazy", "lease-beat": "beat", "lease-one": "one",
-          "lease-lean": "lean"}  # name: worker's mode
+          "lease-lean": "lean", "lease-fast": "fast"}  # name: worker's mode
+BE_LEASES = ("lease", "lease-lazy", "lease-lean", "lease-fast")  # in the break-even
 TARGETS = {"round trip / 1-hop": 1.25, "break-even / 1-hop": 1.3}  # from issue 19
 
 # Frames of the prototype.  Direct: client -> worker ["", PHD, job_id, ttl, epoch, data],
@@ -130,6 +141,8 @@ def serve(kind, *args):
     if kind == "lease-broker":
         lease_broker(context, *args)
     if kind == "lease-worker":
+        if args[3] == "fast":
+            lease_worker_fast(context, *args[:3], build_dir=args[4])
         if args[3] in ("one", "lean"):
             lease_worker_one(context, *args[:3], lean=args[3] == "lean")
         lease_worker(context, *args)
@@ -245,6 +258,35 @@ def lease_worker(context, job, direct, backend, mode):
                 multipart.send(broker, [b"", MDPW, HEARTBEAT])
 
 
+def one_socket(context, job, direct, backend):
+    """A one-socket worker's ROUTER, registered with the broker; and its job."""
+    if job == "jobs":
+        os.nice(Settings().nice)
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.ROUTING_ID, b"w" + os.urandom(8))
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.CONNECT_ROUTING_ID, BROKER_ID)
+    sock.connect(backend)
+    sock.bind(direct)
+    ready = [BROKER_ID, b"", MDPW, READY, b"default", b"powerhose/1", b"%d" % CREDIT,
+             direct.encode()]
+    while True:  # a ROUTER cannot send before the connection is up
+        try:
+            multipart.send(sock, ready)
+            break
+        except zmq.ZMQError:
+            time.sleep(0.01)
+    return sock, in_process if job == "jobs" else echo
+
+
+def lease_worker_fast(context, job, direct, backend, build_dir):
+    """``lease_worker_one``'s lean loop, compiled (bench/lease_fast.pyx)."""
+    fast = load_fast(build_dir)
+    sock, run = one_socket(context, job, direct, backend)
+    fast.serve(sock, run, BROKER_ID, LEASED, [BROKER_ID, b"", MDPW, FREE], OK, NOT_RUN,
+               [BROKER_ID, b"", MDPW, HEARTBEAT], IDLE_MS)
+
+
 def lease_worker_one(context, job, direct, backend, lean=False):
     """``lease_worker`` in ``lazy`` mode with one socket instead of two: a ROUTER
     bound on the direct endpoint for clients *and* connected to the broker's
@@ -252,24 +294,8 @@ def lease_worker_one(context, job, direct, backend, lean=False):
     broker sees the same frames as from a DEALER; the worker waits on one
     socket, with no poller.  ``lean``: the direct frames are packed, request
     ["", epoch:job_id, data], reply ["", epoch:job_id, "OK", result]."""
-    if job == "jobs":
-        os.nice(Settings().nice)
-    run = in_process if job == "jobs" else echo
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTING_ID, b"w" + os.urandom(8))
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.CONNECT_ROUTING_ID, BROKER_ID)
-    sock.connect(backend)
-    sock.bind(direct)
+    sock, run = one_socket(context, job, direct, backend)
     send, recv_within = multipart.send, multipart.recv_within
-    ready = [BROKER_ID, b"", MDPW, READY, b"default", b"powerhose/1", b"%d" % CREDIT,
-             direct.encode()]
-    while True:  # a ROUTER cannot send before the connection is up
-        try:
-            send(sock, ready)
-            break
-        except zmq.ZMQError:
-            time.sleep(0.01)
     epoch = prefix = None
     jobs = run_ns = 0
     owed = False
@@ -316,14 +342,52 @@ def lease_worker_one(context, job, direct, backend, lean=False):
             send(sock, [BROKER_ID, b"", MDPW, HEARTBEAT])
 
 
-def start_lease(procs, run_dir, name, job="echo", mode="job"):
+def build_fast(run_dir):
+    """Compile bench/lease_fast.pyx into ``run_dir``, as setup.py compiles the
+    package's modules (pyzmq's .pxd files, no -lzmq); the directory it is in."""
+    try:
+        from Cython.Build import cythonize
+        from setuptools import Distribution, Extension
+    except ImportError as exc:
+        raise SystemExit(f"(iv-f) needs Cython and setuptools ({exc}); "
+                         "leave it out with --only") from None
+    build = os.path.join(run_dir, "lease-fast")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lease_fast.pyx")
+    extension = Extension("lease_fast", [source], include_dirs=zmq.get_includes(),
+                          extra_compile_args=["-O2"])
+    harness.say("compiling bench/lease_fast.pyx")
+    dist = Distribution({"ext_modules": cythonize(
+        [extension], build_dir=build, include_path=[harness.REPO], quiet=True,
+        compiler_directives={"language_level": "3"})})
+    command = dist.get_command_obj("build_ext")
+    command.build_lib, command.build_temp = build, os.path.join(build, "tmp")
+    dist.run_command("build_ext")
+    load_fast(build)
+    return build
+
+
+def load_fast(build_dir):
+    """The compiled module, once it is shown to call the libzmq pyzmq uses."""
+    if build_dir not in sys.path:
+        sys.path.insert(0, build_dir)
+    try:
+        import lease_fast
+    except ImportError as exc:  # e.g. multipart running as Python: no _receive to cimport
+        raise SystemExit(f"(iv-f): the compiled module does not load: {exc}") from None
+    if not lease_fast.usable():
+        raise SystemExit("(iv-f): the compiled module's libzmq calls do not reach pyzmq's "
+                         f"libzmq (multipart compiled: {multipart.COMPILED})")
+    return lease_fast
+
+
+def start_lease(procs, run_dir, name, job="echo", mode="job", build_dir=None):
     """A lease broker and WORKERS lease workers; returns the broker's frontend."""
     front, back = f"ipc://{run_dir}/{name}-f.sock", f"ipc://{run_dir}/{name}-b.sock"
     procs.start(f"{name}-broker", ME + ["lease-broker", front, back])
     for i in range(WORKERS):
-        procs.start(f"{name}-worker-{i}", ME + ["lease-worker", job,
-                                                f"ipc://{run_dir}/{name}-w{i}.sock", back,
-                                                mode])
+        procs.start(f"{name}-worker-{i}", ME + [
+            "lease-worker", job, f"ipc://{run_dir}/{name}-w{i}.sock", back, mode,
+            *([build_dir] if build_dir else [])])
     return front
 
 
@@ -449,6 +513,22 @@ class LeanLeaseClient(LeaseClient):
         return frames[3]
 
 
+class FastLeaseClient(LeaseClient):
+    """LeanLeaseClient's call, compiled (lease_fast.LeaseCall); the grant as
+    LeaseClient's."""
+
+    def __init__(self, context, frontend, procs, build_dir):
+        super().__init__(context, frontend, procs)
+        self.call = load_fast(build_dir).LeaseCall(
+            context, [(endpoint, epoch) for _, _, endpoint, epoch in self.leases], CREDIT, OK)
+
+    def __call__(self, data):
+        return self.call(data)
+
+    def close(self):
+        self.call.close()
+
+
 class DealerCall:
     """The 1-hop floor's client: one DEALER to a ROUTER echo."""
 
@@ -479,6 +559,7 @@ LABELS = {
     "lease-beat": "(iv-c) lease, counts per beat",
     "lease-one": "(iv-d) lease, one socket",
     "lease-lean": "(iv-e) lease, one socket, packed",
+    "lease-fast": "(iv-f) lease, compiled",
     "pool": "(v) ProcessPoolExecutor(2)",
     "mp": "(vi) multiprocessing.Pool(2)",
 }
@@ -501,9 +582,12 @@ def rt_report(args, lat, tput):
     out.append("")
     rows = []
     for name, per_round in tput.items():
-        ratio, spread = harness.ratio(list(zip(per_round, tput["powerhose"])))
+        versus = ["-", "-"]  # without --only's powerhose, nothing to compare with
+        if "powerhose" in tput:
+            ratio, spread = harness.ratio(list(zip(per_round, tput["powerhose"])))
+            versus = [f"{ratio:.2f}", spread]
         rows.append([LABELS[name], f"{statistics.median(per_round):.0f}",
-                     f"[{min(per_round):.0f}-{max(per_round):.0f}]", f"{ratio:.2f}", spread])
+                     f"[{min(per_round):.0f}-{max(per_round):.0f}]", *versus])
     out.append(table([f"{THREADS} threads", "jobs/s", "range", "/ powerhose", "per round"],
                      rows))
     return "\n".join(out)
@@ -524,18 +608,23 @@ def verdicts(lat, tput, evens):
         return statistics.median(s[1] for s in lat[name])
     rows = []
     for name in LEASES:
+        if name not in lat:
+            continue
         rt = med(name) / med("1-hop")
         rows.append([LABELS[name], "round trip / 1-hop", f"{rt:.2f}", "<= 1.25",
                      "met" if rt <= TARGETS["round trip / 1-hop"] else "NOT met"])
-        rt = med(name) / med("reqrep")
-        rows.append(["", "round trip / REQ/REP hop", f"{rt:.2f}", "<= 1.25",
-                     "met" if rt <= TARGETS["round trip / 1-hop"] else "NOT met"])
-        below = med(name) < min(med("pool"), med("mp"))
-        rows.append(["", "round trip below both pools", f"{med(name):.0f} us", "yes",
-                     "met" if below else "NOT met"])
-        tp = statistics.median(tput[name]) / statistics.median(tput["powerhose"])
-        rows.append(["", "jobs/s / powerhose", f"{tp:.2f}", ">= 1.0",
-                     "met" if tp >= 1.0 else "NOT met"])
+        if "reqrep" in lat:
+            rt = med(name) / med("reqrep")
+            rows.append(["", "round trip / REQ/REP hop", f"{rt:.2f}", "<= 1.25",
+                         "met" if rt <= TARGETS["round trip / 1-hop"] else "NOT met"])
+        pools = [med(pool) for pool in ("pool", "mp") if pool in lat]
+        if pools:
+            rows.append(["", "round trip below both pools", f"{med(name):.0f} us", "yes",
+                         "met" if med(name) < min(pools) else "NOT met"])
+        if "powerhose" in tput:
+            tp = statistics.median(tput[name]) / statistics.median(tput["powerhose"])
+            rows.append(["", "jobs/s / powerhose", f"{tp:.2f}", ">= 1.0",
+                         "met" if tp >= 1.0 else "NOT met"])
         if evens and name in evens:
             if evens[name] and evens["1-hop"]:
                 be = evens[name] / evens["1-hop"]
@@ -557,7 +646,11 @@ def parse_args(argv):
     p.add_argument("--be-rounds", type=int, default=3, help="rounds per size of the break-even")
     p.add_argument("--no-break-even", action="store_true")
     p.add_argument("--quick", action="store_true", help="smoke run")
+    p.add_argument("--only", nargs="+", choices=list(LABELS), metavar="NAME",
+                   help="run only these paths (the 1-hop floor always runs): "
+                   + ", ".join(LABELS))
     args = p.parse_args(argv)
+    args.only = set(args.only or LABELS) | {"1-hop"}
     args.be_jobs = 0
     if args.quick:
         args.rounds, args.count, args.sizes, args.be_rounds, args.be_jobs = 2, 200, [0.1, 0.5], 1, 40
@@ -568,8 +661,25 @@ def parse_args(argv):
     return args
 
 
+def lease_client(context, procs, run_dir, name, build_dir, job="echo"):
+    """A lease broker and its workers for ``name``, and this process's client."""
+    mode = LEASES[name]
+    frontend = start_lease(procs, run_dir, name if job == "echo" else f"be-{name}", job=job,
+                           mode=mode,
+                           build_dir=build_dir if mode == "fast" else None)
+    if mode == "fast":
+        return FastLeaseClient(context, frontend, procs, build_dir)
+    return (LeanLeaseClient if mode == "lean" else LeaseClient)(context, frontend, procs)
+
+
+def direct_call(lease):
+    """The call a round trip times: the compiled one as is, the others' __call__."""
+    return lease.call if isinstance(lease, FastLeaseClient) else lease
+
+
 def main(argv=None):
     args = parse_args(argv)
+    only = args.only
     print(describe_machine())
     print()
     with harness.private_dir("ph-direct-") as run_dir:
@@ -577,42 +687,44 @@ def main(argv=None):
         pool = mp_pool = context = client = cluster = be_client = None
         leases, loads = [], []
         try:
+            latency = {}
             # The pools first: they fork, and a fork is only clean before zmq threads exist.
-            pool = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=os.setpgrp)
-            mp_pool = multiprocessing.get_context("fork").Pool(WORKERS, initializer=os.setpgrp)
-            assert pool.submit(echo, PAYLOAD).result() == mp_pool.apply(echo, (PAYLOAD,))
+            if "pool" in only:
+                pool = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=os.setpgrp)
+                assert pool.submit(echo, PAYLOAD).result() == PAYLOAD
+                latency["pool"] = lambda: pool.submit(echo, PAYLOAD).result()
+            if "mp" in only:
+                mp_pool = multiprocessing.get_context("fork").Pool(WORKERS,
+                                                                   initializer=os.setpgrp)
+                assert mp_pool.apply(echo, (PAYLOAD,)) == PAYLOAD
+                latency["mp"] = lambda: mp_pool.apply(echo, (PAYLOAD,))
+            build_dir = build_fast(run_dir) if "lease-fast" in only else None
             context = zmq.Context()
             procs.start("router-echo", ME + ["router-echo", f"ipc://{run_dir}/hop.sock"])
-            relay = harness.req_caller(context, harness.start_relay(procs, run_dir, "relay",
-                                                                   WORKERS), procs)
-            hop = DealerCall(context, f"ipc://{run_dir}/hop.sock", procs)
-            procs.start("rep", SERVE + ["echo-bind", f"ipc://{run_dir}/rep.sock"])
-            reqrep = harness.req_caller(context, f"ipc://{run_dir}/rep.sock", procs)
-            for name, mode in LEASES.items():
-                kind = LeanLeaseClient if mode == "lean" else LeaseClient
-                leases.append(kind(context, start_lease(procs, run_dir, name, mode=mode), procs))
-            lease, lazy, beat, one, lean = leases
-            client, _, _ = harness.start_powerhose(
-                procs, f"ipc://{run_dir}/ph-f.sock", f"ipc://{run_dir}/ph-b.sock",
-                harness.ECHO_TARGET, WORKERS)
+            if "relay" in only:
+                latency["relay"] = harness.req_caller(
+                    context, harness.start_relay(procs, run_dir, "relay", WORKERS), procs)
+            latency["1-hop"] = DealerCall(context, f"ipc://{run_dir}/hop.sock", procs)
+            if "reqrep" in only:
+                procs.start("rep", SERVE + ["echo-bind", f"ipc://{run_dir}/rep.sock"])
+                latency["reqrep"] = harness.req_caller(context, f"ipc://{run_dir}/rep.sock",
+                                                       procs)
+            for name in LEASES:
+                if name in only:
+                    leases.append(lease_client(context, procs, run_dir, name, build_dir))
+                    latency[name] = functools.partial(direct_call(leases[-1]), PAYLOAD)
+            if "powerhose" in only:
+                client, _, _ = harness.start_powerhose(
+                    procs, f"ipc://{run_dir}/ph-f.sock", f"ipc://{run_dir}/ph-b.sock",
+                    harness.ECHO_TARGET, WORKERS)
+                latency["powerhose"] = functools.partial(client.execute, PAYLOAD)
+            latency = {name: latency[name] for name in LABELS if name in latency}
             harness.say("processes ready; warming up")
-            latency = {
-                "powerhose": lambda: client.execute(PAYLOAD),
-                "relay": relay,
-                "1-hop": hop,
-                "reqrep": reqrep,
-                "lease": lambda: lease(PAYLOAD),
-                "lease-lazy": lambda: lazy(PAYLOAD),
-                "lease-beat": lambda: beat(PAYLOAD),
-                "lease-one": lambda: one(PAYLOAD),
-                "lease-lean": lambda: lean(PAYLOAD),
-                "pool": lambda: pool.submit(echo, PAYLOAD).result(),
-                "mp": lambda: mp_pool.apply(echo, (PAYLOAD,)),
-            }
             throughput = {}
             for name in ("powerhose", *LEASES, "pool", "mp"):
-                loads.append(Load(latency[name]))
-                throughput[name] = loads[-1]
+                if name in latency:
+                    loads.append(Load(latency[name]))
+                    throughput[name] = loads[-1]
             lat, tput = harness.run_rounds(latency, throughput, args.rounds, args.count,
                                            args.tput_count, args.warmup)
             procs.check()
@@ -620,22 +732,25 @@ def main(argv=None):
             print()
             evens = None
             if not args.no_break_even:
-                cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS, background=True,
-                                      timeout=0, frontend=f"ipc://{run_dir}/be-f.sock",
-                                      backend=f"ipc://{run_dir}/be-b.sock")
-                cluster.start()
-                be_client = Client(frontend=cluster.frontend, timeout=60)
+                calls = {"in-process": in_process}
+                if "powerhose" in only:
+                    cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS,
+                                          background=True, timeout=0,
+                                          frontend=f"ipc://{run_dir}/be-f.sock",
+                                          backend=f"ipc://{run_dir}/be-b.sock")
+                    cluster.start()
+                    be_client = Client(frontend=cluster.frontend, timeout=60)
+                    calls["powerhose"] = be_client.execute
                 hops = [f"ipc://{run_dir}/be-hop-{i}.sock" for i in range(WORKERS)]
                 for i, endpoint in enumerate(hops):
                     procs.start(f"be-hop-{i}", SERVE + ["jobs-bind", endpoint])
                 hop_jobs = harness.ReqCaller(context, hops)
-                calls = {"in-process": in_process, "powerhose": be_client.execute,
-                         "1-hop": hop_jobs}
-                for name in ("lease", "lease-lazy", "lease-lean"):
-                    kind = LeanLeaseClient if LEASES[name] == "lean" else LeaseClient
-                    leases.append(kind(context, start_lease(
-                        procs, run_dir, f"be-{name}", job="jobs", mode=LEASES[name]), procs))
-                    calls[name] = leases[-1]
+                calls["1-hop"] = hop_jobs
+                for name in BE_LEASES:
+                    if name in only:
+                        leases.append(lease_client(context, procs, run_dir, name, build_dir,
+                                                   job="jobs"))
+                        calls[name] = direct_call(leases[-1])
                 paths = tuple(calls)
                 for path in paths[1:]:
                     harness.wait_until(lambda: all(calls[path](b"1") == in_process(b"1")
@@ -662,8 +777,8 @@ def main(argv=None):
                     c.close()
             if cluster is not None:
                 cluster.stop()
-            for lease_client in leases:
-                lease_client.close()
+            for held in leases:
+                held.close()
             if context is not None:
                 context.destroy(linger=0)
             procs.close()

@@ -243,13 +243,28 @@ def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
     assert machine_header(out)
     round_trip, rates, break_evens, verdicts = tables(out)
     paths = column(round_trip, "round trip (us)")
-    assert paths[0].startswith("(i) ") and len(paths) == 11
+    assert paths[0].startswith("(i) ") and len(paths) == 12
+    assert "(iv-f) lease, compiled" in paths  # built by the run, in its private dir
     assert all(number(cell) > 0 for cell in column(round_trip, "median") + column(round_trip, "p99"))
     assert set(column(rates, "8 threads")) < set(paths)
     assert all(number(cell) > 0 for cell in column(rates, "jobs/s"))
     assert [float(row[0]) for row in break_evens[1:-1]] == [0.1, 0.5]  # --quick
     assert all(number(cell) > 0 for row in break_evens[1:-1] for cell in row[1:])
     assert set(column(verdicts, "verdict")) <= {"met", "NOT met", "not reached"}
+    assert list(tmp_path.glob("ph-direct-*")) == []
+    assert_nothing_left("direct.py", tmp_path)
+
+
+def test_direct_script_runs_only_the_paths_named(tmp_path):
+    """--only: the 1-hop floor and the paths named, the compiled lease among them."""
+    out = run_script("direct.py", "--quick", "--no-break-even", "--only", "lease-fast",
+                     "lease-lean", tmp_path=tmp_path)
+    round_trip, rates, verdicts = tables(out)
+    assert column(round_trip, "round trip (us)") == [
+        "(iii) 1-hop floor", "(iv-e) lease, one socket, packed", "(iv-f) lease, compiled"]
+    assert all(number(cell) > 0 for cell in column(round_trip, "median"))
+    assert column(rates, "/ powerhose") == ["-", "-"]  # powerhose was not run
+    assert set(column(verdicts, "verdict")) <= {"met", "NOT met"}
     assert list(tmp_path.glob("ph-direct-*")) == []
     assert_nothing_left("direct.py", tmp_path)
 
