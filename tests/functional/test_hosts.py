@@ -208,10 +208,14 @@ def _all_brokers(client):
     return seen[0] if seen and all(s == seen[0] for s in seen) else None
 
 
-def _busy(client, service):
-    """The most workers of ``service`` any broker counts busy."""
-    return max((stats["services"].get(service, {}).get("busy", 0)
-                for stats in client.broker_stats(timeout=1).values() if stats), default=0)
+def _busy(client, service, everywhere=False):
+    """The most workers of ``service`` any broker counts busy (``everywhere``:
+    the fewest, 0 if a broker does not answer)."""
+    counts = [stats["services"].get(service, {}).get("busy", 0) if stats else 0
+              for stats in client.broker_stats(timeout=1).values()]
+    if everywhere:
+        return min(counts, default=0)
+    return max(counts, default=0)
 
 
 def _status(url):
@@ -277,8 +281,13 @@ def test_a_worker_host_killed_whole_fails_its_jobs_fast_and_the_other_serves(hos
             except exc.PowerhoseError as error:
                 results[i] = error
         threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-        for thread in threads:
-            thread.start()
+        # One job, then the other once both brokers count the first one's
+        # worker busy (its PAUSE arrived): started together, both brokers
+        # could pick the same idle worker, which runs them in turn
+        # (PROTOCOL.rst, "Several brokers: PAUSE and RESUME").
+        threads[0].start()
+        wait_for(lambda: _busy(client, "sleep", everywhere=True) == 1, what="a job running")
+        threads[1].start()
         wait_for(lambda: _busy(client, "sleep") == 2, what="a job on each worker host")
         killed_at = time.monotonic()
         hosts.kill(WORKER_HOSTS[0])
