@@ -19,6 +19,8 @@ COMPILED = [
     "pyramid_powerhose/protocol.py",
     "pyramid_powerhose/broker_core.py",
     "pyramid_powerhose/broker.py",
+    "pyramid_powerhose/worker.py",
+    "pyramid_powerhose/client.py",
 ]
 
 

@@ -37,17 +37,24 @@ import operator
 import os
 import sys
 import threading
-import time
 import weakref
+from time import monotonic
 
 import zmq
 import zmq.utils.monitor
 
-from . import curve, endpoints, exc, multipart, protocol, tracing
+from . import curve, endpoints, exc
 from .job import Job, to_bytes
 from .exc import ProtocolError
-from .protocol import Request
+# Names, not module.NAME: compiled (setup.py), a module global is a cached
+# look-up, a module's attribute a dictionary look-up every time.
+from .multipart import NOBLOCK, recv, recv_within, send
+from .protocol import (
+    MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, WORKER_HEADER,
+    Request, client_request, job_size, parse_client_reply,
+)
 from .settings import Settings
+from .tracing import inject
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ class _Channel:
             curve.connect_with(sock, *keys)
         self.socket = sock
         self.ids = itertools.count(1)
-        self.since = time.monotonic()
+        self.since = monotonic()
         self.connected = False
         self.losses = 0
         weakref.finalize(self, _close_socket, sock)
@@ -164,11 +171,11 @@ def _gevent_patched() -> bool:
 
 
 def _green_recv_within(sock, timeout_ms):
-    """multipart.recv_within for a green socket: the wait yields to gevent's hub."""
+    """recv_within for a green socket: the wait yields to gevent's hub."""
     if timeout_ms > 0 and not sock.poll(timeout_ms):
         return None
     try:
-        return multipart.recv(sock, multipart.NOBLOCK)
+        return recv(sock, NOBLOCK)
     except zmq.Again:
         return None
 
@@ -262,7 +269,7 @@ class _ConnectionWatcher:
             channel.connected = True
             self._count(watched, True)
         elif event == zmq.EVENT_DISCONNECTED:
-            channel.since = time.monotonic()
+            channel.since = monotonic()
             channel.connected = False
             channel.losses += 1
             if watched.connected:
@@ -352,7 +359,7 @@ class Client:
             self._recv_within = _green_recv_within
         else:
             self._context = zmq.Context()
-            self._recv_within = multipart.recv_within
+            self._recv_within = recv_within
         self._local = threading.local()
         self._channels = weakref.WeakSet()
         self._brokers = None  # one _Broker per frontend, made with the first channel
@@ -408,7 +415,7 @@ class Client:
             # Its broker answers our other sockets: this one connects within
             # libzmq's reconnect interval.  Its CONNECT_TIMEOUT starts now,
             # not when it last lost the broker.
-            channel.since = max(channel.since, time.monotonic())
+            channel.since = max(channel.since, monotonic())
         return channel
 
     def _retire(self, channel):
@@ -431,7 +438,7 @@ class Client:
 
     def _request(self, data, headers, service, timeout):
         data, headers, timeout = check_job(self.settings, data, headers, timeout)
-        headers = tracing.inject(headers)  # the caller's trace, if any, goes with the job
+        headers = inject(headers)  # the caller's trace, if any, goes with the job
         headers = ask_worker(headers)  # inside collect_replies(): who runs it?
         name = check_service(service or self.service)
         req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
@@ -457,7 +464,7 @@ class Client:
             channel = self._channel()
             req.job_id = channel.next_id()
             return _result(self._run(channel, req, timeout))
-        deadline = time.monotonic() + timeout
+        deadline = monotonic() + timeout
         lost = []  # the brokers this job was lost with
         while True:
             channel = self._pick(lost)
@@ -465,7 +472,7 @@ class Client:
             try:
                 return _result(self._run(channel, req, timeout))
             except exc.BrokerLostError as error:
-                timeout = deadline - time.monotonic()
+                timeout = deadline - monotonic()
                 if retries <= 0 or timeout <= 0:
                     raise
                 retries -= 1
@@ -476,7 +483,7 @@ class Client:
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
-        deadline = time.monotonic() + timeout
+        deadline = monotonic() + timeout
         losses = channel.losses
         try:
             self._send(channel, req, deadline, timeout, losses)
@@ -491,15 +498,15 @@ class Client:
 
     def _send(self, channel, req, deadline, timeout, losses):
         sock = channel.socket
-        frames = protocol.client_request(req)
+        frames = client_request(req)
         try:
-            multipart.send(sock, frames, multipart.NOBLOCK)
+            send(sock, frames, NOBLOCK)
             return
         except zmq.Again:
             pass
         # The socket's queue is full (a broker that does not read): wait.
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - monotonic()
             if remaining <= 0:
                 raise exc.TimeoutError(
                     f"could not queue the job for the broker at {channel.frontend} "
@@ -508,7 +515,7 @@ class Client:
                 self._check_broker(channel, req, losses)
                 continue
             try:
-                multipart.send(sock, frames, multipart.NOBLOCK)
+                send(sock, frames, NOBLOCK)
                 return
             except zmq.Again:
                 continue
@@ -520,7 +527,7 @@ class Client:
                 f"job {req.job_id.decode()} on {req.service.decode()!r}: the connection "
                 f"to the broker at {channel.frontend} dropped while the job was in flight "
                 "(the broker died or restarted); the job will not run later, retry it")
-        if not channel.connected and time.monotonic() - channel.since > CONNECT_TIMEOUT:
+        if not channel.connected and monotonic() - channel.since > CONNECT_TIMEOUT:
             raise exc.BrokerLostError(
                 f"job {req.job_id.decode()} on {req.service.decode()!r}: no broker "
                 f"accepted a connection at {channel.frontend} within {CONNECT_TIMEOUT}s; "
@@ -534,7 +541,7 @@ class Client:
         """
         sock = channel.socket
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - monotonic()
             frames = self._recv_within(sock, int(min(remaining, WAIT_SLICE) * 1000))
             if frames is None:
                 if remaining <= WAIT_SLICE:
@@ -554,7 +561,7 @@ class Client:
                 else:
                     continue
             try:
-                reply = protocol.parse_client_reply(frames)
+                reply = parse_client_reply(frames)
             except ProtocolError as error:
                 log.warning("dropped malformed reply from %s: %s", channel.frontend, error)
                 continue
@@ -605,7 +612,7 @@ class Client:
                 index, data = item
                 req, job_timeout = self._request(data, headers, service, timeout)
                 req.job_id = channel.next_id()
-                deadline = time.monotonic() + job_timeout
+                deadline = monotonic() + job_timeout
                 results.append(None)
                 try:
                     self._send(channel, req, deadline, job_timeout, losses)
@@ -672,7 +679,7 @@ class Client:
     def ping(self, timeout=1.0):
         """The pid of the (first) broker that answers within ``timeout``, or None."""
         try:
-            return int(self._first_answer(protocol.MMI_PING, timeout))
+            return int(self._first_answer(MMI_PING, timeout))
         except (exc.TimeoutError, exc.BrokerLostError):
             return None
 
@@ -683,15 +690,15 @@ class Client:
         """
         name = (service or self.service).encode()
         if not self._several:
-            return self._mmi(protocol.MMI_SERVICE, name, timeout) == protocol.MMI_FOUND
+            return self._mmi(MMI_SERVICE, name, timeout) == MMI_FOUND
         answered, error = False, None
         for i in range(len(self.frontends)):
             try:
-                found = self._mmi(protocol.MMI_SERVICE, name, timeout, self._channel(i))
+                found = self._mmi(MMI_SERVICE, name, timeout, self._channel(i))
             except (exc.TimeoutError, exc.BrokerLostError) as lost:
                 error = lost
                 continue
-            if found == protocol.MMI_FOUND:
+            if found == MMI_FOUND:
                 return True
             answered = True
         if not answered:
@@ -704,14 +711,14 @@ class Client:
         With several brokers, the first that answers (its ``frontend`` says
         which); :meth:`broker_stats` gives every broker's.
         """
-        return json.loads(self._first_answer(protocol.MMI_STATS, timeout))
+        return json.loads(self._first_answer(MMI_STATS, timeout))
 
     def broker_stats(self, timeout=1.0) -> dict:
         """Each broker's statistics, by frontend; None for one that does not answer."""
         each = {}
         for i, frontend in enumerate(self.frontends):
             try:
-                each[frontend] = json.loads(self._mmi(protocol.MMI_STATS, b"", timeout,
+                each[frontend] = json.loads(self._mmi(MMI_STATS, b"", timeout,
                                                       self._channel(i)))
             except (exc.TimeoutError, exc.BrokerLostError):
                 each[frontend] = None
@@ -799,7 +806,7 @@ def ask_worker(headers: dict) -> dict:
     job when called within :func:`collect_replies`."""
     if _collected.get() is None:
         return headers
-    return {**headers, protocol.WORKER_HEADER: "1"}
+    return {**headers, WORKER_HEADER: "1"}
 
 
 def note_reply(reply):
@@ -825,7 +832,7 @@ def check_job(settings, data, headers, timeout):
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
     headers = dict(headers) if headers else {}
     # As the broker counts it; headers map str to str, or TypeError now.
-    size = protocol.job_size(protocol.Request(b"", b"", data, 0, headers))
+    size = job_size(Request(b"", b"", data, 0, headers))
     if size > settings.max_job_size:
         raise exc.JobTooLargeError(
             f"job of {size} bytes (data and headers) is larger than the max job size "
@@ -836,11 +843,11 @@ def check_job(settings, data, headers, timeout):
 def check_service(service: str) -> bytes:
     """A job's service name as sent, or SettingsError for one no broker would take."""
     name = service.encode()
-    if not 0 < len(name) <= protocol.MAX_SERVICE_LENGTH or name.startswith(protocol.MMI_PREFIX):
+    if not 0 < len(name) <= MAX_SERVICE_LENGTH or name.startswith(MMI_PREFIX):
         raise exc.SettingsError(
             f"service {service[:40]!r}{'...' if len(service) > 40 else ''} "
             f"({len(name)} bytes) cannot be sent: service names are 1 to "
-            f"{protocol.MAX_SERVICE_LENGTH} bytes and do not start with 'mmi.'")
+            f"{MAX_SERVICE_LENGTH} bytes and do not start with 'mmi.'")
     return name
 
 

@@ -30,10 +30,17 @@ def inject(headers: dict) -> dict:
     return carrier
 
 
+def traced(job) -> bool:
+    """Whether ``job`` carries a trace to continue: without one, a worker
+    calls the target directly (a context manager costs more than a small
+    job's own work)."""
+    return trace is not None and TRACEPARENT in job.headers
+
+
 @contextlib.contextmanager
 def job_span(job):
     """In a worker: the span of one job, the child of the client's, if it sent one."""
-    if trace is None or TRACEPARENT not in job.headers:
+    if not traced(job):
         yield None
         return
     tracer = trace.get_tracer("pyramid_powerhose")

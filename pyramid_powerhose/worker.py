@@ -41,14 +41,23 @@ import sys
 import threading
 import time
 import traceback
+from time import monotonic
 
 import zmq
 
-from . import curve, endpoints, multipart, protocol, tracing
+from . import curve, endpoints
 from .job import Job
 from .exc import ProtocolError, TargetError
-from .protocol import Reply
+# Names, not module.NAME: compiled (setup.py), a module global is a cached
+# look-up, a module's attribute a dictionary look-up every time.
+from .multipart import NOBLOCK, readable, recv, recv_within, send
+from .protocol import (
+    DISCONNECT, ERR_EXECUTION, ERR_TIMEOUT, HEARTBEAT, MAX_ABOUT_LENGTH, PAUSE, REQUEST,
+    RESUME, Reply, parse_broker_command, worker_command, worker_info, worker_ready,
+    worker_reply,
+)
 from .settings import read_params_file
+from .tracing import job_span, traced
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +157,7 @@ class Worker:
         age = settings.max_age
         if age > 0:
             age += random.uniform(0, settings.max_age_delta)
-        self.retire_at = time.monotonic() + age if age > 0 else None
+        self.retire_at = monotonic() + age if age > 0 else None
         self.over_memory = False  # past --max-memory: retire after the current job
         self.parent = os.getppid() if settings.exit_with_parent else None
         params = load_params(settings)
@@ -165,12 +174,12 @@ class Worker:
         if self.curve is not None:
             curve.connect_with(sock, *self.curve)
         sock.connect(broker.backend)
-        multipart.send(sock, protocol.worker_ready(self.service, self.settings.prefetch))
-        multipart.send(sock, protocol.worker_info(_about()))
+        send(sock, worker_ready(self.service, self.settings.prefetch))
+        send(sock, worker_info(_about()))
         broker.socket = sock
         broker.paused = False  # a new registration starts unpaused
         self._poller = None
-        now = time.monotonic()
+        now = monotonic()
         broker.expiry = now + self.liveness
         broker.next_heartbeat = now + self.heartbeat
 
@@ -210,8 +219,8 @@ class Worker:
         while True:
             message = self._next_message(timeout_ms)
             if message is not None:
-                self._handle(*message)
-            now = time.monotonic()
+                self._handle(message[0], message[1], message[2])  # not *: a dict per call
+            now = monotonic()
             if self.parent is not None and os.getppid() != self.parent:
                 log.warning("parent process %d is gone; stopping", self.parent)
                 self.parent = None
@@ -226,7 +235,7 @@ class Worker:
                 elif now >= broker.expiry:
                     self._lost(broker, now)
                 elif now >= broker.next_heartbeat:
-                    self._tell(broker, protocol.HEARTBEAT)
+                    self._tell(broker, HEARTBEAT)
                     broker.next_heartbeat = now + self.heartbeat
             if all(broker.lost_since is not None for broker in self.brokers):
                 since = max(broker.lost_since for broker in self.brokers)
@@ -246,9 +255,9 @@ class Worker:
             broker = self.brokers[0]
             if broker.socket is None:  # waiting to reconnect
                 time.sleep(max(0.0, min(timeout_ms / 1000, broker.reconnect_at
-                                        - time.monotonic())))
+                                        - monotonic())))
                 return None
-            frames = multipart.recv_within(broker.socket, timeout_ms)
+            frames = recv_within(broker.socket, timeout_ms)
             return None if frames is None else (broker, broker.socket, frames)
         if not self._inbox:
             self._read_each(0)
@@ -267,7 +276,7 @@ class Worker:
             sock = broker.socket
             if sock is not None and sock in ready:
                 try:
-                    self._inbox.append((broker, sock, multipart.recv(sock, multipart.NOBLOCK)))
+                    self._inbox.append((broker, sock, recv(sock, NOBLOCK)))
                 except zmq.Again:
                     pass
 
@@ -275,17 +284,17 @@ class Worker:
         """One message from ``broker``: a sign of life, and maybe a job or a DISCONNECT."""
         if sock is not broker.socket:
             return  # read before we reconnected to that broker: it forgot us since
-        broker.expiry = time.monotonic() + self.liveness
+        broker.expiry = monotonic() + self.liveness
         broker.lost_since, broker.backoff = None, 0.1
         try:
-            command = protocol.parse_broker_command(frames)
+            command = parse_broker_command(frames)
         except ProtocolError as exc:
             log.warning("dropped malformed message from the broker at %s: %s",
                         broker.backend, exc)
             return
-        if command.command == protocol.REQUEST:
+        if command.command == REQUEST:
             self.handle_request(command, broker)
-        elif command.command == protocol.DISCONNECT:
+        elif command.command == DISCONNECT:
             log.info("broker at %s sent DISCONNECT; registering again", broker.backend)
             self.connect(broker)
 
@@ -315,10 +324,10 @@ class Worker:
                 continue
             if broker is holder:
                 if broker.paused:
-                    self._tell(broker, protocol.RESUME)
+                    self._tell(broker, RESUME)
                     broker.paused = False
             elif not broker.paused:
-                self._tell(broker, protocol.PAUSE)
+                self._tell(broker, PAUSE)
                 broker.paused = True
 
     def _resume_all(self):
@@ -329,7 +338,7 @@ class Worker:
         """
         for broker in self.brokers:
             if broker.paused and self._present(broker):
-                self._tell(broker, protocol.RESUME)
+                self._tell(broker, RESUME)
             broker.paused = False
 
     @staticmethod
@@ -355,19 +364,19 @@ class Worker:
     def _tell(self, broker, command):
         """Send HEARTBEAT, PAUSE, RESUME or DISCONNECT to ``broker``, if it can be queued."""
         try:
-            multipart.send(broker.socket, protocol.worker_command(command), multipart.NOBLOCK)
+            send(broker.socket, worker_command(command), NOBLOCK)
         except zmq.Again:
             log.debug("broker at %s unreachable; command %r dropped", broker.backend, command)
 
     def _reply(self, broker, client, reply):
         """Send a job's REPLY to the broker it came from."""
-        frames = protocol.worker_reply(client, reply)
+        frames = worker_reply(client, reply)
         sock = broker.socket
         for wait in (False, True):
             if wait and not sock.poll(int(self.liveness * 1000), zmq.POLLOUT):
                 break
             try:
-                multipart.send(sock, frames, multipart.NOBLOCK)
+                send(sock, frames, NOBLOCK)
                 return
             except zmq.Again:
                 pass
@@ -376,9 +385,12 @@ class Worker:
 
     def _pending(self) -> bool:
         """Whether a message waits to be handled (read, or in a socket)."""
-        return bool(self._inbox) or any(
-            broker.socket is not None and multipart.readable(broker.socket)
-            for broker in self.brokers)
+        if self._inbox:
+            return True
+        for broker in self.brokers:
+            if broker.socket is not None and readable(broker.socket):
+                return True
+        return False
 
     def retire(self) -> int:
         """Leave cleanly: DISCONNECT makes the broker requeue anything in flight to us."""
@@ -391,7 +403,7 @@ class Worker:
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
         for broker in self.brokers:
             if broker.socket is not None:
-                self._tell(broker, protocol.DISCONNECT)
+                self._tell(broker, DISCONNECT)
         return EXIT_OK
 
     def request_stop(self, *_):
@@ -407,7 +419,7 @@ class Worker:
     def handle_request(self, command, broker):
         """Run one job from ``broker`` and send the reply back to it."""
         req = command.request
-        now = time.monotonic()
+        now = monotonic()
         # A prefetched request waited in our socket while we ran the previous
         # job, at most since that job started: count that against its ttl.
         waited = now - self.backlog_since if self.backlog_since is not None else 0.0
@@ -416,7 +428,7 @@ class Worker:
         if deadline is not None and deadline <= now:
             log.info("job %r waited %.3fs behind another job, past its deadline; not run",
                      req.job_id, waited)
-            reply = Reply.error(req.job_id, protocol.ERR_TIMEOUT,
+            reply = Reply.error(req.job_id, ERR_TIMEOUT,
                                 f"job waited {waited:.2f}s in the worker behind another job "
                                 "and its deadline passed; it was not run")
             self._reply(broker, command.client, reply)
@@ -443,7 +455,7 @@ class Worker:
         # We could not read the brokers' heartbeats while busy: that time
         # does not count against them.  (Reset to now + liveness, a broker
         # that died would never expire while another keeps us busy.)
-        started, now = now, time.monotonic()
+        started, now = now, monotonic()
         for each in self.brokers:
             each.expiry += now - started
         broker.next_heartbeat = now + self.heartbeat  # the reply is a sign of life
@@ -494,7 +506,7 @@ class Worker:
         started = self._busy_since
         if started is None:
             return last_beat
-        now = time.monotonic()
+        now = monotonic()
         if limit and now - started > limit:
             self._job_timed_out(now - started)
         if now - last_beat >= self.heartbeat and self._lock.acquire(blocking=False):
@@ -502,7 +514,7 @@ class Worker:
                 if self._busy_since is not None:
                     for broker in self.brokers:
                         if broker.socket is not None:
-                            self._tell(broker, protocol.HEARTBEAT)
+                            self._tell(broker, HEARTBEAT)
                     last_beat = now
             finally:
                 self._lock.release()
@@ -518,14 +530,14 @@ class Worker:
         for thread_id, frame in sys._current_frames().items():
             log.error("thread %s:\n%s", thread_id, "".join(traceback.format_stack(frame)))
         if self._lock.acquire(timeout=1.0):
-            reply = Reply.error(job_id, protocol.ERR_TIMEOUT,
+            reply = Reply.error(job_id, ERR_TIMEOUT,
                                 f"job exceeded the worker's {self.settings.worker_timeout}s "
                                 "time limit (--timeout); the worker was restarted")
             try:
                 self._reply(self._current_broker, self._client_address, reply)
                 for broker in self.brokers:
                     if broker.socket is not None:
-                        self._tell(broker, protocol.DISCONNECT)
+                        self._tell(broker, DISCONNECT)
                         broker.socket.close(linger=1000)
                 self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
@@ -555,7 +567,7 @@ def _fault_file():
 def _about() -> bytes:
     """pid@host, for the broker's stats: who this worker is."""
     about = f"{os.getpid()}@{socket.gethostname()}".encode("utf-8", "replace")
-    return about[:protocol.MAX_ABOUT_LENGTH]
+    return about[:MAX_ABOUT_LENGTH]
 
 
 def run_target(target, job) -> Reply:
@@ -565,11 +577,14 @@ def run_target(target, job) -> Reply:
     exception, is an ExecutionError carrying the type and the traceback.
     """
     try:
-        with tracing.job_span(job):  # the client's trace continues here, if it sent one
+        if traced(job):
+            with job_span(job):  # the client's trace continues here
+                result = target(job)
+        else:
             result = target(job)
     except Exception as exc:
         log.info("job %r raised %s: %s", job.id, type(exc).__name__, exc)
-        return Reply.error(job.id, protocol.ERR_EXECUTION,
+        return Reply.error(job.id, ERR_EXECUTION,
                            f"{type(exc).__name__}: {exc}", _type_name(exc),
                            traceback.format_exc())
     if isinstance(result, str):
@@ -577,7 +592,7 @@ def run_target(target, job) -> Reply:
     elif isinstance(result, (bytearray, memoryview)):
         result = bytes(result)
     elif not isinstance(result, bytes):
-        return Reply.error(job.id, protocol.ERR_EXECUTION,
+        return Reply.error(job.id, ERR_EXECUTION,
                            f"target returned {type(result).__name__}; it must return "
                            "bytes or str", "TypeError")
     return Reply(job.id, True, result)
