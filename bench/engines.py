@@ -3,7 +3,8 @@
 
 Each contestant is a way to start a broker process on a frontend and a
 backend endpoint; the clients and the workers are the same code for all
-of them (this tree's ``Client`` and ``powerhose-worker``):
+of them (this tree's ``Client`` and ``powerhose-worker``, but for
+``before``'s workers):
 
 * ``relay``: ``zmq.proxy`` (ROUTER to DEALER, libzmq's C loop) in a
   process of its own with REP workers behind it, as in ``overhead.py``
@@ -12,9 +13,10 @@ of them (this tree's ``Client`` and ``powerhose-worker``):
   (``--baseline``, default 73e07e2), extracted with ``git archive`` into a
   temp dir, its native modules built there, run with ``--engine native``
   and ``--engine python``;
-* ``before``: the broker of another commit (``--before``, default
-  HEAD), extracted and built the same way, run as it starts by default:
-  the working tree's change against the last commit, side by side;
+* ``before``: the broker *and the workers* of another commit
+  (``--before``, default HEAD), extracted and built the same way, run as
+  they start by default: the working tree's change against the last
+  commit, side by side;
 * ``current``: this working tree's broker, whatever engine it has;
 * ``current-pure``: this working tree's package copied without any
   compiled ``*.so``, so that Python imports the ``.py`` files: the same
@@ -227,9 +229,12 @@ def prepare(names, rev, work_dir, before="HEAD"):
 def start_broker(procs, contestant, run_dir, tag, target):
     """A contestant's broker and WORKERS powerhose-workers; returns a Client, once all are ready."""
     name, short = f"{tag}-{contestant.name}", f"{run_dir}/{tag}-{SHORT[contestant.name]}"
+    own_workers = contestant.name == "before"  # the other contestants run this tree's
     client, _, _ = harness.start_powerhose(
         procs, f"ipc://{short}-f.sock", f"ipc://{short}-b.sock", target, WORKERS, name,
-        broker=contestant.argv, broker_path=contestant.path)
+        broker=contestant.argv, broker_path=contestant.path,
+        worker=launch(module="pyramid_powerhose.cli.worker") if own_workers else None,
+        worker_path=contestant.path if own_workers else harness.REPO)
     # Today's broker logs "(compiled)" or "(pure Python)"; 73e07e2's, "engine: X".
     engine = re.search(r"engine\W+(\w+)|\((compiled|pure Python)\)",
                        procs.log(f"{name}-broker")[:4000])

@@ -193,9 +193,11 @@ def registered(client, workers, service="default"):
 
 
 def start_powerhose(procs, frontend, backend, target, workers, name="powerhose",
-                    broker=None, broker_path=REPO, worker_args=(), timeout=20.0):
+                    broker=None, broker_path=REPO, worker_args=(), timeout=20.0,
+                    worker=None, worker_path=REPO):
     """``powerhose-broker`` (or the argv ``broker``, run in ``broker_path``) and
-    ``workers`` ``powerhose-worker TARGET`` on these endpoints.
+    ``workers`` ``powerhose-worker TARGET`` (or the argv ``worker``, run in
+    ``worker_path``) on these endpoints.
 
     Returns a Client (timeout 60 s), the broker's and the workers'
     processes, once the broker answers and every worker has registered.
@@ -203,9 +205,10 @@ def start_powerhose(procs, frontend, backend, target, workers, name="powerhose",
     broker_argv = broker or console_script("powerhose-broker", "pyramid_powerhose.cli.broker")
     broker_proc = procs.start(f"{name}-broker", broker_argv + [
         "--frontend", frontend, "--backend", backend], path=broker_path)
-    worker_procs = [procs.start(f"{name}-worker-{i}", console_script(
-        "powerhose-worker", "pyramid_powerhose.cli.worker") + [
-        target, "--backend", backend, *worker_args]) for i in range(workers)]
+    worker_argv = worker or console_script("powerhose-worker", "pyramid_powerhose.cli.worker")
+    worker_procs = [procs.start(f"{name}-worker-{i}", worker_argv + [
+        target, "--backend", backend, *worker_args], path=worker_path)
+        for i in range(workers)]
     client = Client(settings=Settings(frontend=frontend, backend=backend, timeout=60.0))
     try:
         wait_until(lambda: client.ping(timeout=0.2) == broker_proc.pid, procs,

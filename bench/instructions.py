@@ -184,6 +184,8 @@ def measure(variant, run_dir, jobs, keep=None):
     """Instructions per job of one variant, in processes of its own; the
     counters' dumps are left in ``keep`` if given (for callgrind_annotate)."""
     procs = Processes(run_dir)
+    if keep:
+        os.makedirs(keep, exist_ok=True)
     out_file = os.path.join(keep or run_dir, f"{variant}.callgrind")
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}"]
     try:
