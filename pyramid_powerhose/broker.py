@@ -303,15 +303,16 @@ class _Readiness:
         descriptors = [sock.getsockopt(zmq.FD) for sock in sockets] + [self.wake_r]
         if len(descriptors) > MAX_DESCRIPTORS:
             raise ValueError(f"at most {MAX_DESCRIPTORS - 1} sockets")
-        self.poll = select.poll()
-        for fd in descriptors:
-            self.poll.register(fd, select.POLLIN)
-        self.slot = {fd: 1 << i for i, fd in enumerate(descriptors)}
         self.nfds = len(descriptors)
-        if COMPILED:
+        if COMPILED:  # poll() on an array (see _sleep)
             for i in range(self.nfds):
                 self.fds[i].fd = descriptors[i]
                 self.fds[i].events = POLLIN
+        else:
+            self.poll = select.poll()
+            for fd in descriptors:
+                self.poll.register(fd, select.POLLIN)
+            self.slot = {fd: 1 << i for i, fd in enumerate(descriptors)}
         try:
             self.previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         except ValueError:  # not the main thread: signals are not ours to handle
