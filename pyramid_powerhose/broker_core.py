@@ -31,7 +31,7 @@ from .protocol import (
     INFO, MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, PAUSE, READY, RESUME,
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
-    parse_backend, parse_frontend, reply_frames_ok,
+    parse_backend, parse_frontend, reply_frames_ok, BUCKETS,
 )
 
 log = logging.getLogger("pyramid_powerhose.broker")
@@ -54,10 +54,8 @@ SERVICE_TTL = 10.0  # seconds
 SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
 
 
-# Upper bounds, in seconds, of the histograms' buckets (Prometheus' "le"),
-# from a tenth of a millisecond (a job of a token server) to a minute.
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-           0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The histograms' buckets are the protocol's (protocol.BUCKETS, imported
+# above): leased workers report their direct jobs' run times by bucket.
 RATE_WINDOW = 60  # seconds over which jobs/s is counted
 NO_DEADLINE = float("inf")
 # The same bounds, compiled: a C array (broker_core.pxd), compared without objects.

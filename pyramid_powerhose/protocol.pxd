@@ -45,6 +45,10 @@ cdef class WorkerMessage(_Message):
     cdef public bytes client
     cdef public list body
     cdef public bytes about
+    cdef public bytes endpoint
+    cdef public long long epoch
+    cdef public long long held
+    cdef public DirectCounts counts
 
 
 cdef class ZapRequest(_Message):
@@ -59,6 +63,40 @@ cdef class BrokerCommand(_Message):
     cdef public bytes command
     cdef public bytes client
     cdef public Request request
+    cdef public long long epoch
+
+
+cdef class DirectCounts(_Message):
+    cdef public long long done
+    cdef public dict outcomes
+    cdef public list buckets
+    cdef public double run_sum
+    @cython.locals(i=int)
+    cpdef add(self, double seconds, code=*)
+
+
+cdef class LeaseControl(_Message):
+    cdef public bytes address
+    cdef public bytes command
+    cdef public bytes service
+    cdef public long long wanted
+    cdef public long long epoch
+
+
+cdef class LeaseNotice(_Message):
+    cdef public bytes command
+    cdef public bytes service
+    cdef public long long epoch
+    cdef public bytes endpoint
+    cdef public int credit
+    cdef public bytes reason
+
+
+cdef class DirectRequest(_Message):
+    cdef public bytes address
+    cdef public long long epoch
+    cdef public long long deadline_ns
+    cdef public Request request
 
 
 @cython.locals(ttl="long long", digit=int)
@@ -66,6 +104,8 @@ cdef long long _decode_ttl(bytes frame) except -1
 cdef bytes _decimal(long long number)
 cdef bytes _check_service(bytes service)
 cdef bytes _check_job_id(bytes job_id)
+@cython.locals(number="long long", digit=int)
+cdef long long _decode_number(bytes frame, what) except -1
 
 cpdef list encode_headers(headers)
 cpdef ClientMessage parse_frontend(list frames)
@@ -78,3 +118,10 @@ cpdef bint reply_frames_ok(list frames)
 cpdef WorkerMessage parse_backend(list frames)
 cpdef list backend_request(bytes address, bytes client, Request req, bint extended, body=*)
 cpdef list backend_command(bytes address, bytes command)
+cpdef list backend_lease(bytes address, long long epoch)
+cpdef bint is_lease_control(list frames)
+cpdef list direct_request(long long epoch, long long deadline_ns, Request req)
+cpdef DirectRequest parse_direct_request(list frames)
+cpdef list direct_reply(bytes address, Reply reply)
+cpdef list direct_not_run(bytes address, bytes job_id, bytes reason)
+cpdef Reply parse_direct_reply(list frames)

@@ -33,7 +33,19 @@ RESUME = b"\x07"
 # broker's stats.  A broker that does not know INFO drops it; nothing else
 # changes, so workers and brokers of different versions still work together.
 INFO = b"\x08"
-WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME, INFO}
+# Extension, the direct path on one host (docs/direct_path.rst): a worker
+# announces the ipc endpoint of its direct socket (DIRECT); the broker leases
+# it to one client process (LEASE with an epoch, "" to end it) and the worker
+# answers LEASE with the direct jobs it still holds; a leased worker reports
+# the direct jobs it ran when it falls idle (FREE) and, while busy, at most
+# once a heartbeat (REPORT).  A broker that does not lease never sees FREE or
+# REPORT; a worker that never announced DIRECT is never leased.
+DIRECT = b"\x09"
+LEASE = b"\x0a"
+FREE = b"\x0b"
+REPORT = b"\x0c"
+WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME, INFO,
+                   DIRECT, LEASE, FREE, REPORT}
 
 # -- 8/MMI -----------------------------------------------------------------
 MMI_PREFIX = b"mmi."
@@ -64,6 +76,40 @@ ERR_WORKER_LOST = "WorkerLostError"
 ERR_TOO_LARGE = "JobTooLargeError"
 ERR_OVERLOADED = "OverloadedError"
 ERR_BAD_REQUEST = "ProtocolError"
+# Not an error a caller sees: a direct job the worker refused before
+# starting it (its lease was revoked or it is stopping); the client sends
+# it again, relayed.  The reason is one of NOT_RUN_*.
+ERR_NOT_RUN = "NotRun"
+
+# -- the direct path: client control (PHL01) and direct jobs ---------------
+# A client process's control DEALER speaks PHL01 on the broker's frontend.
+EXT_LEASE = b"PHL01"
+LEASE_WANTED = b"LEASE"  # client: this many more jobs could use leases
+LEASE_GRANT = b"GRANT"  # broker: a worker's direct endpoint, yours under an epoch
+LEASE_REVOKE = b"REVOKE"  # broker: stop choosing it
+LEASE_RETURN = b"RETURN"  # client: nothing of mine is in flight on it any more
+LEASE_HEARTBEAT = b"HEARTBEAT"  # client, every second while it holds leases
+LEASE_COMMANDS = {LEASE_WANTED, LEASE_GRANT, LEASE_REVOKE, LEASE_RETURN, LEASE_HEARTBEAT}
+# Why a lease was revoked: another process needs the worker; the worker
+# is lost (its jobs in flight fail with WorkerLostError); the worker leaves.
+REVOKE_SHARE = b"share"
+REVOKE_LOST = b"lost"
+REVOKE_LEAVING = b"leaving"
+# A direct reply's status besides OK and ERR, and its reasons.
+STATUS_NOT_RUN = b"NOT_RUN"
+NOT_RUN_LEASE = b"lease"  # not the worker's current lease (revoked, or an old epoch)
+NOT_RUN_STOPPING = b"stopping"  # the worker is leaving
+NOT_RUN_CREDIT = b"credit"  # the holder sent more than the lease's credit
+MAX_ENDPOINT_LENGTH = 255
+MAX_EPOCH = 2 ** 63 - 1
+
+# Upper bounds, in seconds, of the run-time histogram's buckets
+# (Prometheus' "le"), from a tenth of a millisecond (a job of a token
+# server) to a minute.  On the wire: a leased worker reports its direct
+# jobs' run times by bucket (REPORT, FREE).
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+           0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_NBUCKETS = len(BUCKETS)
 
 MAX_SERVICE_LENGTH = 255
 MAX_JOB_ID_LENGTH = 255
@@ -394,11 +440,12 @@ class WorkerMessage(_Message):
     """
 
     __slots__ = ("address", "command", "service", "extended", "credit", "client", "body",
-                 "about")
+                 "about", "endpoint", "epoch", "held", "counts")
     _fields = __slots__
 
     def __init__(self, address, command, service=b"", extended=False, credit=1,
-                 client=b"", body=None, about=b""):
+                 client=b"", body=None, about=b"", endpoint=b"", epoch=0, held=0,
+                 counts=None):
         self.address = address
         self.command = command
         self.service = service
@@ -406,7 +453,11 @@ class WorkerMessage(_Message):
         self.credit = credit
         self.client = client
         self.body = [] if body is None else body
-        self.about = about  # READY: the worker's pid@host, if it said
+        self.about = about  # INFO: the worker's pid@host
+        self.endpoint = endpoint  # DIRECT: the worker's direct socket
+        self.epoch = epoch  # LEASE: the lease the worker answers for (0: ended)
+        self.held = held  # LEASE: direct jobs it read and has not answered
+        self.counts = counts  # FREE, REPORT: a DirectCounts
 
 
 def parse_backend(frames) -> WorkerMessage:
@@ -440,6 +491,20 @@ def parse_backend(frames) -> WorkerMessage:
         if len(frames) != 4:
             raise ProtocolError("HEARTBEAT, DISCONNECT, PAUSE and RESUME take no body")
         return WorkerMessage(address, command)
+    if command == DIRECT:
+        if len(frames) != 5 or not frames[4].startswith(b"ipc://") or \
+                len(frames[4]) > MAX_ENDPOINT_LENGTH:
+            raise ProtocolError(f"DIRECT takes one frame, an ipc:// endpoint of at most "
+                                f"{MAX_ENDPOINT_LENGTH} bytes")
+        return WorkerMessage(address, command, endpoint=frames[4])
+    if command == LEASE:
+        if len(frames) != 6:
+            raise ProtocolError("a worker's LEASE takes an epoch ('' if none) and a count")
+        epoch = _decode_number(frames[4], "epoch") if frames[4] else 0
+        return WorkerMessage(address, command, epoch=epoch,
+                             held=_decode_number(frames[5], "held"))
+    if command == FREE or command == REPORT:
+        return WorkerMessage(address, command, counts=parse_counts(frames[4:]))
     raise ProtocolError(f"unknown worker command {command[:4]!r}")
 
 
@@ -466,6 +531,11 @@ def backend_command(address, command) -> list[bytes]:
     return [address, b"", MDP_WORKER, command]
 
 
+def backend_lease(address, epoch) -> list[bytes]:
+    """LEASE to a worker: accept direct jobs under ``epoch``; 0 ends its lease."""
+    return [address, b"", MDP_WORKER, LEASE, _decimal(epoch) if epoch else b""]
+
+
 # -- worker side (our worker's DEALER) --------------------------------------
 
 
@@ -489,17 +559,35 @@ def worker_reply(client: bytes, reply: Reply) -> list[bytes]:
     return [b"", MDP_WORKER, REPLY, client, b"", reply.job_id, *reply.body()]
 
 
+def worker_direct(endpoint: bytes) -> list[bytes]:
+    """DIRECT: the ipc endpoint where this worker takes direct jobs."""
+    return [b"", MDP_WORKER, DIRECT, endpoint]
+
+
+def worker_lease(epoch: int, held: int) -> list[bytes]:
+    """The worker's answer to LEASE: the lease it now serves (0: none) and
+    the direct jobs it read and has not answered."""
+    return [b"", MDP_WORKER, LEASE, _decimal(epoch) if epoch else b"", _decimal(held)]
+
+
+def worker_counts(command: bytes, counts) -> list[bytes]:
+    """FREE (idle again) or REPORT (still busy), with the direct jobs it ran
+    since its last report."""
+    return [b"", MDP_WORKER, command, *counts.frames()]
+
+
 class BrokerCommand(_Message):
     """A command as our worker sees it arrive from the broker (``client`` and
     ``request`` for a REQUEST)."""
 
-    __slots__ = ("command", "client", "request")
+    __slots__ = ("command", "client", "request", "epoch")
     _fields = __slots__
 
-    def __init__(self, command, client=b"", request=None):
+    def __init__(self, command, client=b"", request=None, epoch=0):
         self.command = command
         self.client = client
         self.request = request
+        self.epoch = epoch  # LEASE: serve direct jobs of this epoch; 0: the lease ended
 
 
 def parse_broker_command(frames) -> BrokerCommand:
@@ -515,7 +603,255 @@ def parse_broker_command(frames) -> BrokerCommand:
         return BrokerCommand(command, frames[3], req)
     if command in (HEARTBEAT, DISCONNECT):
         return BrokerCommand(command)
+    if command == LEASE:
+        if len(frames) != 4:
+            raise ProtocolError("LEASE takes one frame, an epoch or ''")
+        return BrokerCommand(command, epoch=_decode_number(frames[3], "epoch")
+                             if frames[3] else 0)
     raise ProtocolError(f"unexpected command {command[:4]!r} from broker")
+
+
+# -- the direct path (docs/direct_path.rst) ----------------------------------
+
+
+def _decode_number(frame: bytes, what) -> int:
+    """A decimal count or epoch, digit by digit (as :func:`_decode_ttl`)."""
+    if not 0 < len(frame) <= 19:
+        raise ProtocolError(f"{what} must be a decimal number, got {frame[:20]!r}")
+    number = 0
+    for digit in frame:
+        if not 48 <= digit <= 57:
+            raise ProtocolError(f"{what} must be a decimal number, got {frame[:20]!r}")
+        number = number * 10 + (digit - 48)
+    return number
+
+
+class DirectCounts(_Message):
+    """The direct jobs a leased worker ran since its last report: how each
+    ended (``done``, or ``outcomes`` by error code) and their run times by
+    bucket of :data:`BUCKETS` (the last bucket: above every bound), so that
+    the broker's stats count them as if it had relayed them."""
+
+    __slots__ = ("done", "outcomes", "buckets", "run_sum")
+    _fields = __slots__
+
+    def __init__(self, done=0, outcomes=None, buckets=None, run_sum=0.0):
+        self.done = done
+        self.outcomes = {} if outcomes is None else outcomes
+        self.buckets = [0] * (_NBUCKETS + 1) if buckets is None else buckets
+        self.run_sum = run_sum
+
+    def add(self, seconds, code=None):
+        """A direct job ended: ``code`` is None if it succeeded; ``seconds``
+        is its run time, or a negative number if it never started."""
+        if code is None:
+            self.done += 1
+        else:
+            self.outcomes[code] = self.outcomes.get(code, 0) + 1
+        if seconds >= 0:
+            i = 0
+            while i < _NBUCKETS and seconds > BUCKETS[i]:
+                i += 1
+            self.buckets[i] += 1
+            self.run_sum += seconds
+
+    def jobs(self) -> int:
+        """How many jobs these counts are of."""
+        count = self.done
+        for n in self.outcomes.values():
+            count += n
+        return count
+
+    def frames(self) -> list[bytes]:
+        """[done, run-time sum in microseconds, buckets "n,n,...", code, count, ...]."""
+        frames = [_decimal(self.done), _decimal(round(self.run_sum * 1e6)),
+                  ",".join([str(n) for n in self.buckets]).encode("ascii")]
+        for code, count in self.outcomes.items():
+            frames.append(code.encode("ascii"))
+            frames.append(_decimal(count))
+        return frames
+
+
+def parse_counts(frames) -> DirectCounts:
+    """The body of FREE and REPORT (:meth:`DirectCounts.frames`)."""
+    if len(frames) < 3 or len(frames) % 2 == 0:
+        raise ProtocolError("counts are done, run time, buckets, then code/count pairs")
+    buckets = [_decode_number(n, "a bucket count") for n in frames[2].split(b",")]
+    if len(buckets) != _NBUCKETS + 1:
+        raise ProtocolError(f"counts need {_NBUCKETS + 1} buckets, got {len(buckets)}")
+    outcomes = {}
+    for i in range(3, len(frames), 2):
+        code = frames[i]
+        if not code or len(code) > 64 or not code.isascii():
+            raise ProtocolError(f"bad error code {code[:20]!r} in counts")
+        outcomes[code.decode("ascii")] = _decode_number(frames[i + 1], "a count")
+    return DirectCounts(_decode_number(frames[0], "done"), outcomes, buckets,
+                        _decode_number(frames[1], "run time") / 1e6)
+
+
+# Client process <-> broker, on the frontend: [b"", PHL01, command, ...].
+
+
+class LeaseControl(_Message):
+    """A PHL01 message as the broker sees it arrive from a client process:
+    LEASE (``service``, ``wanted``), RETURN (``service``, ``epoch``) or
+    HEARTBEAT."""
+
+    __slots__ = ("address", "command", "service", "wanted", "epoch")
+    _fields = __slots__
+
+    def __init__(self, address, command, service=b"", wanted=0, epoch=0):
+        self.address = address
+        self.command = command
+        self.service = service
+        self.wanted = wanted
+        self.epoch = epoch
+
+
+def is_lease_control(frames) -> bool:
+    """Whether a frontend message is PHL01 (:func:`parse_lease_control`)
+    rather than a job (:func:`parse_frontend`)."""
+    return len(frames) > 2 and frames[2] == EXT_LEASE
+
+
+def parse_lease_control(frames) -> LeaseControl:
+    """[address, b"", PHL01, command, ...] from the frontend ROUTER."""
+    if len(frames) < 4 or frames[1] != b"" or frames[2] != EXT_LEASE:
+        raise ProtocolError(f"bad PHL01 envelope ({len(frames)} frames)")
+    address, command = frames[0], frames[3]
+    if command == LEASE_HEARTBEAT:
+        if len(frames) != 4:
+            raise ProtocolError("PHL01 HEARTBEAT takes no body")
+        return LeaseControl(address, command)
+    if command == LEASE_WANTED or command == LEASE_RETURN:
+        if len(frames) != 6:
+            raise ProtocolError("PHL01 LEASE and RETURN take a service and a number")
+        service = _check_service(frames[4])
+        if command == LEASE_WANTED:
+            return LeaseControl(address, command, service,
+                                _decode_number(frames[5], "wanted"))
+        return LeaseControl(address, command, service, 0, _decode_number(frames[5], "epoch"))
+    raise ProtocolError(f"unknown PHL01 command {command[:10]!r}")
+
+
+def lease_wanted(service: bytes, wanted: int) -> list[bytes]:
+    """Client: ``wanted`` jobs of mine wait or could run on leases of ``service``."""
+    return [b"", EXT_LEASE, LEASE_WANTED, service, _decimal(wanted)]
+
+
+def lease_return(service: bytes, epoch: int) -> list[bytes]:
+    """Client: no job of mine is in flight on that lease any more."""
+    return [b"", EXT_LEASE, LEASE_RETURN, service, _decimal(epoch)]
+
+
+def lease_heartbeat() -> list[bytes]:
+    return [b"", EXT_LEASE, LEASE_HEARTBEAT]
+
+
+def lease_grant(address, service, epoch: int, endpoint: bytes, credit: int) -> list[bytes]:
+    """Broker: the worker at ``endpoint`` is yours under ``epoch``, ``credit``
+    jobs at a time."""
+    return [address, b"", EXT_LEASE, LEASE_GRANT, service, _decimal(epoch), endpoint,
+            _decimal(credit)]
+
+
+def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
+    """Broker: stop choosing that lease (a REVOKE_* reason)."""
+    return [address, b"", EXT_LEASE, LEASE_REVOKE, service, _decimal(epoch), reason]
+
+
+class LeaseNotice(_Message):
+    """A PHL01 message as a client process sees it: GRANT (``endpoint``,
+    ``credit``) or REVOKE (``reason``), each for ``service`` and ``epoch``."""
+
+    __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason")
+    _fields = __slots__
+
+    def __init__(self, command, service, epoch, endpoint=b"", credit=1, reason=b""):
+        self.command = command
+        self.service = service
+        self.epoch = epoch
+        self.endpoint = endpoint
+        self.credit = credit
+        self.reason = reason
+
+
+def parse_lease_notice(frames) -> LeaseNotice:
+    """[b"", PHL01, GRANT|REVOKE, service, epoch, ...] on a client's control DEALER."""
+    if len(frames) < 6 or frames[0] != b"" or frames[1] != EXT_LEASE:
+        raise ProtocolError("not a PHL01 notice")
+    command, service = frames[2], frames[3]
+    epoch = _decode_number(frames[4], "epoch")
+    if command == LEASE_GRANT and len(frames) == 7:
+        credit = _decode_number(frames[6], "credit")
+        if not 1 <= credit <= MAX_CREDIT or not frames[5].startswith(b"ipc://"):
+            raise ProtocolError("GRANT needs an ipc endpoint and a credit of 1 to "
+                                f"{MAX_CREDIT}")
+        return LeaseNotice(command, service, epoch, frames[5], credit)
+    if command == LEASE_REVOKE and len(frames) == 6:
+        return LeaseNotice(command, service, epoch, reason=frames[5])
+    raise ProtocolError(f"bad PHL01 {command[:10]!r} ({len(frames)} frames)")
+
+
+# Client thread <-> worker, on the worker's direct ROUTER: one frame packs
+# "epoch:deadline_ns:job id" (the job id last: it may hold any byte); the
+# deadline is absolute on CLOCK_MONOTONIC, which every process of a host
+# shares (0: none).  The reply is the relayed REPLY's body, or NOT_RUN.
+
+
+class DirectRequest(_Message):
+    """A direct job as the worker reads it: ``request``'s ``ttl_ms`` is 0,
+    its deadline is ``deadline_ns``."""
+
+    __slots__ = ("address", "epoch", "deadline_ns", "request")
+    _fields = __slots__
+
+    def __init__(self, address, epoch, deadline_ns, request):
+        self.address = address
+        self.epoch = epoch
+        self.deadline_ns = deadline_ns
+        self.request = request
+
+
+def direct_request(epoch, deadline_ns, req: Request) -> list[bytes]:
+    """What a client thread sends on its DEALER to a leased worker."""
+    frames = [b"", f"{epoch}:{deadline_ns}:".encode("ascii") + req.job_id, req.data]
+    if req.headers:
+        frames += encode_headers(req.headers)
+    return frames
+
+
+def parse_direct_request(frames) -> DirectRequest:
+    """[client address, b"", head, data, key, value, ...] on the worker's ROUTER."""
+    if len(frames) < 4 or frames[1] != b"":
+        raise ProtocolError(f"bad direct envelope ({len(frames)} frames)")
+    parts = frames[2].split(b":", 2)
+    if len(parts) != 3:
+        raise ProtocolError("a direct job's head is epoch:deadline:job id")
+    headers = decode_headers(frames[4:]) if len(frames) > 4 else {}
+    req = Request(b"", _check_job_id(parts[2]), frames[3], 0, headers)
+    return DirectRequest(frames[0], _decode_number(parts[0], "epoch"),
+                         _decode_number(parts[1], "deadline"), req)
+
+
+def direct_reply(address: bytes, reply: Reply) -> list[bytes]:
+    """The worker's answer to a direct job."""
+    return [address, b"", reply.job_id, *reply.body()]
+
+
+def direct_not_run(address: bytes, job_id: bytes, reason: bytes) -> list[bytes]:
+    """The worker's refusal of a direct job it did not start (a NOT_RUN_* reason)."""
+    return [address, b"", job_id, STATUS_NOT_RUN, reason]
+
+
+def parse_direct_reply(frames) -> Reply:
+    """[b"", job id, status, ...] on the client thread's DEALER; NOT_RUN
+    becomes an error with code :data:`ERR_NOT_RUN` and the reason as message."""
+    if len(frames) < 4 or frames[0] != b"":
+        raise ProtocolError(f"bad direct reply ({len(frames)} frames)")
+    if frames[2] == STATUS_NOT_RUN and len(frames) == 4:
+        return Reply(frames[1], False, b"", ERR_NOT_RUN, frames[3].decode("ascii", "replace"))
+    return parse_reply_body(frames[1], frames[2:])
 
 
 # -- 27/ZAP: libzmq asks the broker whether a peer may connect ---------------
