@@ -270,6 +270,12 @@ class Settings:
                            help="jobs the broker may hand a worker at once: one runs, the "
                            "others wait in its socket so it never idles between short "
                            "jobs; 1 for long or uneven jobs")
+    direct: bool = option(True, roles={"worker", "client", "cluster", "plugin"},
+                          convert=_flag,
+                          help="on one host (ipc endpoints, one broker, CURVE off), jobs "
+                          "travel straight between a client process and a worker the "
+                          "broker leased it, instead of through the broker; --no-direct "
+                          "relays every job")
     nice: int = option(5, roles={"worker", "cluster", "plugin"}, convert=_whole,
                        help="added to a worker's niceness (0 to 19), so the broker and the "
                        "web server's threads get a core first; 0 keeps the priority")

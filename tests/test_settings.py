@@ -31,7 +31,8 @@ CHANGED = dict(
     target="tests.targets:echo", frontend="tcp://127.0.0.1:5001",
     backend="ipc:///tmp/powerhose-test/back.sock", service="resize", heartbeat=0.25,
     liveness=4, timeout=2.5, retries=2, worker_timeout=30.5, max_age=600.0, max_age_delta=1 / 3,
-    broker_timeout=20.0, max_memory=512, prefetch=3, nice=0, no_worker_timeout=2.0,
+    broker_timeout=20.0, max_memory=512, prefetch=3, direct=False, nice=0,
+    no_worker_timeout=2.0,
     max_job_size=1024, max_queue=7, max_queue_bytes=4096, curve_secret="/k/me.key_secret",
     curve_broker="/k/broker.key", curve_allow="/k/allowed", insecure=True, status_page=True,
     status_page_path="/ops/powerhose", status_page_permission="ops",
@@ -75,7 +76,8 @@ def test_command_line_names_every_option_of_the_role(role):
         if opt.positional:
             assert CHANGED[opt.name] not in argv  # the caller places the target
         elif opt.is_flag:
-            assert opt.flag in argv
+            wanted = opt.flag if CHANGED[opt.name] else "--no-" + opt.flag[2:]
+            assert wanted in argv
         else:
             assert argv[argv.index(opt.flag) + 1] == opt.to_text(CHANGED[opt.name])
     assert argv == command_line(Settings(**CHANGED), role)  # one order, always
