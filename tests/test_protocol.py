@@ -166,3 +166,132 @@ def test_a_client_that_does_not_ask_gets_replies_as_before():
     plain = p.parse_frontend([b"addr", b"", p.MDP_CLIENT, b"svc", b"x"])
     assert p.frontend_worker_reply(plain, [b"", p.STATUS_OK, b"r"], b"77@host") == [
         b"addr", b"", p.MDP_CLIENT, b"svc", b"r"]
+
+
+# -- the direct path ----------------------------------------------------------------
+
+
+def test_direct_and_lease_commands_round_trip_between_worker_and_broker():
+    msg = p.parse_backend([b"w", *p.worker_direct(b"ipc:///run/ph/direct/1-ab.sock")])
+    assert (msg.command, msg.endpoint) == (p.DIRECT, b"ipc:///run/ph/direct/1-ab.sock")
+    assert p.parse_backend([b"w", *p.worker_lease(42, 0)]).epoch == 42
+    ended = p.parse_backend([b"w", *p.worker_lease(0, 3)])
+    assert (ended.command, ended.epoch, ended.held) == (p.LEASE, 0, 3)
+    to_worker = p.backend_lease(b"w", 7)
+    assert to_worker[0] == b"w"
+    assert p.parse_broker_command(to_worker[1:]) == p.BrokerCommand(p.LEASE, epoch=7)
+    assert p.parse_broker_command(p.backend_lease(b"w", 0)[1:]).epoch == 0
+
+
+def test_counts_round_trip_with_their_buckets_and_outcomes():
+    counts = p.DirectCounts()
+    counts.add(0.00005)  # first bucket
+    counts.add(0.003)  # 0.005 bucket
+    counts.add(100.0, p.ERR_EXECUTION)  # above every bound
+    counts.add(-1, p.ERR_TIMEOUT)  # never started: no run time
+    assert counts.jobs() == 4
+    back = p.parse_backend([b"w", *p.worker_counts(p.FREE, counts)])
+    assert back.command == p.FREE
+    got = back.counts
+    assert got.done == 2 and got.outcomes == {p.ERR_EXECUTION: 1, p.ERR_TIMEOUT: 1}
+    assert got.buckets[0] == 1 and got.buckets[p.BUCKETS.index(0.005)] == 1
+    assert got.buckets[-1] == 1 and sum(got.buckets) == 3
+    assert got.run_sum == pytest.approx(100.00305)
+    assert p.parse_backend([b"w", *p.worker_counts(p.REPORT, p.DirectCounts())]).counts == \
+        p.DirectCounts()
+
+
+@pytest.mark.parametrize("body", [
+    [p.DIRECT, b"tcp://127.0.0.1:5"],  # direct endpoints are ipc only
+    [p.DIRECT],
+    [p.DIRECT, b"ipc://" + b"x" * 250],
+    [p.LEASE, b"1"],  # no held count
+    [p.LEASE, b"x", b"0"],
+    [p.FREE, b"1", b"0"],  # no buckets
+    [p.FREE, b"1", b"0", b"1,2"],  # too few buckets
+    [p.REPORT, b"1", b"0", b",".join([b"0"] * 19), b"ExecutionError"],  # code without count
+    [p.REPORT, b"1", b"0", b",".join([b"0"] * 19), b"\xff", b"1"],
+])
+def test_malformed_direct_worker_commands_raise_protocol_error(body):
+    with pytest.raises(ProtocolError):
+        p.parse_backend([b"w", b"", p.MDP_WORKER, *body])
+
+
+def test_lease_control_between_a_client_process_and_the_broker():
+    wanted = [b"ctl", *p.lease_wanted(b"svc", 3)]
+    assert p.is_lease_control(wanted) and not p.is_lease_control(
+        [b"c", *p.client_request(Request(b"svc", b"1", b"d"))])
+    assert p.parse_lease_control(wanted) == p.LeaseControl(b"ctl", p.LEASE_WANTED, b"svc", 3)
+    assert p.parse_lease_control([b"ctl", *p.lease_return(b"svc", 9)]).epoch == 9
+    assert p.parse_lease_control([b"ctl", *p.lease_heartbeat()]).command == \
+        p.LEASE_HEARTBEAT
+    grant = p.lease_grant(b"ctl", b"svc", 9, b"ipc:///d/w.sock", 2)
+    assert grant[0] == b"ctl"
+    assert p.parse_lease_notice(grant[1:]) == p.LeaseNotice(
+        p.LEASE_GRANT, b"svc", 9, b"ipc:///d/w.sock", 2)
+    revoke = p.parse_lease_notice(p.lease_revoke(b"ctl", b"svc", 9, p.REVOKE_LOST)[1:])
+    assert (revoke.command, revoke.epoch, revoke.reason) == (p.LEASE_REVOKE, 9, b"lost")
+
+
+@pytest.mark.parametrize("frames", [
+    [b"ctl", b"", p.EXT_LEASE, b"LEASE", b"svc"],  # no count
+    [b"ctl", b"", p.EXT_LEASE, b"LEASE", b"", b"1"],  # no service
+    [b"ctl", b"", p.EXT_LEASE, b"RETURN", b"svc", b"-1"],
+    [b"ctl", b"", p.EXT_LEASE, b"HEARTBEAT", b"x"],
+    [b"ctl", b"", p.EXT_LEASE, b"GIVE", b"svc", b"1"],
+    [b"ctl", b"x", p.EXT_LEASE, b"HEARTBEAT"],
+])
+def test_malformed_lease_control_raises_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_lease_control(frames)
+
+
+@pytest.mark.parametrize("frames", [
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"tcp://h:1", b"1"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"0"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"65"],
+    [b"", p.EXT_LEASE, p.LEASE_REVOKE, b"svc", b"1"],
+    [b"", p.EXT_CLIENT, p.LEASE_REVOKE, b"svc", b"1", b"lost"],
+])
+def test_malformed_lease_notices_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_lease_notice(frames)
+
+
+def test_a_direct_job_and_its_answers_round_trip_between_client_and_worker():
+    req = Request(b"", b"id:with:colons", b"data", 0, {"k": "v"})
+    frames = p.direct_request(5, 123456789, req)
+    assert len(frames) == 5  # delimiter, packed head, data, one header pair
+    job = p.parse_direct_request([b"client", *frames])
+    assert (job.address, job.epoch, job.deadline_ns) == (b"client", 5, 123456789)
+    assert job.request == req
+    ok = p.direct_reply(b"client", Reply(req.job_id, True, b"result"))
+    assert ok[0] == b"client"
+    assert p.parse_direct_reply(ok[1:]) == Reply(req.job_id, True, b"result")
+    error = Reply.error(req.job_id, p.ERR_EXECUTION, "boom", "ValueError", "tb")
+    assert p.parse_direct_reply(p.direct_reply(b"c", error)[1:]) == error
+    refused = p.parse_direct_reply(p.direct_not_run(b"c", req.job_id, p.NOT_RUN_LEASE)[1:])
+    assert (refused.ok, refused.code, refused.message) == (False, p.ERR_NOT_RUN, "lease")
+
+
+@pytest.mark.parametrize("frames", [
+    [b"c", b"", b"5:0:1"],  # no data
+    [b"c", b"x", b"5:0:1", b"d"],  # no delimiter
+    [b"c", b"", b"5:1", b"d"],  # no job id part
+    [b"c", b"", b"5:0:", b"d"],  # empty job id
+    [b"c", b"", b"-5:0:1", b"d"],
+    [b"c", b"", b"5:soon:1", b"d"],
+    [b"c", b"", b"5:0:1", b"d", b"odd"],
+])
+def test_malformed_direct_jobs_raise_protocol_error(frames):
+    with pytest.raises(ProtocolError):
+        p.parse_direct_request(frames)
+
+
+def test_malformed_direct_replies_raise_protocol_error():
+    with pytest.raises(ProtocolError):
+        p.parse_direct_reply([b"", b"1", p.STATUS_NOT_RUN])
+    with pytest.raises(ProtocolError):
+        p.parse_direct_reply([b"x", b"1", p.STATUS_OK, b"r"])
+    with pytest.raises(ProtocolError):
+        p.parse_direct_reply([b"", b"1", b"MAYBE", b"r"])
