@@ -159,12 +159,27 @@ def start_broker(procs, endpoints):
     return start
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--path", choices=("direct", "relayed"), default="direct",
+        help="the path jobs take between the fixtures' clients and workers: direct "
+        "(the default on ipc) or relayed through the broker (workers --no-direct)")
+
+
+@pytest.fixture(scope="session")
+def job_path(request):
+    """"direct" or "relayed" (``--path``): which path the fixtures' workers offer."""
+    return request.config.getoption("--path")
+
+
 @pytest.fixture
-def start_worker(procs, endpoints):
+def start_worker(procs, endpoints, job_path):
     def start(target="tests.targets:echo", *args, service="default", backend=None):
         argv = command("powerhose-worker") + [
             target, "--backend", backend or endpoints.backend, "--heartbeat", HEARTBEAT,
             "--service", service, *args]
+        if job_path == "relayed":
+            argv.append("--no-direct")  # never leased: every job crosses the broker
         return procs.start(argv, "worker")
     return start
 
