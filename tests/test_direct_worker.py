@@ -434,3 +434,28 @@ def test_leaving_without_a_lease_is_as_before(rig, start_worker, ledger):
     assert LEASE not in rig.commands(start)
     assert worker.wait(TIMEOUT) == 0
     assert not os.path.exists(socket_file(endpoint))
+
+
+def test_max_age_while_leased_leaves_through_the_lease(rig, leased, ledger):
+    worker, client, endpoint = leased("--max-age", "3")
+    assert rig.call(client, 7, b"before", b"1").ok
+    rig.wait(lambda: [m for m in rig.seen(LEASE) if m.epoch == 0], what="the worker's LEASE 0")
+    reply = rig.call(client, 7, b"after", b"2")
+    assert (reply.code, reply.message) == (ERR_NOT_RUN, NOT_RUN_STOPPING.decode())
+    start = rig.mark()
+    rig.broker.send_multipart(backend_lease(rig.worker, 0))
+    rig.wait(lambda: DISCONNECT in rig.commands(start), what="DISCONNECT")
+    assert worker.wait(TIMEOUT) == 0
+    assert "max age reached" in read_log(worker)
+    assert not os.path.exists(socket_file(endpoint))
+    assert ledger() == [b"1"]
+
+
+def test_a_direct_job_past_the_job_timeout_is_answered_and_the_worker_ends(
+        rig, leased, ledger):
+    worker, client, endpoint = leased("--timeout", "1")
+    reply = rig.call(client, 7, b"stuck", b"sleep:60")
+    assert (reply.ok, reply.code) == (False, ERR_TIMEOUT)
+    assert "time limit" in reply.message
+    assert worker.wait(TIMEOUT) == 3  # EXIT_JOB_TIMEOUT: restarted by its supervisor
+    assert not os.path.exists(socket_file(endpoint))
