@@ -48,6 +48,7 @@ import importlib
 import logging
 import os
 import random
+import select
 import socket
 import resource
 import signal
@@ -90,7 +91,6 @@ FAULT_MARGIN = 2.0
 # clock): libzmq times RCVTIMEO with a coarse clock, and a 1 ms RCVTIMEO
 # may end at once (docs/direct_path.rst).
 FREE_AFTER_MS = 1
-_POLLIN = int(zmq.POLLIN)
 MAX_IPC_PATH = 107  # bytes: sun_path
 
 _params: dict = {}
@@ -167,7 +167,7 @@ class Worker:
         self.liveness = settings.heartbeat * settings.liveness
         self.brokers = []  # one _Broker per backend, made when run() starts
         self._inbox = collections.deque()  # (broker, socket, frames) read, not yet handled
-        self._poller = None  # over the brokers' sockets, when there are several
+        self._poller = None  # over the brokers' sockets (several), or a _Readiness (direct)
         self.stop_requested = False
         self.jobs_done = 0
         self._lock = threading.Lock()  # held by whoever uses the socket
@@ -438,11 +438,13 @@ class Worker:
             send(broker.socket, worker_command(command), NOBLOCK)
         except zmq.Again:
             log.debug("broker at %s unreachable; command %r dropped", broker.backend, command)
+        self._broker_used()
 
     def _reply(self, broker, client, reply):
         """Send a job's REPLY to the broker it came from."""
         frames = worker_reply(client, reply)
         sock = broker.socket
+        self._broker_used()
         for wait in (False, True):
             if wait and not sock.poll(int(self.liveness * 1000), zmq.POLLOUT):
                 break
@@ -662,28 +664,27 @@ class Worker:
             log.warning("cannot remove %s: %s", self._direct_path, exc)
 
     def _next_direct(self, timeout_ms):
-        """_next_message with a direct socket: one zmq_poll on both sockets
-        (the broker's read first, so that the end of a lease counts before
-        the next direct job); FREE once idle ``FREE_AFTER_MS`` after direct
-        jobs."""
+        """_next_message with a direct socket: a wait on both sockets (the
+        broker's read first, so that the end of a lease counts before the
+        next direct job); FREE once idle ``FREE_AFTER_MS`` after direct jobs."""
         broker = self.brokers[0]
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = zmq.Poller()
-            if broker.socket is not None:
-                poller.register(broker.socket, _POLLIN)
-            poller.register(self.direct, _POLLIN)
+        waiting = self._poller
+        if waiting is None:
+            waiting = self._poller = _Readiness(self.direct, broker.socket)
         if self._owed:
             timeout_ms = FREE_AFTER_MS
         elif broker.socket is None:  # waiting to reconnect: direct jobs still run
             timeout_ms = max(0, min(timeout_ms,
                                     int((broker.reconnect_at - monotonic()) * 1000) + 1))
-        ready = poller.poll(timeout_ms)
+        ready = waiting.wait(timeout_ms)
         if not ready:
             if self._owed:
                 self._report(broker, FREE)
             return None
-        sock = ready[0][0]
+        if ready & _BROKER:
+            sock = broker.socket
+        else:
+            sock = self.direct
         try:
             frames = recv(sock, NOBLOCK)
         except zmq.Again:
@@ -691,6 +692,13 @@ class Worker:
         if sock is self.direct:
             return None, sock, frames
         return broker, sock, frames
+
+    def _broker_used(self):
+        """A send on the broker's socket may take the wake-up of a message
+        that arrived meanwhile: the direct loop must ask it (_Readiness)."""
+        waiting = self._poller
+        if waiting is not None and self.direct is not None:
+            waiting.stale |= _BROKER
 
     def _lease(self, broker, epoch):
         """LEASE from the broker: serve ``epoch`` from now on, or (0) no lease;
@@ -728,6 +736,7 @@ class Worker:
             send(broker.socket, frames, NOBLOCK)
         except zmq.Again:
             log.debug("broker at %s unreachable; %r dropped", broker.backend, frames[2])
+        self._broker_used()
 
     def _leave_lease(self):
         """Leaving while leased: tell the broker (LEASE 0), answer NOT_RUN
@@ -845,6 +854,62 @@ class Worker:
                 pass
         logging.shutdown()
         os._exit(EXIT_JOB_TIMEOUT)
+
+
+_DIRECT, _BROKER = 1, 2  # bits of _Readiness.wait()'s answer
+
+
+class _Readiness:
+    """Which of the direct socket and the broker's have a message waiting,
+    asking libzmq little (as the broker's ``_Readiness``).
+
+    ``zmq_poll`` asks every socket before and after it sleeps, each
+    question a ``poll`` and a ``getpid`` in libzmq: twice the system calls
+    of a blocking receive, on the path of every direct job.  A socket's
+    ``ZMQ_FD`` becomes readable only when something new arrives for a socket
+    that was asked since it was last used; so only a socket whose descriptor
+    fired, or that was used since it was last asked (``stale``), is asked,
+    and the wait is one ``poll`` on the descriptors, timed by the kernel.
+    The worker marks the broker's socket stale after each send on it
+    (``_broker_used``); the direct socket is used only right after it was
+    found readable, so it is still stale then.
+    """
+
+    __slots__ = ("sockets", "stale", "poll", "slot")
+
+    def __init__(self, direct, broker_socket):
+        self.sockets = (direct,) if broker_socket is None else (direct, broker_socket)
+        self.stale = _DIRECT | _BROKER if broker_socket is not None else _DIRECT
+        self.poll = select.poll()
+        self.slot = {}
+        for i, sock in enumerate(self.sockets):
+            fd = sock.getsockopt(zmq.FD)
+            self.poll.register(fd, select.POLLIN)
+            self.slot[fd] = 1 << i
+
+    def wait(self, timeout_ms) -> int:
+        """The bits of the sockets with a message waiting, sleeping up to
+        ``timeout_ms`` if none has; 0 if none came."""
+        ready = self._ask()
+        if ready:
+            return ready
+        for fd, _ in self.poll.poll(timeout_ms):
+            self.stale |= self.slot[fd]
+        return self._ask()
+
+    def _ask(self) -> int:
+        """Ask the stale sockets; those with a message stay stale, since the
+        worker is about to use them."""
+        ready = 0
+        bit = 1
+        for sock in self.sockets:
+            if self.stale & bit:
+                if readable(sock):
+                    ready |= bit
+                else:
+                    self.stale &= ~bit
+            bit <<= 1
+        return ready
 
 
 def _peak_memory() -> int:
