@@ -87,9 +87,9 @@ EXIT_JOB_TIMEOUT = 3
 FAULT_MARGIN = 2.0
 
 # A leased worker that has run direct jobs and then sees none for this many
-# milliseconds tells the broker FREE.  Timed by zmq_poll (the kernel's
-# clock): libzmq times RCVTIMEO with a coarse clock, and a 1 ms RCVTIMEO
-# may end at once (docs/direct_path.rst).
+# milliseconds tells the broker FREE.  Timed by poll() (the kernel's clock,
+# see _Readiness): libzmq times RCVTIMEO with a coarse clock, and a 1 ms
+# RCVTIMEO may end at once (docs/direct_path.rst).
 FREE_AFTER_MS = 1
 MAX_IPC_PATH = 107  # bytes: sun_path
 
