@@ -39,6 +39,23 @@ def runtime_dir() -> str:
     return path
 
 
+def private_dir(path: str) -> str:
+    """``path``, a directory only this user may use: created mode 0700 if it
+    is missing; UnsafeDirectoryError if it is not a directory we own, or if
+    it is accessible to others.  (A worker's direct sockets live in one.)"""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise UnsafeDirectoryError(f"{path} is not a directory owned by uid {os.getuid()}")
+    if info.st_mode & 0o077:
+        raise UnsafeDirectoryError(f"{path} is accessible to other users (mode "
+                                   f"{stat.S_IMODE(info.st_mode):o})")
+    return path
+
+
 def default_frontend() -> str:
     return IPC + os.path.join(runtime_dir(), "frontend.sock")
 

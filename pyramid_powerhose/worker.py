@@ -24,6 +24,20 @@ Life cycle, in one place each: ``connect`` (READY), ``handle_request``
 (job started, job finished), ``_lost`` (broker lost: reconnect later),
 ``retire`` (max age, max memory or SIGTERM: DISCONNECT after the current
 job, then exit).
+
+The direct path (docs/direct_path.rst): a worker with one broker, on ipc,
+without CURVE, also binds a ROUTER in a private ``direct`` directory beside
+the broker's backend socket and announces it (DIRECT, after READY).  The
+broker may then lease it to one client process (LEASE with an epoch), whose
+threads send their jobs straight to that socket.  The worker is the arbiter:
+it runs a direct job only under its current epoch, and answers NOT_RUN to
+any other, and to every direct job once it is leaving; it runs them as it
+runs relayed ones (``handle_direct``).  It tells the broker what it ran
+(counts by outcome and run-time bucket) once it has seen no direct job for
+a millisecond (FREE), at most once a heartbeat while it stays busy
+(REPORT), and before it answers the end of its lease.  A leased worker that
+leaves tells the broker first (LEASE 0) and waits for the end of its lease
+(``_leave_lease``) before it closes the direct socket and sends DISCONNECT.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import importlib
 import logging
 import os
 import random
+import select
 import socket
 import resource
 import signal
@@ -41,20 +56,22 @@ import sys
 import threading
 import time
 import traceback
-from time import monotonic
+from time import monotonic, monotonic_ns
 
 import zmq
 
 from . import curve, endpoints
 from .job import Job
-from .exc import ProtocolError, TargetError
+from .exc import ProtocolError, TargetError, UnsafeDirectoryError
 # Names, not module.NAME: compiled (setup.py), a module global is a cached
 # look-up, a module's attribute a dictionary look-up every time.
 from .multipart import NOBLOCK, readable, recv, recv_within, send
 from .protocol import (
-    DISCONNECT, ERR_EXECUTION, ERR_TIMEOUT, HEARTBEAT, MAX_ABOUT_LENGTH, PAUSE, REQUEST,
-    RESUME, Reply, parse_broker_command, worker_command, worker_info, worker_ready,
-    worker_reply,
+    DISCONNECT, ERR_EXECUTION, ERR_TIMEOUT, FREE, HEARTBEAT, LEASE, MAX_ABOUT_LENGTH,
+    MAX_ENDPOINT_LENGTH, NOT_RUN_LEASE, NOT_RUN_STOPPING, PAUSE, REPORT, REQUEST, RESUME,
+    DirectCounts, Reply, direct_not_run, direct_reply, parse_broker_command,
+    parse_direct_request, worker_command, worker_counts, worker_direct, worker_info,
+    worker_lease, worker_ready, worker_reply,
 )
 from .settings import read_params_file
 from .tracing import job_span, traced
@@ -68,6 +85,13 @@ EXIT_JOB_TIMEOUT = 3
 # Seconds past --timeout before faulthandler ends a worker whose watchdog
 # thread cannot run: time for that thread to end it first, politely.
 FAULT_MARGIN = 2.0
+
+# A leased worker that has run direct jobs and then sees none for this many
+# milliseconds tells the broker FREE.  Timed by poll() (the kernel's clock,
+# see _Readiness): libzmq times RCVTIMEO with a coarse clock, and a 1 ms
+# RCVTIMEO may end at once (docs/direct_path.rst).
+FREE_AFTER_MS = 1
+MAX_IPC_PATH = 107  # bytes: sun_path
 
 _params: dict = {}
 
@@ -143,7 +167,7 @@ class Worker:
         self.liveness = settings.heartbeat * settings.liveness
         self.brokers = []  # one _Broker per backend, made when run() starts
         self._inbox = collections.deque()  # (broker, socket, frames) read, not yet handled
-        self._poller = None  # over the brokers' sockets, when there are several
+        self._poller = None  # over the brokers' sockets (several), or a _Readiness (direct)
         self.stop_requested = False
         self.jobs_done = 0
         self._lock = threading.Lock()  # held by whoever uses the socket
@@ -160,6 +184,20 @@ class Worker:
         self.retire_at = monotonic() + age if age > 0 else None
         self.over_memory = False  # past --max-memory: retire after the current job
         self.parent = os.getppid() if settings.exit_with_parent else None
+        # The direct path: our ROUTER (None: not announced), its endpoint and
+        # socket file; the lease we serve (0: none); the direct jobs ended
+        # since the last FREE or REPORT (``_counted``: there are some), and
+        # whether the broker is owed a FREE (direct jobs since the last one).
+        self.direct = None
+        self.direct_endpoint = b""
+        self._direct_path = None
+        self._direct_client = None  # the address of the direct job running, if any
+        self.lease_epoch = 0
+        self.counts = DirectCounts()
+        self._counted = False
+        self._owed = False
+        self._leaving = False  # leaving while leased: every direct job is NOT_RUN
+        self._lease_over = False  # while leaving: the broker ended the lease
         params = load_params(settings)
         _params.clear()
         _params.update(params)
@@ -176,6 +214,14 @@ class Worker:
         sock.connect(broker.backend)
         send(sock, worker_ready(self.service, self.settings.prefetch))
         send(sock, worker_info(_about()))
+        if self.direct is not None:
+            send(sock, worker_direct(self.direct_endpoint))
+        # A new registration: whatever lease we held came from a broker that
+        # forgot us (or is gone), and so did the counts it had not heard.
+        self.lease_epoch = 0
+        if self._counted:
+            self.counts = DirectCounts()
+        self._counted = self._owed = False
         broker.socket = sock
         broker.paused = False  # a new registration starts unpaused
         self._poller = None
@@ -199,6 +245,7 @@ class Worker:
             return self._loop()
         finally:
             self._watchdog_stop.set()
+            self._close_direct()
             if self.brokers:
                 for broker in self.brokers:
                     self._close(broker)
@@ -211,6 +258,7 @@ class Worker:
         # Resolved here, not in Settings: the default directory is used only now.
         self.brokers = [_Broker(backend) for backend in
                         endpoints.resolve_all(self.settings.backend, "backend")]
+        self._open_direct()
         for broker in self.brokers:
             self.connect(broker)
         log.info("worker pid %d serving %r on %s", os.getpid(), self.settings.service,
@@ -235,6 +283,8 @@ class Worker:
                 elif now >= broker.expiry:
                     self._lost(broker, now)
                 elif now >= broker.next_heartbeat:
+                    if self._counted:  # busy with direct jobs since the last report
+                        self._report(broker, REPORT)
                     self._tell(broker, HEARTBEAT)
                     broker.next_heartbeat = now + self.heartbeat
             if all(broker.lost_since is not None for broker in self.brokers):
@@ -250,7 +300,12 @@ class Worker:
         With one broker, one receive on its socket.  With several, one
         message from each socket that has one, queued in the order read
         (the closest to arrival order there is).
+
+        With a direct socket (one broker): ``(None, direct, frames)`` for a
+        direct job (:meth:`_next_direct`).
         """
+        if self.direct is not None:
+            return self._next_direct(timeout_ms)
         if len(self.brokers) == 1:
             broker = self.brokers[0]
             if broker.socket is None:  # waiting to reconnect
@@ -281,7 +336,12 @@ class Worker:
                     pass
 
     def _handle(self, broker, sock, frames):
-        """One message from ``broker``: a sign of life, and maybe a job or a DISCONNECT."""
+        """One message from ``broker``: a sign of life, and maybe a job or a DISCONNECT.
+
+        ``broker`` None: a direct job, from the direct socket."""
+        if broker is None:
+            self.handle_direct(frames)
+            return
         if sock is not broker.socket:
             return  # read before we reconnected to that broker: it forgot us since
         broker.expiry = monotonic() + self.liveness
@@ -293,8 +353,19 @@ class Worker:
                         broker.backend, exc)
             return
         if command.command == REQUEST:
+            if self._leaving:
+                # Leaving: not run, not answered; our DISCONNECT requeues it.
+                log.debug("job %r from the broker while leaving; left to our DISCONNECT",
+                          command.request.job_id)
+                return
             self.handle_request(command, broker)
+        elif command.command == LEASE:
+            self._lease(broker, command.epoch)
         elif command.command == DISCONNECT:
+            if self._leaving:  # it forgot us, and the lease with us: nothing to wait for
+                log.info("broker at %s sent DISCONNECT while we leave", broker.backend)
+                self._lease_over = True
+                return
             log.info("broker at %s sent DISCONNECT; registering again", broker.backend)
             self.connect(broker)
 
@@ -367,11 +438,13 @@ class Worker:
             send(broker.socket, worker_command(command), NOBLOCK)
         except zmq.Again:
             log.debug("broker at %s unreachable; command %r dropped", broker.backend, command)
+        self._broker_used()
 
     def _reply(self, broker, client, reply):
         """Send a job's REPLY to the broker it came from."""
         frames = worker_reply(client, reply)
         sock = broker.socket
+        self._broker_used()
         for wait in (False, True):
             if wait and not sock.poll(int(self.liveness * 1000), zmq.POLLOUT):
                 break
@@ -401,6 +474,9 @@ class Worker:
         else:
             reason = "max age reached"
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
+        if self.lease_epoch and self.direct is not None:
+            self._leave_lease()
+        self._close_direct()
         for broker in self.brokers:
             if broker.socket is not None:
                 self._tell(broker, DISCONNECT)
@@ -466,8 +542,238 @@ class Worker:
         if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
             self.over_memory = True  # checked after each job: one system call
 
+    def handle_direct(self, frames):
+        """One message from the direct socket: run the job if our current
+        lease allows it, answer it straight back, count it for the broker."""
+        try:
+            direct = parse_direct_request(frames)
+        except ProtocolError as exc:
+            log.warning("dropped a malformed direct job: %s", exc)
+            return
+        req = direct.request
+        if self._leaving:
+            send(self.direct, direct_not_run(direct.address, req.job_id, NOT_RUN_STOPPING))
+            return
+        if direct.epoch != self.lease_epoch or not self.lease_epoch:
+            # Not our lease (revoked, or an old epoch): it never starts, so the
+            # client may send it again through the broker.
+            send(self.direct, direct_not_run(direct.address, req.job_id, NOT_RUN_LEASE))
+            return
+        deadline_ns = direct.deadline_ns
+        now_ns = monotonic_ns()
+        if deadline_ns and now_ns >= deadline_ns:
+            log.info("direct job %r: its deadline passed before it started; not run",
+                     req.job_id)
+            reply = Reply.error(req.job_id, ERR_TIMEOUT,
+                                "the job's deadline passed before the worker could start "
+                                "it; it was not run")
+            self.counts.add(-1.0, ERR_TIMEOUT)
+            self._counted = self._owed = True
+            send(self.direct, direct_reply(direct.address, reply))
+            return
+        # CLOCK_MONOTONIC, as time.monotonic() reads it: one clock read, not two.
+        now = now_ns * 1e-9
+        job = Job(req.data, req.headers, req.job_id,
+                  deadline_ns * 1e-9 if deadline_ns else None, self.settings.service)
+        self._current = job
+        self._direct_client = direct.address
+        self._busy_since = now
+        self._lock.release()  # the watchdog may heartbeat while we work
+        try:
+            reply = self.execute(job)
+        finally:
+            self._lock.acquire()
+            self._busy_since = None
+            self._current = None
+            self._direct_client = None
+        # Bookkeeping first, as for a relayed job (handle_request).
+        end = monotonic()
+        for each in self.brokers:  # we could not read the broker's heartbeats
+            each.expiry += end - now
+        self.jobs_done += 1
+        self.counts.add(end - now, None if reply.ok else reply.code)
+        self._counted = self._owed = True
+        send(self.direct, direct_reply(direct.address, reply))
+        if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
+            self.over_memory = True
+
     def execute(self, job) -> Reply:
         return run_target(self.target, job)
+
+    # -- the direct path ------------------------------------------------------------
+
+    def _direct_allowed(self) -> bool:
+        """Whether to announce a direct socket: one broker, on ipc, no CURVE."""
+        if not self.settings.direct:
+            return False
+        if len(self.brokers) != 1:
+            log.info("several brokers: no direct path (jobs are relayed)")
+            return False
+        if endpoints.ipc_path(self.brokers[0].backend) is None:
+            log.info("backend %s is not ipc: no direct path", self.brokers[0].backend)
+            return False
+        if self.curve is not None:
+            log.info("CURVE is on: no direct path")
+            return False
+        return True
+
+    def _open_direct(self):
+        """Bind the direct ROUTER in ``direct/`` beside the backend's socket
+        file (mode 0700), if the direct path is allowed; a warning, and no
+        direct path, if that directory is not ours alone."""
+        if not self._direct_allowed():
+            return
+        backend_path = os.path.abspath(endpoints.ipc_path(self.brokers[0].backend))
+        folder = os.path.join(os.path.dirname(backend_path), "direct")
+        try:
+            endpoints.private_dir(folder)
+        except (UnsafeDirectoryError, OSError) as exc:
+            log.warning("no direct path: %s", exc)
+            return
+        path = os.path.join(folder, f"{os.getpid()}-{os.urandom(4).hex()}.sock")
+        endpoint = (endpoints.IPC + path).encode()
+        if len(path.encode()) > MAX_IPC_PATH or len(endpoint) > MAX_ENDPOINT_LENGTH:
+            log.warning("no direct path: the socket path %s would be too long", path)
+            return
+        sock = self.context.socket(zmq.ROUTER)
+        sock.linger = 1000
+        try:
+            sock.bind(endpoint.decode())
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            log.warning("no direct path: cannot bind %s: %s", path, exc)
+            return
+        self.direct, self.direct_endpoint, self._direct_path = sock, endpoint, path
+        self._poller = None
+        log.info("direct jobs on %s", path)
+
+    def _close_direct(self):
+        """Close the direct socket and remove its file (libzmq leaves it)."""
+        sock = self.direct
+        if sock is None:
+            return
+        self.direct = None
+        self._poller = None
+        self.lease_epoch = 0
+        sock.close()
+        try:
+            os.unlink(self._direct_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", self._direct_path, exc)
+
+    def _next_direct(self, timeout_ms):
+        """_next_message with a direct socket: a wait on both sockets (the
+        broker's read first, so that the end of a lease counts before the
+        next direct job); FREE once idle ``FREE_AFTER_MS`` after direct jobs."""
+        broker = self.brokers[0]
+        waiting = self._poller
+        if waiting is None:
+            waiting = self._poller = _Readiness(self.direct, broker.socket)
+        if self._owed:
+            timeout_ms = FREE_AFTER_MS
+        elif broker.socket is None:  # waiting to reconnect: direct jobs still run
+            timeout_ms = max(0, min(timeout_ms,
+                                    int((broker.reconnect_at - monotonic()) * 1000) + 1))
+        ready = waiting.wait(timeout_ms)
+        if not ready:
+            if self._owed:
+                self._report(broker, FREE)
+            return None
+        if ready & _BROKER:
+            sock = broker.socket
+        else:
+            sock = self.direct
+        try:
+            frames = recv(sock, NOBLOCK)
+        except zmq.Again:
+            return None
+        if sock is self.direct:
+            return None, sock, frames
+        return broker, sock, frames
+
+    def _broker_used(self):
+        """A send on the broker's socket may take the wake-up of a message
+        that arrived meanwhile: the direct loop must ask it (_Readiness)."""
+        waiting = self._poller
+        if waiting is not None and self.direct is not None:
+            waiting.stale |= _BROKER
+
+    def _lease(self, broker, epoch):
+        """LEASE from the broker: serve ``epoch`` from now on, or (0) no lease;
+        answered with the lease we now serve, after a REPORT of what we ran
+        if the lease ends (so the broker's stats are exact)."""
+        if epoch:
+            if self._leaving or self.direct is None:
+                epoch = 0  # leaving (the broker was told) or no direct socket
+            log.debug("leased under epoch %d", epoch)
+        else:
+            if self._counted:
+                self._report(broker, REPORT)
+            self._owed = False  # the answer tells the broker we are idle
+            if self._leaving:
+                self._lease_over = True
+            log.debug("lease %d ended", self.lease_epoch)
+        self.lease_epoch = epoch
+        self._send_broker(broker, worker_lease(epoch, 0))
+
+    def _report(self, broker, command):
+        """FREE (idle again: owed once after direct jobs, even if a REPORT
+        just carried their counts) or REPORT (still busy), with the direct
+        jobs ended since the last one; then start counting afresh."""
+        if broker.socket is not None:
+            self._send_broker(broker, worker_counts(command, self.counts))
+        if self._counted:
+            self.counts = DirectCounts()
+            self._counted = False
+        if command == FREE:
+            self._owed = False
+
+    def _send_broker(self, broker, frames):
+        """A message to ``broker`` if it can be queued (as _tell)."""
+        try:
+            send(broker.socket, frames, NOBLOCK)
+        except zmq.Again:
+            log.debug("broker at %s unreachable; %r dropped", broker.backend, frames[2])
+        self._broker_used()
+
+    def _leave_lease(self):
+        """Leaving while leased: tell the broker (LEASE 0), answer NOT_RUN
+        stopping to every direct job from now on, and wait for the broker to
+        end the lease (its holder returned it, or was forgotten) or for
+        ``heartbeat * liveness`` seconds, so that no direct job is left
+        unread in a socket that closes."""
+        broker = self.brokers[0]
+        self._leaving = True
+        self._lease_over = False
+        log.info("leased under epoch %d: waiting for the broker to end the lease",
+                 self.lease_epoch)
+        if broker.socket is not None:
+            if self._counted:
+                self._report(broker, REPORT)
+            self._send_broker(broker, worker_lease(0, 0))
+        self._owed = False
+        self.lease_epoch = 0
+        until = monotonic() + self.liveness
+        while not self._lease_over:
+            now = monotonic()
+            if broker.socket is None or now >= broker.expiry:
+                log.warning("the broker at %s is gone; leaving without the end of the "
+                            "lease", broker.backend)
+                return
+            if now >= until:
+                log.warning("the broker did not end our lease within %.1fs; leaving "
+                            "anyway", self.liveness)
+                return
+            message = self._next_message(int(min(self.heartbeat, until - now) * 1000) + 1)
+            if message is not None:
+                self._handle(message[0], message[1], message[2])
+            now = monotonic()
+            if broker.socket is not None and now >= broker.next_heartbeat:
+                self._tell(broker, HEARTBEAT)
+                broker.next_heartbeat = now + self.heartbeat
+        log.info("the broker ended our lease")
 
     # -- watchdog thread --------------------------------------------------------
 
@@ -534,16 +840,76 @@ class Worker:
                                 f"job exceeded the worker's {self.settings.worker_timeout}s "
                                 "time limit (--timeout); the worker was restarted")
             try:
-                self._reply(self._current_broker, self._client_address, reply)
+                if self._direct_client is not None and self.direct is not None:
+                    send(self.direct, direct_reply(self._direct_client, reply))
+                else:
+                    self._reply(self._current_broker, self._client_address, reply)
                 for broker in self.brokers:
                     if broker.socket is not None:
                         self._tell(broker, DISCONNECT)
                         broker.socket.close(linger=1000)
+                self._close_direct()
                 self.context.term()  # flushes the reply before we exit
             except zmq.ZMQError:
                 pass
         logging.shutdown()
         os._exit(EXIT_JOB_TIMEOUT)
+
+
+_DIRECT, _BROKER = 1, 2  # bits of _Readiness.wait()'s answer
+
+
+class _Readiness:
+    """Which of the direct socket and the broker's have a message waiting,
+    asking libzmq little (as the broker's ``_Readiness``).
+
+    ``zmq_poll`` asks every socket before and after it sleeps, each
+    question a ``poll`` and a ``getpid`` in libzmq: twice the system calls
+    of a blocking receive, on the path of every direct job.  A socket's
+    ``ZMQ_FD`` becomes readable only when something new arrives for a socket
+    that was asked since it was last used; so only a socket whose descriptor
+    fired, or that was used since it was last asked (``stale``), is asked,
+    and the wait is one ``poll`` on the descriptors, timed by the kernel.
+    The worker marks the broker's socket stale after each send on it
+    (``_broker_used``); the direct socket is used only right after it was
+    found readable, so it is still stale then.
+    """
+
+    __slots__ = ("sockets", "stale", "poll", "slot")
+
+    def __init__(self, direct, broker_socket):
+        self.sockets = (direct,) if broker_socket is None else (direct, broker_socket)
+        self.stale = _DIRECT | _BROKER if broker_socket is not None else _DIRECT
+        self.poll = select.poll()
+        self.slot = {}
+        for i, sock in enumerate(self.sockets):
+            fd = sock.getsockopt(zmq.FD)
+            self.poll.register(fd, select.POLLIN)
+            self.slot[fd] = 1 << i
+
+    def wait(self, timeout_ms) -> int:
+        """The bits of the sockets with a message waiting, sleeping up to
+        ``timeout_ms`` if none has; 0 if none came."""
+        ready = self._ask()
+        if ready:
+            return ready
+        for fd, _ in self.poll.poll(timeout_ms):
+            self.stale |= self.slot[fd]
+        return self._ask()
+
+    def _ask(self) -> int:
+        """Ask the stale sockets; those with a message stay stale, since the
+        worker is about to use them."""
+        ready = 0
+        bit = 1
+        for sock in self.sockets:
+            if self.stale & bit:
+                if readable(sock):
+                    ready |= bit
+                else:
+                    self.stale &= ~bit
+            bit <<= 1
+        return ready
 
 
 def _peak_memory() -> int:
