@@ -196,7 +196,7 @@ cdef class BrokerCore:
 
     # the direct path
     cdef list _lease_control(self, list frames, double now)
-    @cython.locals(granting=int, need=int, outstanding=int)
+    @cython.locals(granting=int, need="long long", outstanding="long long")
     cdef void _wish(self, Holder holder, Service svc, long long wanted, double now)
     cdef void _set_wish(self, Holder holder, Service svc, long long wanted, double now)
     @cython.locals(i=int, fewest=int, held=int, other=Holder, idle=list, wishers=list)

@@ -65,6 +65,7 @@ SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
 # while it stays above 0).
 HOLDER_TTL = 3.0  # seconds
 WISH_TTL = 2.5  # seconds
+HOLDER_POLL = 1.0  # seconds: the longest the loop sleeps while holders are known
 
 
 # The histograms' buckets are the protocol's (protocol.BUCKETS, imported
@@ -446,6 +447,8 @@ class BrokerCore:
         """Milliseconds the loop may sleep before the next tick is due."""
         if self._probes_left or self.stopping_since is not None or self._queued:
             return int(BUSY_POLL * 1000)
+        if self.holders and self.heartbeat > HOLDER_POLL:
+            return int(HOLDER_POLL * 1000)  # holders go silent: forget them in time
         return int(self.heartbeat * 1000)
 
     def drained(self) -> bool:
@@ -847,7 +850,7 @@ class BrokerCore:
     def _set_wish(self, holder: Holder, svc: Service, wanted, now):
         name = svc.name
         if wanted > 0:
-            if name not in holder.wanted:
+            if holder not in svc.wishers:
                 svc.wishers.append(holder)
             holder.wanted[name] = wanted
             holder.wished[name] = now

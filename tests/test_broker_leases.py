@@ -253,8 +253,11 @@ def test_a_queued_job_revokes_the_lease_free_the_longest_then_runs_on_that_worke
     sends = reply(core, 3.4, b"w2", b"c", b"job")
     assert outcomes(sends) == [(b"c", b"job", "OK")] and len(sends) == 1
     assert core.workers[b"w2"].holder is None and core.workers[b"w1"].holder is not None
-    # H's RETURN of a revoked lease asks for nothing.
+    # RETURN asks for nothing but for a leaving worker: not for a revoked lease, nor
+    # for one that goes on.
     assert give_back(core, 3.5, H, epochs[b"w2"]) == []
+    assert give_back(core, 3.5, H, epochs[b"w1"]) == []
+    assert core.workers[b"w1"].epoch == epochs[b"w1"] and not core.workers[b"w1"].ending
     assert service_stats(core, 3.5)["leased"] == 1
 
 
@@ -270,6 +273,7 @@ def test_one_revocation_per_waiting_job():
     assert revokes(first + second) == [(H, epochs[b"w1"], p.REVOKE_SHARE),
                                        (H, epochs[b"w2"], p.REVOKE_SHARE)]
     assert leases(core.tick(1.1)) == []
+    assert give_back(core, 1.1, H, epochs[b"w1"]) == []  # before its answer: nothing either
     assert dispatched(answer(core, 1.2, b"w2", 0)) == [(b"w2", b"1")]
     assert dispatched(answer(core, 1.2, b"w1", 0)) == [(b"w1", b"2")]
     assert service_stats(core, 1.2)["queued"] == 0
@@ -608,3 +612,28 @@ def test_stopping_ends_every_lease_and_grants_none():
     assert answer(core, 1.3, b"w1", 0) == [] and answer(core, 1.3, b"w2", 0) == []
     assert service_stats(core, 1.3)["leased"] == 0
     assert core.drained()
+
+
+def test_a_huge_wish_leases_the_idle_workers_and_no_more():
+    core = make_core()
+    ready_direct(core, 0.0, b"w1")
+    ready_direct(core, 0.0, b"w2")
+    sends = wish(core, 0.0, H, 2 ** 62)
+    assert [w for w, _ in leases(sends)] == [b"w1", b"w2"]
+    (offer,) = leases(ready_direct(core, 0.1, b"w3"))  # the wish stands
+    assert offer[0] == b"w3" and core.workers[b"w3"].holder is core.holders[H]
+    # 19 digits: beyond a signed 64-bit number (compiled, protocol.py decodes it
+    # wrapped around); whatever it decodes to, the core carries on.
+    core.client_message([H2, b"", p.EXT_LEASE, p.LEASE_WANTED, SVC, b"9" * 19], 0.2)
+    assert core.client_message([H2, b"", p.EXT_LEASE, p.LEASE_WANTED, SVC, b"9" * 20],
+                               0.2) == []
+    assert len(core.holders[H].leases) + len(core.holders[H2].leases) == 3
+
+
+def test_the_loop_wakes_every_second_while_holders_are_known():
+    core = make_core(heartbeat=5.0)
+    assert core.poll_timeout() == 5000
+    beat(core, 0.0, H)
+    assert core.poll_timeout() == 1000
+    assert core.tick(HOLDER_TTL) == [] and core.holders == {}
+    assert core.poll_timeout() == 5000
