@@ -12,6 +12,7 @@ import pytest
 from pyramid_powerhose import protocol as p
 from pyramid_powerhose.broker_core import HOLDER_TTL, WISH_TTL, Send
 
+from .conftest import wait_for
 from .test_broker_core import (
     SVC, client_sends, command, dispatched, make_core, outcomes, ready, ready_plain, reply,
     service_stats, submit, worker_sends,
@@ -637,3 +638,74 @@ def test_the_loop_wakes_every_second_while_holders_are_known():
     assert core.poll_timeout() == 1000
     assert core.tick(HOLDER_TTL) == [] and core.holders == {}
     assert core.poll_timeout() == 5000
+
+
+# -- on real sockets: the broker process speaks it ---------------------------------------------
+
+
+def test_a_broker_process_grants_counts_and_revokes_on_real_sockets(start_broker, endpoints,
+                                                                   client):
+    """A worker and a client process played by hand on DEALERs: the broker's loop
+    passes PHL01 to the core and sends its LEASE, GRANT and REVOKE."""
+    import time
+
+    import zmq
+
+    start_broker()
+    context = zmq.Context()
+    worker = context.socket(zmq.DEALER)
+    control = context.socket(zmq.DEALER)
+    try:
+        for sock, endpoint in ((worker, endpoints.backend), (control, endpoints.frontend)):
+            sock.linger = 0
+            sock.connect(endpoint)
+        endpoint = f"ipc://{endpoints.dir}/direct/1-0123abcd.sock".encode()
+        worker.send_multipart(p.worker_ready(b"default", 2))
+        worker.send_multipart(p.worker_direct(endpoint))
+
+        def from_broker(expected, timeout=5.0):
+            """The next command but heartbeats (answered, to stay alive)."""
+            deadline = time.monotonic() + timeout
+            while worker.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                cmd = p.parse_broker_command(worker.recv_multipart())
+                if cmd.command == p.HEARTBEAT:
+                    worker.send_multipart(p.worker_command(p.HEARTBEAT))
+                    continue
+                assert cmd.command == expected
+                return cmd
+            raise AssertionError(f"no {expected!r} from the broker")
+
+        def notice():
+            assert control.poll(5000), "no PHL01 notice from the broker"
+            return p.parse_lease_notice(control.recv_multipart())
+
+        wait_for(lambda: client.stats(timeout=0.5)["services"].get("default", {}).get(
+            "workers") == 1, what="the worker registered")
+        control.send_multipart(p.lease_wanted(b"default", 1))
+        epoch = from_broker(p.LEASE).epoch
+        assert epoch > 0
+        worker.send_multipart(p.worker_lease(epoch, 0))
+        grant = notice()
+        assert (grant.command, grant.service, grant.epoch, grant.endpoint, grant.credit) == (
+            p.LEASE_GRANT, b"default", epoch, endpoint, 2)
+        counts = p.DirectCounts()
+        counts.add(0.001)
+        counts.add(0.002, p.ERR_EXECUTION)
+        worker.send_multipart(p.worker_counts(p.FREE, counts))
+        control.send_multipart(p.lease_heartbeat())
+        wait_for(lambda: client.stats(timeout=0.5)["services"]["default"]["direct"] == 2,
+                 what="the direct jobs counted")
+        stats = client.stats(timeout=0.5)
+        assert (stats["services"]["default"]["done"], stats["services"]["default"]["failed"],
+                stats["services"]["default"]["leased"]) == (1, 1, 1)
+        (listed,) = stats["workers"]
+        assert (listed["leased_to"] is not None, listed["direct_jobs"]) == (True, 2)
+        # The worker leaves (DISCONNECT): the holder is told its lease is lost.
+        worker.send_multipart(p.worker_command(p.DISCONNECT))
+        revoke = notice()
+        assert (revoke.command, revoke.epoch, revoke.reason) == (
+            p.LEASE_REVOKE, epoch, p.REVOKE_LOST)
+    finally:
+        worker.close(0)
+        control.close(0)
+        context.term()
