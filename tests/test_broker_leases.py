@@ -709,3 +709,23 @@ def test_a_broker_process_grants_counts_and_revokes_on_real_sockets(start_broker
         worker.close(0)
         control.close(0)
         context.term()
+
+
+def test_the_direct_path_fields_become_metrics():
+    pytest.importorskip("prometheus_client")
+    from .test_metrics import expose, value
+
+    core = make_core()
+    ready(core, 0.0, b"r", b"relayed-only")
+    ready_direct(core, 0.0, b"w1")
+    ready_direct(core, 0.0, b"w2")
+    lease_all(core, 0.0, H, [b"w1"])
+    report(core, 1.0, b"w1", counts_of(2, [(p.ERR_EXECUTION, 0.01)], seconds=[0.001, 0.002]))
+    families = expose(core.stats(2.0))
+    assert value(families, "powerhose_direct_jobs_total", service="svc") == 3
+    assert value(families, "powerhose_workers_leased", service="svc") == 1
+    assert [s.labels["service"] for s in families["powerhose_direct_jobs"].samples
+            if s.name == "powerhose_direct_jobs_total"] == ["svc"]
+    assert [s.labels["service"] for s in families["powerhose_workers_leased"].samples] \
+        == ["svc"]
+    assert value(families, "powerhose_jobs_total", service="svc", outcome="OK") == 2
