@@ -7,9 +7,10 @@
 cimport cython
 
 from pyramid_powerhose.protocol cimport (
-    ClientMessage, Request, WorkerMessage, backend_command, backend_request,
-    frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
-    parse_backend, parse_frontend, reply_frames_ok,
+    ClientMessage, DirectCounts, LeaseControl, Request, WorkerMessage, backend_command,
+    backend_lease, backend_request, frontend_plain_reply, frontend_rejection, frontend_reply,
+    frontend_worker_reply, is_lease_control, job_size, parse_backend, parse_frontend,
+    reply_frames_ok,
 )
 
 
@@ -35,6 +36,8 @@ cdef class Histogram:
 
     @cython.locals(i=int)
     cpdef void observe(self, double seconds)
+    @cython.locals(i=int)
+    cdef void add_counts(self, list counts, double total)
 
 
 cdef class Rate:
@@ -43,6 +46,7 @@ cdef class Rate:
 
     cdef void _advance(self, long second)
     cpdef void add(self, double now)
+    cdef void add_many(self, double now, long long count)
     cpdef double per_second(self, double now)
 
 
@@ -60,6 +64,15 @@ cdef class PendingJob:
 cdef PendingJob _pending_job(ClientMessage msg, double now, long long size)
 
 
+cdef class Holder:
+    cdef public bytes address
+    cdef public double heard
+    cdef public dict wanted
+    cdef public dict wished
+    cdef public list leases
+    cdef public bint gone
+
+
 cdef class WorkerRef:
     cdef public bytes address
     cdef public Service service
@@ -75,6 +88,16 @@ cdef class WorkerRef:
     cdef public long jobs_done
     cdef public object last_job
     cdef public bytes about
+    cdef public bytes endpoint
+    cdef public bint direct
+    cdef public long long epoch
+    cdef public Holder holder
+    cdef public bint granting
+    cdef public bint ending
+    cdef public bint leaving
+    cdef public object free_since
+    cdef public double granted_at
+    cdef public long long direct_jobs
 
 
 cdef class Service:
@@ -94,6 +117,11 @@ cdef class Service:
     cdef public Histogram run
     cdef public Histogram total
     cdef public Rate rate
+    cdef public long long direct
+    cdef public int leased
+    cdef public int ending
+    cdef public list wishers
+    cdef public bint direct_seen
 
     cdef void ended(self, code, double now)
 
@@ -128,6 +156,9 @@ cdef class BrokerCore:
     cdef long long _max_queue_bytes
     cdef set _queued
     cdef double _next_sweep
+    cdef public dict holders
+    cdef dict _leases
+    cdef long long _next_epoch
 
     cdef list _take(self)
     cdef void _to_client(self, list frames)
@@ -162,3 +193,31 @@ cdef class BrokerCore:
     cdef void _serve_queue(self, Service svc, double now)
     @cython.locals(svc=Service)
     cdef void _abandon_all(self)
+
+    # the direct path
+    cdef list _lease_control(self, list frames, double now)
+    @cython.locals(granting=int, need="long long", outstanding="long long")
+    cdef void _wish(self, Holder holder, Service svc, long long wanted, double now)
+    cdef void _set_wish(self, Holder holder, Service svc, long long wanted, double now)
+    @cython.locals(i=int, fewest=int, held=int, other=Holder, idle=list, wishers=list)
+    cdef void _grant_idle(self, Service svc, double now)
+    cdef void _grant(self, WorkerRef worker, Holder holder, double now)
+    @cython.locals(held=int)
+    cdef int _held(self, Holder holder, Service svc)
+    @cython.locals(workers=int, holders=int)
+    cdef int _share(self, Service svc)
+    @cython.locals(share=int, over_by=int, beyond=int)
+    cdef WorkerRef _victim(self, Service svc, taker)
+    cdef void _reclaim(self, Service svc)
+    cdef void _revoke(self, WorkerRef worker, bytes reason)
+    cdef void _end(self, WorkerRef worker)
+    cdef void _unlease(self, WorkerRef worker)
+    cdef void _worker_direct(self, WorkerRef worker, WorkerMessage msg, double now)
+    cdef void _worker_lease(self, WorkerRef worker, WorkerMessage msg, double now)
+    cdef void _lease_returned(self, Holder holder, LeaseControl msg)
+    @cython.locals(failed="long long", jobs="long long", ran="long long")
+    cdef void _direct_counts(self, WorkerRef worker, WorkerMessage msg, double now)
+    cdef void _lease_lost(self, WorkerRef worker)
+    cdef void _expire_holders(self, double now)
+    cdef void _drop_wishes(self, Holder holder)
+    cdef void _end_all_leases(self)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import secrets
 from collections import deque
 
 from .exc import ProtocolError
@@ -32,6 +33,9 @@ from .protocol import (
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
     parse_backend, parse_frontend, reply_frames_ok, BUCKETS,
+    DIRECT, FREE, LEASE, LEASE_HEARTBEAT, LEASE_RETURN, LEASE_WANTED, REPORT, REVOKE_LEAVING,
+    REVOKE_LOST, REVOKE_SHARE, DirectCounts, LeaseControl, backend_lease, is_lease_control,
+    lease_grant, lease_revoke, parse_lease_control,
 )
 
 log = logging.getLogger("pyramid_powerhose.broker")
@@ -52,6 +56,16 @@ BUSY_POLL = 0.05  # seconds: how often the loop wakes while jobs wait or workers
 # its last use: clients may send any name, and each costs memory and stats.
 SERVICE_TTL = 10.0  # seconds
 SERVICE_SWEEP_INTERVAL = 1.0  # seconds between looks for such services
+
+
+# The direct path (docs/direct_path.rst): a client process that holds or
+# wants leases says so at least every second; one silent this long is
+# forgotten and its leases end.  Its wish for more leases of a service
+# lapses if not said again within WISH_TTL (it says it again every second
+# while it stays above 0).
+HOLDER_TTL = 3.0  # seconds
+WISH_TTL = 2.5  # seconds
+HOLDER_POLL = 1.0  # seconds: the longest the loop sleeps while holders are known
 
 
 # The histograms' buckets are the protocol's (protocol.BUCKETS, imported
@@ -81,6 +95,16 @@ class Histogram:
         self.counts[i] += 1
         self.total += seconds
         self.count += 1
+
+    def add_counts(self, counts, total):
+        """Durations already counted by bucket (a leased worker's report):
+        ``counts`` per bucket, as :attr:`counts`, and their sum."""
+        i = 0
+        for n in counts:
+            self.counts[i] += n
+            self.count += n
+            i += 1
+        self.total += total
 
     def snapshot(self) -> dict:
         """Cumulative, as Prometheus has them: [[le, count of values <= le], ...]."""
@@ -115,6 +139,13 @@ class Rate:
         if second > self.second:
             self._advance(second)
         self.slots[second % RATE_WINDOW] += 1
+
+    def add_many(self, now, count):
+        """``count`` events at once (direct jobs, reported together)."""
+        second = int(now)
+        if second > self.second:
+            self._advance(second)
+        self.slots[second % RATE_WINDOW] += count
 
     def per_second(self, now) -> float:
         second = int(now)
@@ -208,6 +239,23 @@ def _pending_job(msg, now, size) -> PendingJob:
     return job
 
 
+class Holder:
+    """A client process that holds or wants leases: its control DEALER's
+    address on the frontend, when it was last heard (any PHL01 message),
+    the leases it still wants by service name (``wanted``, each said at
+    ``wished``), and the workers leased to it, being granted or ending."""
+
+    __slots__ = ("address", "heard", "wanted", "wished", "leases", "gone")
+
+    def __init__(self, address, now):
+        self.address = address
+        self.heard = now
+        self.wanted = {}  # service name: leases it still wants (grants made count off)
+        self.wished = {}  # service name: when it said so
+        self.leases = []  # WorkerRefs whose holder it is, in the order granted
+        self.gone = False  # forgotten: its leases end without a REVOKE
+
+
 class WorkerRef:
     """What the broker knows of one connected worker.
 
@@ -215,11 +263,20 @@ class WorkerRef:
     first; ``credit`` is how many it accepts at once (1 for plain MDP).
     A list, not a deque: it holds a handful, and compiled, a list's
     operations are C calls where a deque's are Python method calls.
+
+    The direct path: ``endpoint`` is what it announced (DIRECT), ``direct``
+    whether it may be leased now.  While leased (``holder`` set; never
+    with a relayed job, never in ``idle`` or ``spare``): ``epoch``,
+    ``granting`` (LEASE sent, its answer awaited), ``ending`` (LEASE 0
+    sent, its answer awaited), ``leaving`` (it said LEASE 0 first: it is
+    going away; it stays set once the lease is over), ``free_since`` (its
+    last FREE, None after a grant or a REPORT).
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
                  "vanished", "last_reply", "paused", "registered", "jobs_done", "last_job",
-                 "about")
+                 "about", "endpoint", "direct", "epoch", "holder", "granting", "ending",
+                 "leaving", "free_since", "granted_at", "direct_jobs")
 
     def __init__(self, address, service, extended, credit, expiry):
         self.address = address
@@ -236,6 +293,16 @@ class WorkerRef:
         self.jobs_done = 0
         self.last_job = None  # seconds the last job ran
         self.about = b""  # pid@host, from its READY
+        self.endpoint = b""  # its direct socket, from DIRECT
+        self.direct = False  # announced DIRECT, extended, not leaving: may be leased
+        self.epoch = 0
+        self.holder = None  # the Holder it is leased to
+        self.granting = False
+        self.ending = False
+        self.leaving = False
+        self.free_since = None
+        self.granted_at = 0.0
+        self.direct_jobs = 0  # direct jobs it reported (FREE, REPORT)
 
 
 class Service:
@@ -248,7 +315,8 @@ class Service:
 
     __slots__ = ("name", "workers", "idle", "spare", "queue", "queued_bytes", "done",
                  "failed", "job_time", "last_used", "without_workers_since", "outcomes",
-                 "wait", "run", "total", "rate")
+                 "wait", "run", "total", "rate", "direct", "leased", "ending", "wishers",
+                 "direct_seen")
 
     def __init__(self, name, now=0.0):
         self.name = name
@@ -267,6 +335,16 @@ class Service:
         self.run = Histogram()  # seconds on the worker
         self.total = Histogram()  # seconds from arrival to the result
         self.rate = Rate(now)  # jobs ended, per second
+        # The direct path: jobs leased workers reported; workers leased (being
+        # granted, granted or ending), of which ending and back to the pool
+        # once they answer (revocations in progress); holders that want
+        # leases of it; whether a worker of it ever announced DIRECT (its
+        # stats show the direct path's fields from then on).
+        self.direct = 0
+        self.leased = 0
+        self.ending = 0
+        self.wishers = []
+        self.direct_seen = False
 
     def ended(self, code, now):
         """A job ran on a worker: ``code`` is None if it succeeded."""
@@ -346,6 +424,12 @@ class BrokerCore:
         self._max_queue_bytes = settings.max_queue_bytes
         self._queued: set[Service] = set()  # services that may have jobs waiting
         self._next_sweep = now + SERVICE_SWEEP_INTERVAL
+        # The direct path: client processes holding or wanting leases, by
+        # address; leases by epoch; the next epoch (random, so that a broker
+        # that restarts does not hand out its predecessor's epochs again).
+        self.holders: dict[bytes, Holder] = {}
+        self._leases: dict[int, WorkerRef] = {}
+        self._next_epoch = secrets.randbits(40) + 1
 
     def _take(self) -> list[Send]:
         out, self._out = self._out, []
@@ -363,6 +447,8 @@ class BrokerCore:
         """Milliseconds the loop may sleep before the next tick is due."""
         if self._probes_left or self.stopping_since is not None or self._queued:
             return int(BUSY_POLL * 1000)
+        if self.holders and self.heartbeat > HOLDER_POLL:
+            return int(HOLDER_POLL * 1000)  # holders go silent: forget them in time
         return int(self.heartbeat * 1000)
 
     def drained(self) -> bool:
@@ -383,7 +469,9 @@ class BrokerCore:
             busy = 0
             for address in svc.workers:
                 worker: WorkerRef = self.workers[address]
-                if worker.jobs or worker.paused:  # paused: busy with another broker
+                # paused: busy with another broker; leased: busy until it says FREE
+                if worker.jobs or worker.paused or \
+                        (worker.holder is not None and worker.free_since is None):
                     busy += 1
             services[_name(svc.name)] = {
                 "workers": len(svc.workers),
@@ -400,6 +488,8 @@ class BrokerCore:
                 "run_seconds": svc.run.snapshot(),
                 "total_seconds": svc.total.snapshot(),
             }
+            if svc.direct_seen:  # only once a worker of it announced DIRECT
+                services[_name(svc.name)].update(direct=svc.direct, leased=svc.leased)
         workers = []
         for worker in self.workers.values():
             pid, _, host = worker.about.decode("utf-8", "replace").partition("@")
@@ -417,6 +507,11 @@ class BrokerCore:
                 "last_job_ms": None if worker.last_job is None else round(
                     worker.last_job * 1000, 3),
             })
+            if worker.endpoint:  # only for a worker that announced DIRECT
+                holder: Holder = worker.holder
+                workers[-1].update(
+                    leased_to=None if holder is None else holder.address.hex(),
+                    direct_jobs=worker.direct_jobs)
         return {
             "pid": self.pid,
             "engine": self.engine,
@@ -432,8 +527,11 @@ class BrokerCore:
     # -- events: clients ----------------------------------------------------------------
 
     def client_message(self, frames, now) -> list[Send]:
-        """A message from the frontend: a job, or an 8/MMI query."""
+        """A message from the frontend: a job, an 8/MMI query, or a client
+        process's lease control (PHL01)."""
         msg: ClientMessage
+        if is_lease_control(frames):
+            return self._lease_control(frames, now)
         try:
             msg = parse_frontend(frames)
         except ProtocolError as exc:
@@ -467,6 +565,8 @@ class BrokerCore:
             else:
                 svc.push(job)
                 self._queued.add(svc)
+                if svc.leased:  # leased workers may have to come back for it
+                    self._reclaim(svc)
         return self._take()
 
     def _service(self, name, now) -> Service:
@@ -546,13 +646,27 @@ class BrokerCore:
             else:
                 worker.expiry = now + self.liveness
                 self._pause(worker, command == PAUSE, now)
+        elif worker is None:
+            # DIRECT, LEASE, FREE, REPORT from a worker we do not know (it
+            # registered with a broker before us): its heartbeats will get it
+            # a DISCONNECT, and it registers again.
+            log.debug("dropped %r from unknown worker %s", command, msg.address.hex())
+        elif command == FREE or command == REPORT:
+            worker.expiry = now + self.liveness
+            self._direct_counts(worker, msg, now)
+        elif command == LEASE:
+            worker.expiry = now + self.liveness
+            self._worker_lease(worker, msg, now)
+        elif command == DIRECT:
+            worker.expiry = now + self.liveness
+            self._worker_direct(worker, msg, now)
         return self._take()
 
     def _pause(self, worker: WorkerRef, paused, now):
         """A worker busy elsewhere gets no job until it resumes; jobs it
         already holds stay its own."""
-        if worker.paused == paused:
-            return
+        if worker.paused == paused or worker.holder is not None or worker.leaving:
+            return  # a leased worker has one broker, and a leaving one is going
         worker.paused = paused
         if paused:
             try:
@@ -636,6 +750,8 @@ class BrokerCore:
             self._queued.discard(svc)
         if not worker.jobs:
             svc.idle.append(worker)
+            if svc.wishers:  # client processes want leases of it
+                self._grant_idle(svc, now)
         else:
             self._list_spare(worker)
 
@@ -682,6 +798,390 @@ class BrokerCore:
 
     def _disconnect(self, address):
         self._to_worker(backend_command(address, DISCONNECT))
+
+    # -- the direct path: leases (docs/direct_path.rst) ------------------------------------
+
+    def _lease_control(self, frames, now) -> list[Send]:
+        """PHL01 from a client process's control socket: LEASE (it wants
+        leases), RETURN (nothing of it is in flight on a lease any more),
+        HEARTBEAT.  Malformed ones are logged and dropped."""
+        msg: LeaseControl
+        try:
+            msg = parse_lease_control(frames)
+        except ProtocolError as exc:
+            return _dropped(frames, "client's lease control", exc)
+        holder: Holder = self.holders.get(msg.address)
+        if holder is None:
+            holder = self.holders[msg.address] = Holder(msg.address, now)
+        holder.heard = now
+        command = msg.command
+        if command == LEASE_WANTED:
+            if not msg.service.startswith(MMI_PREFIX) and self.stopping_since is None:
+                self._wish(holder, self._service(msg.service, now), msg.wanted, now)
+        elif command == LEASE_RETURN:
+            self._lease_returned(holder, msg)
+        return self._take()
+
+    def _wish(self, holder: Holder, svc: Service, wanted, now):
+        """A holder wants ``wanted`` more leases of ``svc`` (those it is being
+        granted count off): from the idle workers first, then by revoking
+        leases of holders beyond their share."""
+        granting = 0
+        worker: WorkerRef
+        for worker in holder.leases:
+            if worker.granting and worker.service is svc:
+                granting += 1
+        self._set_wish(holder, svc, wanted - granting, now)
+        if not svc.wishers:
+            return
+        self._grant_idle(svc, now)
+        outstanding = holder.wanted.get(svc.name, 0)
+        if not outstanding:
+            return
+        need = min(outstanding, self._share(svc) - self._held(holder, svc))
+        # Workers ending their leases come back to the pool: the queue takes
+        # them first, then the holders that want leases.
+        while need > svc.ending - len(svc.queue):
+            victim = self._victim(svc, holder)
+            if victim is None:
+                break
+            self._revoke(victim, REVOKE_SHARE)
+
+    def _set_wish(self, holder: Holder, svc: Service, wanted, now):
+        name = svc.name
+        if wanted > 0:
+            if holder not in svc.wishers:
+                svc.wishers.append(holder)
+            holder.wanted[name] = wanted
+            holder.wished[name] = now
+        elif name in holder.wanted:
+            del holder.wanted[name]
+            del holder.wished[name]
+            try:
+                svc.wishers.remove(holder)
+            except ValueError:
+                pass
+
+    def _grant_idle(self, svc: Service, now):
+        """Idle workers that may be leased go to the holders that want leases
+        of ``svc``, from the head of the idle list (LRU); each to the holder
+        holding the fewest leases of it."""
+        if self.stopping_since is not None:
+            return
+        idle = svc.idle
+        wishers = svc.wishers
+        worker: WorkerRef
+        holder: Holder
+        i = 0
+        while wishers and i < len(idle):
+            worker = idle[i]
+            if not worker.direct:
+                i += 1
+                continue
+            holder = wishers[0]
+            if len(wishers) > 1:
+                fewest = self._held(holder, svc)
+                for other in wishers:
+                    held = self._held(other, svc)
+                    if held < fewest:
+                        holder, fewest = other, held
+            del idle[i]
+            self._grant(worker, holder, now)
+
+    def _grant(self, worker: WorkerRef, holder: Holder, now):
+        """Offer ``worker`` a lease for ``holder``: the GRANT goes to the
+        holder once the worker has answered."""
+        svc: Service = worker.service
+        epoch = self._next_epoch
+        self._next_epoch += 1
+        worker.holder = holder
+        worker.epoch = epoch
+        worker.granting = True
+        worker.ending = False
+        worker.free_since = None
+        worker.granted_at = now
+        holder.leases.append(worker)
+        self._leases[epoch] = worker
+        svc.leased += 1
+        self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) - 1, now)
+        log.debug("leasing worker %s of %r to %s, epoch %d", worker.address.hex(), svc.name,
+                  holder.address.hex(), epoch)
+        self._to_worker(backend_lease(worker.address, epoch), worker)
+
+    def _held(self, holder: Holder, svc: Service) -> int:
+        """Leases of ``svc`` the holder has or is being granted, not ending."""
+        held = 0
+        worker: WorkerRef
+        for worker in holder.leases:
+            if worker.service is svc and not worker.ending and not worker.leaving:
+                held += 1
+        return held
+
+    def _share(self, svc: Service) -> int:
+        """Leases of ``svc`` each holder may keep when others want some: its
+        workers that may be leased (or are), divided among the holders that
+        want leases of it or hold some, rounded up."""
+        workers = 0
+        worker: WorkerRef
+        for address in svc.workers:
+            worker = self.workers[address]
+            if worker.direct or (worker.holder is not None and not worker.leaving):
+                workers += 1
+        holders = 0
+        holder: Holder
+        for holder in self.holders.values():
+            if svc.name in holder.wanted or self._held(holder, svc):
+                holders += 1
+        return -(-workers // holders) if holders else workers
+
+    def _victim(self, svc: Service, taker) -> WorkerRef:
+        """The lease of ``svc`` to revoke: the one FREE the longest, else the
+        oldest of the holder holding the most beyond its share.  For
+        ``taker`` (a holder below its share), only another holder's lease,
+        and only from a holder beyond its share; for jobs waiting in the
+        queue (``taker`` None), any."""
+        share = self._share(svc)
+        free: WorkerRef = None
+        over: WorkerRef = None
+        over_by = 0
+        holder: Holder
+        worker: WorkerRef
+        for holder in self.holders.values():
+            if holder is taker:
+                continue
+            beyond = self._held(holder, svc) - share
+            if taker is not None and beyond <= 0:
+                continue
+            oldest: WorkerRef = None
+            for worker in holder.leases:
+                if worker.service is not svc or worker.granting or worker.ending or \
+                        worker.leaving:
+                    continue
+                if worker.free_since is not None and \
+                        (free is None or worker.free_since < free.free_since):
+                    free = worker
+                if oldest is None or worker.granted_at < oldest.granted_at:
+                    oldest = worker
+            if oldest is not None and (over is None or beyond > over_by or (
+                    beyond == over_by and oldest.granted_at < over.granted_at)):
+                over, over_by = oldest, beyond
+        return free if free is not None else over
+
+    def _reclaim(self, svc: Service):
+        """Jobs wait in the queue of ``svc`` and no idle worker takes them:
+        end leases, one per waiting job not already covered by a lease
+        ending."""
+        while len(svc.queue) > svc.ending:
+            victim = self._victim(svc, None)
+            if victim is None:
+                return
+            self._revoke(victim, REVOKE_SHARE)
+
+    def _revoke(self, worker: WorkerRef, reason):
+        holder: Holder = worker.holder
+        log.debug("revoking lease %d of worker %s (%s)", worker.epoch, worker.address.hex(),
+                  reason)
+        self._to_client(lease_revoke(holder.address, worker.service.name, worker.epoch,
+                                     reason))
+        self._end(worker)
+
+    def _end(self, worker: WorkerRef):
+        """LEASE 0 to a leased worker; its lease is over once it answers."""
+        worker.ending = True
+        if not worker.leaving:
+            svc: Service = worker.service
+            svc.ending += 1
+        self._to_worker(backend_lease(worker.address, 0), worker)
+
+    def _unlease(self, worker: WorkerRef):
+        """The lease is over (the worker answered, or it is gone)."""
+        holder: Holder = worker.holder
+        svc: Service = worker.service
+        try:
+            holder.leases.remove(worker)
+        except ValueError:
+            pass
+        self._leases.pop(worker.epoch, None)
+        svc.leased -= 1
+        if worker.ending and not worker.leaving:
+            svc.ending -= 1
+        worker.holder = None
+        worker.epoch = 0
+        worker.granting = False
+        worker.ending = False
+        worker.free_since = None
+
+    def _worker_direct(self, worker: WorkerRef, msg, now):
+        """DIRECT: where the worker takes direct jobs; an extended worker may
+        be leased from now on."""
+        if not worker.extended or worker.leaving:
+            log.debug("ignored DIRECT from worker %s", worker.address.hex())
+            return
+        svc: Service = worker.service
+        worker.endpoint = msg.endpoint
+        worker.direct = True
+        svc.direct_seen = True
+        if svc.wishers and worker.holder is None and not worker.jobs and not worker.paused \
+                and not worker.vanished:
+            self._grant_idle(svc, now)
+
+    def _worker_lease(self, worker: WorkerRef, msg, now):
+        """A worker's LEASE: the answer to ours (the epoch it now serves, 0 for
+        none), or, unasked and with 0, the news that it is leaving."""
+        epoch = msg.epoch
+        holder: Holder = worker.holder
+        svc: Service = worker.service
+        if holder is None:
+            log.debug("worker %s answered LEASE %d for no lease", worker.address.hex(),
+                      epoch)
+            return
+        if msg.held:
+            log.warning("worker %s holds %d direct jobs at the end of a lease",
+                        worker.address.hex(), msg.held)
+        if worker.granting:
+            if epoch == worker.epoch:
+                worker.granting = False
+                if holder.gone or self.stopping_since is not None or \
+                        len(svc.queue) > svc.ending:
+                    # Its holder is gone, we are stopping, or relayed jobs
+                    # came first: the holder never learns of this lease.
+                    if not holder.gone and self.stopping_since is None:
+                        self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
+                    self._end(worker)
+                else:
+                    self._to_client(lease_grant(holder.address, svc.name, epoch,
+                                                worker.endpoint, worker.credit))
+            elif epoch == 0:
+                # It declined (it is leaving, most likely): not offered again
+                # until it announces DIRECT again.
+                log.info("worker %s declined a lease", worker.address.hex())
+                worker.direct = False
+                if not holder.gone:
+                    self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
+                self._unlease(worker)
+                self._worker_ready(worker, now)
+            else:
+                log.debug("worker %s answered a stale LEASE %d", worker.address.hex(), epoch)
+            return
+        if epoch:
+            log.debug("worker %s answered LEASE %d, serving %d", worker.address.hex(), epoch,
+                      worker.epoch)
+        elif worker.ending:
+            leaving = worker.leaving
+            self._unlease(worker)
+            if not leaving:
+                self._worker_ready(worker, now)  # the queue first, then the wishes
+        elif not worker.leaving:
+            # Unasked: it is leaving.  Its holder stops choosing it and says
+            # RETURN once nothing of it is in flight on it; then LEASE 0.
+            worker.leaving = True
+            worker.direct = False
+            if holder.gone:
+                self._end(worker)
+            else:
+                self._to_client(lease_revoke(holder.address, svc.name, worker.epoch,
+                                             REVOKE_LEAVING))
+
+    def _lease_returned(self, holder: Holder, msg):
+        """RETURN: only a leaving worker waits for it (then LEASE 0)."""
+        worker: WorkerRef = self._leases.get(msg.epoch)
+        if worker is None or worker.holder is not holder or \
+                worker.service.name != msg.service:
+            log.debug("RETURN of unknown lease %d from %s", msg.epoch, holder.address.hex())
+        elif worker.leaving and not worker.ending:
+            self._end(worker)
+
+    def _direct_counts(self, worker: WorkerRef, msg, now):
+        """FREE or REPORT: the direct jobs a leased worker ran since it last
+        said, counted as relayed jobs are (but for the wait histogram)."""
+        counts: DirectCounts = msg.counts
+        svc: Service = worker.service
+        failed = 0
+        for code, count in counts.outcomes.items():
+            failed += count
+            svc.outcomes[code] = svc.outcomes.get(code, 0) + count
+        jobs = counts.done + failed
+        svc.done += counts.done
+        svc.failed += failed
+        ran = 0
+        for count in counts.buckets:
+            ran += count
+        svc.run.add_counts(counts.buckets, counts.run_sum)
+        svc.total.add_counts(counts.buckets, counts.run_sum)
+        if ran:
+            svc.ran(counts.run_sum / ran)  # one step of the average: their mean
+        if jobs:
+            svc.rate.add_many(now, jobs)
+        svc.direct += jobs
+        svc.direct_seen = True
+        worker.jobs_done += jobs
+        worker.direct_jobs += jobs
+        if worker.holder is not None and not worker.granting:
+            worker.free_since = now if msg.command == FREE else None
+
+    def _lease_lost(self, worker: WorkerRef):
+        """A leased worker is gone (died, expired, vanished, left, registered
+        again): its holder fails what it has in flight on it."""
+        holder: Holder = worker.holder
+        svc: Service = worker.service
+        if not holder.gone and not (worker.leaving and worker.ending):
+            # (A leaving worker sent LEASE 0 after RETURN: nothing is in flight.)
+            self._to_client(lease_revoke(holder.address, svc.name, worker.epoch,
+                                         REVOKE_LOST))
+            if worker.granting and self.stopping_since is None:
+                self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1,
+                               holder.heard)
+        self._unlease(worker)
+
+    def _expire_holders(self, now):
+        """Forget holders silent for HOLDER_TTL (their leases end, without a
+        REVOKE), and wishes not said again within WISH_TTL."""
+        holder: Holder
+        worker: WorkerRef
+        for holder in list(self.holders.values()):
+            if now - holder.heard >= HOLDER_TTL:
+                log.info("client process %s silent for %.1fs: its %d leases end",
+                         holder.address.hex(), now - holder.heard, len(holder.leases))
+                del self.holders[holder.address]
+                holder.gone = True
+                self._drop_wishes(holder)
+                for worker in list(holder.leases):
+                    if not worker.granting and not worker.ending:
+                        self._end(worker)
+                continue
+            for name, wished in list(holder.wished.items()):
+                if now - wished >= WISH_TTL:
+                    svc: Service = self.services.get(name)
+                    if svc is None:
+                        del holder.wanted[name]
+                        del holder.wished[name]
+                    else:
+                        self._set_wish(holder, svc, 0, now)
+
+    def _drop_wishes(self, holder: Holder):
+        for name in holder.wanted:
+            svc: Service = self.services.get(name)
+            if svc is not None:
+                try:
+                    svc.wishers.remove(holder)
+                except ValueError:
+                    pass
+        holder.wanted.clear()
+        holder.wished.clear()
+
+    def _end_all_leases(self):
+        """Stopping: every lease ends (the holders are told the workers leave)
+        and nobody wants one any more."""
+        holder: Holder
+        worker: WorkerRef
+        for holder in self.holders.values():
+            self._drop_wishes(holder)
+            for worker in list(holder.leases):
+                if worker.granting or worker.ending or worker.leaving:
+                    continue  # ended at its answer; ending; waiting for RETURN
+                self._to_client(lease_revoke(holder.address, worker.service.name,
+                                             worker.epoch, REVOKE_LEAVING))
+                self._end(worker)
 
     # -- events: sends that failed ------------------------------------------------------
 
@@ -759,6 +1259,8 @@ class BrokerCore:
         if now >= self._next_expiry:
             self._expire_jobs(now)
             self._expire_workers(now)
+            if self.holders:
+                self._expire_holders(now)
             self._next_expiry = now + EXPIRY_INTERVAL
             if now >= self._next_sweep:
                 self._forget_idle_services(now)
@@ -804,6 +1306,8 @@ class BrokerCore:
             svc.keep(keep)
             if not keep:
                 self._queued.discard(svc)
+            elif svc.leased:  # jobs wait: may a lease end for them?
+                self._reclaim(svc)
 
     def _forget_idle_services(self, now):
         """Services with no worker, no job waiting and no recent use go."""
@@ -829,6 +1333,9 @@ class BrokerCore:
         """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
         svc: Service = worker.service
+        if worker.holder is not None:
+            self._lease_lost(worker)
+        worker.direct = False
         svc.workers.discard(worker.address)
         svc.last_used = now
         if not svc.workers:
@@ -869,6 +1376,8 @@ class BrokerCore:
             self._list_spare(worker)
         if not queue:
             self._queued.discard(svc)
+        elif svc.leased:
+            self._reclaim(svc)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -878,6 +1387,7 @@ class BrokerCore:
             log.info("broker stopping: finishing accepted jobs (grace %.1fs)",
                      self.settings.grace)
             self.stopping_since = now
+            self._end_all_leases()
 
     def _abandon_all(self):
         for svc in self._queued:

@@ -80,6 +80,13 @@ def families(stats: dict) -> list:
                                "worker.", labels=["service"])
     queued_bytes = GaugeMetricFamily("powerhose_queue_bytes", "Bytes of the jobs waiting in "
                                      "the broker.", labels=["service"])
+    # The direct path: services a worker announced DIRECT for have these fields.
+    direct = CounterMetricFamily("powerhose_direct_jobs", "Jobs that ended on the direct "
+                                 "path (leased workers' reports), by service; also counted "
+                                 "in powerhose_jobs.", labels=["service"])
+    leased = GaugeMetricFamily("powerhose_workers_leased", "Workers leased to a client "
+                               "process (being granted, granted or ending), by service.",
+                               labels=["service"])
     histograms = (
         ("wait_seconds", HistogramMetricFamily(
             "powerhose_job_wait_seconds", "Seconds from a job's arrival at the broker to its "
@@ -98,11 +105,14 @@ def families(stats: dict) -> list:
         workers.add_metric([name, "busy"], svc["busy"])
         queued.add_metric([name], svc["queued"])
         queued_bytes.add_metric([name], svc["queued_bytes"])
+        if "direct" in svc:
+            direct.add_metric([name], svc["direct"])
+            leased.add_metric([name], svc["leased"])
         for field, family in histograms:
             histogram = svc[field]
             family.add_metric([name], _buckets(histogram["buckets"]), histogram["sum"])
-    return [uptime, info, stopping, events, jobs, workers, queued, queued_bytes,
-            *(family for _, family in histograms)]
+    return [uptime, info, stopping, events, jobs, workers, queued, queued_bytes, direct,
+            leased, *(family for _, family in histograms)]
 
 
 def _buckets(buckets) -> list[tuple[str, float]]:
