@@ -227,6 +227,8 @@ class _ConnectionWatcher:
             self._wake_out.send(b"stop")
         self._thread.join()
         self._wake_out.close(0)
+        if self._direct is not None:
+            self._direct.close()  # its eventfd, once the thread no longer polls it
 
     def _run(self):
         if self._green:  # a greenlet under gevent: its poll must yield
@@ -599,6 +601,8 @@ class _Direct:
             return out, wake
 
     def close(self):
+        """Close every thread's sockets to leased workers, and the eventfd
+        (idempotent; the watcher's thread must have ended)."""
         for holder in list(self.holders):
             holder.close()
         if self.wake_fd >= 0:
@@ -925,6 +929,14 @@ class Client:
         lease = direct.take(service, deadline_ns)
         if lease is None:  # no lease: relayed, and counted in our wish
             try:
+                left = (deadline_ns - monotonic_ns()) / 1e9
+                if left < timeout - 0.01:  # it waited for room on a lease, then lost it
+                    if left <= 0:
+                        raise exc.TimeoutError(
+                            f"job on {service.decode()!r} found no room on this process's "
+                            f"leased workers within its timeout ({timeout}s)")
+                    req.ttl_ms = max(1, int(left * 1000))
+                    timeout = left
                 return self._relay(req, timeout, retries)
             finally:
                 direct.relayed(service)
@@ -1362,7 +1374,7 @@ def check_job(settings, data, headers, timeout):
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
     headers = dict(headers) if headers else {}
     # As the broker counts it; headers map str to str, or TypeError now.
-    size = job_size(Request(b"", b"", data, 0, headers))
+    size = job_size(Request(b"", b"", data, 0, headers)) if headers else len(data)
     if size > settings.max_job_size:
         raise exc.JobTooLargeError(
             f"job of {size} bytes (data and headers) is larger than the max job size "
