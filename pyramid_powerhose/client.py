@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import weakref
-from time import monotonic
+from time import monotonic, monotonic_ns
 
 import zmq
 import zmq.utils.monitor
@@ -50,8 +50,10 @@ from .exc import ProtocolError
 # look-up, a module's attribute a dictionary look-up every time.
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
-    MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, WORKER_HEADER,
-    Request, client_request, job_size, parse_client_reply,
+    ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX,
+    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Request, client_request, direct_request,
+    job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
+    parse_direct_reply, parse_lease_notice,
 )
 from .settings import Settings
 from .tracing import inject
@@ -74,6 +76,7 @@ MAP_WINDOW = 128  # jobs in flight at once per map() call
 
 # A thread waiting for a reply looks at its connection this often.
 WAIT_SLICE = 0.2
+WAIT_SLICE_MS = 200
 # A socket that has not reached a broker within this many seconds of its
 # creation or of its last disconnection has none to reach (none listens, or
 # it is not coming back): its jobs fail with BrokerLostError, not at their
@@ -188,9 +191,12 @@ class _ConnectionWatcher:
     it when libzmq says the monitored socket is gone.
     """
 
-    def __init__(self, context, green=False):
+    def __init__(self, context, green=False, direct=None, frontend=None):
         self._pid = os.getpid()
         self._green = green
+        self._context = context
+        self._direct = direct  # a _Direct: this thread also runs the control socket
+        self._frontend = frontend
         self._stopped = False
         self._lock = threading.Lock()
         # Held to change a broker's ``up``, notified when one changes.
@@ -221,6 +227,8 @@ class _ConnectionWatcher:
             self._wake_out.send(b"stop")
         self._thread.join()
         self._wake_out.close(0)
+        if self._direct is not None:
+            self._direct.close()  # its eventfd, once the thread no longer polls it
 
     def _run(self):
         if self._green:  # a greenlet under gevent: its poll must yield
@@ -230,13 +238,18 @@ class _ConnectionWatcher:
             poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
         channels = {}  # monitor socket -> _Watched
+        control = None
         try:
+            if self._direct is not None:
+                control = _Control(self._context, self._frontend, self._direct, poller)
             while True:
                 try:
-                    ready = poller.poll()
+                    ready = poller.poll(None if control is None else control.timeout())
                 except zmq.ZMQError:
                     return  # the context was destroyed first (a client never closed)
                 for sock, _ in ready:
+                    if control is not None and control.handle(sock):
+                        continue
                     if sock is self._wake_in:
                         if self._wake_in.recv() == b"stop":
                             return
@@ -250,9 +263,13 @@ class _ConnectionWatcher:
                         poller.unregister(sock)
                         del channels[sock]
                         sock.close(0)
+                if control is not None:
+                    control.tick()
         finally:
             for monitor in channels:
                 monitor.close(0)
+            if control is not None:
+                control.close()
             self._wake_in.close(0)
 
     def _event(self, monitor, watched) -> bool:
@@ -298,6 +315,401 @@ class _Watched:
         self.channel = weakref.ref(channel)
         self.broker = channel.broker
         self.connected = False
+
+
+# -- the direct path (docs/direct_path.rst, #19) ---------------------------------
+#
+# The broker leases this process idle workers ("GRANT"); the process's
+# threads then send their jobs straight to those workers, each thread on its
+# own DEALER per lease, and the broker is off the per-job path.  One control
+# DEALER per process, owned by the connection watcher's thread, tells the
+# broker how many jobs could use leases (LEASE wanted), heartbeats while it
+# holds or wants leases, and hears GRANT and REVOKE; a revoked lease is
+# RETURNed once none of our jobs is in flight on it.  Used only with one ipc
+# frontend, CURVE off, ``settings.direct`` and no gevent; otherwise, and for
+# any job with no lease to go on, the relayed path runs exactly as before.
+
+WISH_GAP = 0.010  # seconds between two LEASE wishes of one service, at least
+WISH_REPEAT = 1.0  # a wish > 0 is said again this often, and withdrawn (0) as late
+LEASE_BEAT = 1.0  # a HEARTBEAT this often while holding or wanting leases
+_LOCAL_NOT_RUN = b"not-run"  # a worker said NOT_RUN on a lease the broker had not revoked
+_BROKER_GONE = b"broker-gone"  # the control socket lost the broker: leases dropped
+
+
+class _Lease:
+    """A worker leased to this process: written under the _Direct's lock.
+
+    ``revoked``: None while usable, else why (a REVOKE_* reason or one of
+    ours); ``owe_return``: the broker revoked it, a RETURN is due once
+    ``in_flight`` is 0; ``gone``: nothing more will be sent on it, so the
+    threads close their sockets to it.
+    """
+
+    __slots__ = ("service", "epoch", "endpoint", "credit", "in_flight", "last_used",
+                 "revoked", "owe_return", "gone", "__weakref__")
+
+    def __init__(self, service, epoch, endpoint, credit):
+        self.service = service  # its _Service
+        self.epoch = epoch
+        self.endpoint = endpoint
+        self.credit = credit
+        self.in_flight = 0
+        self.last_used = 0
+        self.revoked = None
+        self.owe_return = False
+        self.gone = False
+
+
+class _Service:
+    """A service's usable leases and its wish: jobs ``waiting`` for room on a
+    lease plus jobs ``relaying`` for lack of one; ``sent``: the wish the
+    broker was last told, at ``sent_at`` (watcher's monotonic clock)."""
+
+    __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at")
+
+    def __init__(self, name, lock):
+        self.name = name
+        self.leases = []  # usable (unrevoked) leases, in grant order
+        self.cond = threading.Condition(lock)
+        self.waiting = 0
+        self.relaying = 0
+        self.sent = 0
+        self.sent_at = -1e9
+
+    def choose(self):
+        """The usable lease with room, fewest in flight then least recently
+        used, or None; under the lock."""
+        best = None
+        for lease in self.leases:
+            if lease.in_flight < lease.credit and (
+                    best is None or lease.in_flight < best.in_flight or (
+                        lease.in_flight == best.in_flight
+                        and lease.last_used < best.last_used)):
+                best = lease
+        return best
+
+
+class _Direct:
+    """One process's leases, shared by its threads (the bookkeeping only:
+    the watcher's thread does the talking to the broker, see _Control).
+
+    Callers take a lease (:meth:`take`) and give it back (:meth:`release`);
+    the watcher applies GRANT and REVOKE (:meth:`notice`), a lost broker
+    (:meth:`drop_all`), and asks what to send (:meth:`due`).  A caller pokes
+    the watcher (an eventfd its poller watches) only when the wish grows
+    past what the broker was told or a RETURN is due, at most once until the
+    watcher looked.
+    """
+
+    def __init__(self, wake=None):
+        self.lock = threading.Lock()
+        self.services = {}  # service name -> _Service
+        self.by_epoch = {}  # epoch -> _Lease, every lease not yet gone
+        self.returns = []  # (service name, epoch) RETURNs due
+        self.turn = 0  # the LRU clock
+        self.gone_gen = 0  # bumped whenever a lease goes: threads then close sockets
+        self.poked = False
+        self.beat_at = 0.0
+        self.holders = weakref.WeakSet()  # every thread's _DirectSockets, for close()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if wake is None else -1
+        self._wake = wake  # tests: a callable instead of the eventfd
+
+    def _poke(self):
+        """Wake the watcher (under the lock)."""
+        if not self.poked:
+            self.poked = True
+            if self._wake is not None:
+                self._wake()
+            else:
+                os.eventfd_write(self.wake_fd, 1)
+
+    def _service(self, name):
+        svc = self.services.get(name)
+        if svc is None:
+            svc = self.services[name] = _Service(name, self.lock)
+        return svc
+
+    # -- callers' side -----------------------------------------------------------
+
+    def take(self, name, deadline_ns):
+        """A lease with room for one more job of ``name`` (counted in flight),
+        or None: no lease, the job goes relayed and counts in the wish until
+        :meth:`relayed`.  Waits for room while every lease is at its credit,
+        up to ``deadline_ns`` (then TimeoutError)."""
+        self.lock.acquire()
+        try:
+            svc = self.services.get(name)
+            if svc is None:
+                svc = self._service(name)
+            lease = svc.choose()
+            if lease is None:
+                if svc.leases:
+                    lease = self._wait(svc, deadline_ns)
+                if lease is None:
+                    svc.relaying += 1
+                    if svc.relaying + svc.waiting > svc.sent:
+                        self._poke()
+                    return None
+            lease.in_flight += 1
+            self.turn += 1
+            lease.last_used = self.turn
+            return lease
+        finally:
+            self.lock.release()
+
+    def _wait(self, svc, deadline_ns):
+        """Wait for room on a lease of ``svc`` (under the lock); None once it
+        holds no usable lease any more."""
+        svc.waiting += 1
+        if svc.relaying + svc.waiting > svc.sent:
+            self._poke()
+        try:
+            while True:
+                left = deadline_ns - monotonic_ns()
+                if left <= 0:
+                    raise exc.TimeoutError(
+                        f"job on {svc.name.decode()!r} found no room on this process's "
+                        "leased workers within its timeout; are they overloaded or hung?")
+                svc.cond.wait(left / 1e9)
+                if not svc.leases:
+                    return None
+                lease = svc.choose()
+                if lease is not None:
+                    return lease
+        finally:
+            svc.waiting -= 1
+
+    def relayed(self, name):
+        """A job counted by :meth:`take` as relayed for lack of a lease is over."""
+        with self.lock:
+            self.services[name].relaying -= 1
+
+    def release(self, lease, refused=None):
+        """A job on ``lease`` is over; ``refused``: the worker said NOT_RUN
+        (this reason), so the lease is not chosen again."""
+        self.lock.acquire()
+        try:
+            lease.in_flight -= 1
+            svc = lease.service
+            if refused is not None and lease.revoked is None:
+                self._revoke(lease, _LOCAL_NOT_RUN)
+            if svc.waiting:
+                svc.cond.notify()
+            if lease.revoked is not None and lease.in_flight == 0:
+                self._end(lease)
+        finally:
+            self.lock.release()
+
+    # -- the watcher's side --------------------------------------------------------
+
+    def _revoke(self, lease, reason):
+        """Stop choosing ``lease`` (under the lock)."""
+        lease.revoked = reason
+        svc = lease.service
+        try:
+            svc.leases.remove(lease)
+        except ValueError:
+            pass
+        if svc.waiting:
+            svc.cond.notify_all()  # room may be gone for good: they look again
+
+    def _end(self, lease):
+        """A revoked lease with nothing in flight: RETURN it if the broker
+        revoked it; it is gone (under the lock)."""
+        if lease.gone:
+            return
+        lease.gone = True
+        self.by_epoch.pop(lease.epoch, None)
+        self.gone_gen += 1
+        if lease.owe_return:
+            lease.owe_return = False
+            self.returns.append((lease.service.name, lease.epoch))
+            self._poke()
+
+    def notice(self, notice):
+        """Apply a GRANT or a REVOKE from the broker."""
+        with self.lock:
+            if notice.command == LEASE_GRANT:
+                if notice.epoch in self.by_epoch:
+                    return
+                svc = self._service(notice.service)
+                lease = _Lease(svc, notice.epoch, notice.endpoint.decode(), notice.credit)
+                self.by_epoch[notice.epoch] = lease
+                svc.leases.append(lease)
+                if svc.waiting:
+                    svc.cond.notify_all()
+                log.debug("lease %d on %r granted: %s, credit %d", notice.epoch,
+                          notice.service, lease.endpoint, notice.credit)
+            elif notice.command == LEASE_REVOKE:
+                lease = self.by_epoch.get(notice.epoch)
+                log.debug("lease %d on %r revoked: %r", notice.epoch, notice.service,
+                          notice.reason)
+                if lease is None:  # gone already: the broker still waits for a RETURN
+                    self.returns.append((notice.service, notice.epoch))
+                    return
+                if lease.revoked is None or notice.reason == REVOKE_LOST:
+                    self._revoke(lease, notice.reason)
+                lease.owe_return = True
+                if lease.in_flight == 0:
+                    self._end(lease)
+
+    def drop_all(self):
+        """The broker is gone: drop every lease (jobs in flight on them finish;
+        no RETURN, no broker to hear it), and tell the next broker our wishes."""
+        with self.lock:
+            for lease in list(self.by_epoch.values()):
+                if lease.revoked is None:
+                    self._revoke(lease, _BROKER_GONE)
+                lease.owe_return = False
+                if lease.in_flight == 0:
+                    self._end(lease)
+            self.returns = []
+            for svc in self.services.values():
+                svc.sent = 0
+                svc.sent_at = -1e9
+
+    def due(self, now):
+        """What the watcher sends now (a list of messages), and when it must
+        look again (a monotonic time, or None)."""
+        with self.lock:
+            self.poked = False
+            out = [lease_return(name, epoch) for name, epoch in self.returns]
+            self.returns = []
+            wake = None
+            wanting = False
+            for svc in self.services.values():
+                n = svc.waiting + svc.relaying
+                if n > svc.sent or ((n or svc.sent) and now - svc.sent_at >= WISH_REPEAT):
+                    if now - svc.sent_at >= WISH_GAP:
+                        out.append(lease_wanted(svc.name, n))
+                        svc.sent = n
+                        svc.sent_at = now
+                    else:
+                        at = svc.sent_at + WISH_GAP
+                        wake = at if wake is None or at < wake else wake
+                if svc.sent:
+                    wanting = True
+                    at = svc.sent_at + WISH_REPEAT
+                    wake = at if wake is None or at < wake else wake
+            if self.by_epoch or wanting:
+                if now >= self.beat_at:
+                    out.append(lease_heartbeat())
+                    self.beat_at = now + LEASE_BEAT
+                wake = self.beat_at if wake is None or self.beat_at < wake else wake
+            else:
+                self.beat_at = 0.0  # the next lease or wish gets a heartbeat at once
+            return out, wake
+
+    def close(self):
+        """Close every thread's sockets to leased workers, and the eventfd
+        (idempotent; the watcher's thread must have ended)."""
+        for holder in list(self.holders):
+            holder.close()
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+
+
+class _DirectSockets:
+    """One thread's DEALERs to the workers leased to its process, made on
+    first use and closed by the thread once their lease is gone (or when the
+    thread ends, or by Client.close)."""
+
+    __slots__ = ("socks", "gen", "ids", "__weakref__")
+
+    def __init__(self, direct):
+        self.socks = {}  # _Lease -> socket
+        self.gen = direct.gone_gen
+        self.ids = itertools.count(1)
+        direct.holders.add(self)
+        weakref.finalize(self, _close_sockets, self.socks)
+
+    def sweep(self, gen):
+        self.gen = gen
+        for lease in [lease for lease in self.socks if lease.gone]:
+            _close_socket(self.socks.pop(lease))
+
+    def open(self, context, lease):
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(lease.endpoint)
+        self.socks[lease] = sock
+        return sock
+
+    def close(self):
+        _close_sockets(self.socks)
+
+
+def _close_sockets(socks):
+    for sock in list(socks.values()):
+        _close_socket(sock)
+
+
+class _Control:
+    """The process's control DEALER to the broker's frontend, in the watcher's
+    thread: says the wishes, heartbeats and RETURNs that :class:`_Direct`
+    has due, applies GRANT and REVOKE, and drops every lease when its
+    connection to the broker drops."""
+
+    def __init__(self, context, frontend, direct, poller):
+        self.direct = direct
+        self.wake = None
+        sock = context.socket(zmq.DEALER)
+        sock.linger = 0
+        address = f"inproc://powerhose-monitor-{next(_monitor_ids)}"
+        sock.monitor(address, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.monitor = context.socket(zmq.PAIR)
+        self.monitor.connect(address)
+        sock.connect(frontend)
+        self.socket = sock
+        self.fd = direct.wake_fd
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self.fd, zmq.POLLIN)
+
+    def timeout(self):
+        """The poll's timeout in ms (None: until something happens)."""
+        if self.wake is None:
+            return None
+        return max(0, int((self.wake - monotonic()) * 1000) + 1)
+
+    def handle(self, sock) -> bool:
+        """Handle ``sock`` if it is ours; whether it was."""
+        if sock is self.socket:
+            while True:
+                frames = recv_within(self.socket, 0)
+                if frames is None:
+                    break
+                try:
+                    notice = parse_lease_notice(frames)
+                except ProtocolError as error:
+                    log.warning("dropped a malformed lease notice from the broker: %s", error)
+                    continue
+                self.direct.notice(notice)
+        elif sock is self.monitor:
+            event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self.direct.drop_all()
+        elif sock == self.fd:
+            try:
+                os.eventfd_read(self.fd)
+            except BlockingIOError:
+                pass
+        else:
+            return False
+        return True
+
+    def tick(self):
+        out, self.wake = self.direct.due(monotonic())
+        for frames in out:
+            try:
+                send(self.socket, frames, NOBLOCK)
+            except zmq.Again:
+                log.debug("control socket full: dropped %r", frames[2])
+
+    def close(self):
+        self.monitor.close(0)
+        self.socket.close(0)
 
 
 class Client:
@@ -365,6 +777,11 @@ class Client:
         self._brokers = None  # one _Broker per frontend, made with the first channel
         self._executor = None
         self._watcher = None  # started with the first channel
+        direct = getattr(self, "_direct", None)
+        if direct is not None and direct.wake_fd >= 0:
+            os.close(direct.wake_fd)  # a forked child's copy: the parent's leases are not ours
+            direct.wake_fd = -1
+        self._direct = None  # this process's leases (a _Direct), made with the watcher
 
     def _channel(self, index=0) -> _Channel:
         """This thread's socket to the ``index``-th broker, made on first use."""
@@ -383,7 +800,10 @@ class Client:
             raise exc.PowerhoseError("the client is closed")
         with self._lock:
             if self._watcher is None:
-                self._watcher = _ConnectionWatcher(self._context, self._green)
+                if self._may_lease():
+                    self._direct = _Direct()
+                self._watcher = _ConnectionWatcher(self._context, self._green, self._direct,
+                                                   self.frontends[0])
                 weakref.finalize(self, self._watcher.stop)  # a client never closed
                 self._brokers = [_Broker(endpoint, i)
                                  for i, endpoint in enumerate(self.frontends)]
@@ -392,6 +812,13 @@ class Client:
         with self._lock:
             self._channels.add(channel)
         return channel
+
+    def _may_lease(self) -> bool:
+        """Whether this client may take leases (docs/direct_path.rst): one ipc
+        frontend, CURVE off, ``settings.direct``, not under gevent."""
+        return (bool(self.settings.direct) and len(self.frontends) == 1
+                and self.frontends[0].startswith("ipc://") and self._curve is None
+                and not self._green)
 
     def _pick(self, avoid=()) -> _Channel:
         """This thread's socket to the broker for the next job.
@@ -460,6 +887,18 @@ class Client:
         """
         req, timeout = self._request(data, headers, service, timeout)
         retries = self.retries if retries is None else retries
+        if not self._several:
+            channel = self._channel()
+            direct = self._direct
+            if direct is not None:
+                return self._execute_direct(direct, channel, req, timeout, retries)
+            if not retries:
+                req.job_id = channel.next_id()
+                return _result(self._run(channel, req, timeout))
+        return self._relay(req, timeout, retries)
+
+    def _relay(self, req, timeout, retries):
+        """Send a job through the broker, with ``retries`` (see :meth:`execute`)."""
         if not self._several and not retries:
             channel = self._channel()
             req.job_id = channel.next_id()
@@ -480,6 +919,106 @@ class Client:
                 req.ttl_ms = max(1, int(timeout * 1000))
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
+
+    def _execute_direct(self, direct, channel, req, timeout, retries):
+        """A job on a lease of this process if it holds one with room (or
+        gets room within the timeout); else, or if the worker did not run it
+        (NOT_RUN), through the broker."""
+        deadline_ns = monotonic_ns() + int(timeout * 1e9)
+        service = req.service
+        lease = direct.take(service, deadline_ns)
+        if lease is None:  # no lease: relayed, and counted in our wish
+            try:
+                left = (deadline_ns - monotonic_ns()) / 1e9
+                if left < timeout - 0.01:  # it waited for room on a lease, then lost it
+                    if left <= 0:
+                        raise exc.TimeoutError(
+                            f"job on {service.decode()!r} found no room on this process's "
+                            f"leased workers within its timeout ({timeout}s)")
+                    req.ttl_ms = max(1, int(left * 1000))
+                    timeout = left
+                return self._relay(req, timeout, retries)
+            finally:
+                direct.relayed(service)
+        reply = self._direct_run(direct, lease, req, deadline_ns, timeout)
+        if reply is not None:
+            if reply.ok:
+                return reply.data
+            raise exc.from_reply(reply)
+        # NOT_RUN: the worker never started it; relayed, within what is left.
+        left = (deadline_ns - monotonic_ns()) / 1e9
+        if left <= 0:
+            raise exc.TimeoutError(
+                f"job on {service.decode()!r} was refused by its leased worker (not run) "
+                f"and no time was left of its {timeout}s to send it through the broker")
+        req.ttl_ms = max(1, int(left * 1000))
+        return self._relay(req, left, retries)
+
+    def _direct_run(self, direct, lease, req, deadline_ns, timeout):
+        """Send one job on ``lease`` from this thread's socket to its worker
+        and wait for the reply; None if the worker did not run it (NOT_RUN,
+        or the job could not be queued)."""
+        refused = None
+        try:
+            try:
+                mine = self._local.direct
+            except AttributeError:
+                mine = self._local.direct = _DirectSockets(direct)
+            if mine.gen != direct.gone_gen:
+                mine.sweep(direct.gone_gen)
+            sock = mine.socks.get(lease)
+            if sock is None:
+                sock = mine.open(self._context, lease)
+            job_id = b"%x" % next(mine.ids)
+            req.job_id = job_id
+            headers = req.headers
+            asked = headers and WORKER_HEADER in headers
+            if asked:  # a question for a broker: the worker gets the job's own headers
+                req.headers = {k: v for k, v in headers.items() if k != WORKER_HEADER}
+                frames = direct_request(lease.epoch, deadline_ns, req)
+                req.headers = headers
+            else:
+                frames = direct_request(lease.epoch, deadline_ns, req)
+            try:
+                send(sock, frames, NOBLOCK)
+            except zmq.Again:
+                return None  # never queued: it may go through the broker
+            while True:
+                left = deadline_ns - monotonic_ns()
+                wait = (left + 999999) // 1000000
+                frames = recv_within(sock, WAIT_SLICE_MS if wait > WAIT_SLICE_MS else
+                                     wait if wait > 0 else 0)
+                if frames is None:
+                    if lease.revoked == REVOKE_LOST:
+                        raise exc.WorkerLostError(
+                            f"job {job_id.decode()} on {req.service.decode()!r}: the worker "
+                            f"leased at {lease.endpoint} was lost while the job was in flight")
+                    if monotonic_ns() >= deadline_ns:
+                        raise exc.TimeoutError(
+                            f"job {job_id.decode()} on {req.service.decode()!r} got no result "
+                            f"within {timeout}s from the worker leased at {lease.endpoint}; "
+                            "is it overloaded or hung?")
+                    continue
+                try:
+                    reply = parse_direct_reply(frames)
+                except ProtocolError as error:
+                    log.warning("dropped malformed direct reply from %s: %s", lease.endpoint,
+                                error)
+                    continue
+                if reply.job_id == job_id:
+                    break
+                log.debug("dropped late direct reply for job %r", reply.job_id)
+            if not reply.ok and reply.code == ERR_NOT_RUN:
+                refused = reply.message.encode()
+                log.debug("job %s on %r not run by its leased worker (%s): relayed",
+                          job_id.decode(), req.service.decode(), reply.message)
+                return None
+            if asked:  # the broker would say pid@host; here nobody says
+                reply.worker = ""
+                note_reply(reply)
+            return reply
+        finally:
+            direct.release(lease, refused)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
@@ -737,10 +1276,13 @@ class Client:
         with self._lock:
             channels = list(self._channels)
             watcher, self._watcher = self._watcher, None
+            direct, self._direct = self._direct, None
         for channel in channels:
             channel.close()
         if watcher is not None:
             watcher.stop()
+        if direct is not None:
+            direct.close()  # after the watcher, which polls its eventfd
         self._local = threading.local()
         self._context.destroy(linger=0)
 
@@ -832,7 +1374,7 @@ def check_job(settings, data, headers, timeout):
         raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
     headers = dict(headers) if headers else {}
     # As the broker counts it; headers map str to str, or TypeError now.
-    size = job_size(Request(b"", b"", data, 0, headers))
+    size = job_size(Request(b"", b"", data, 0, headers)) if headers else len(data)
     if size > settings.max_job_size:
         raise exc.JobTooLargeError(
             f"job of {size} bytes (data and headers) is larger than the max job size "

@@ -1,0 +1,196 @@
+"""The client's lease bookkeeping (client._Direct), alone: no sockets, the
+watcher's clock given by hand."""
+
+import threading
+import time
+
+import pytest
+
+from pyramid_powerhose import exc, protocol
+from pyramid_powerhose.client import LEASE_BEAT, WISH_GAP, WISH_REPEAT, _Direct
+from pyramid_powerhose.protocol import LeaseNotice
+
+
+def far():
+    """A deadline no test reaches (taken when used: a constant of the module
+    would have passed by the time a long run gets here)."""
+    return time.monotonic_ns() + 60 * 10 ** 9
+
+
+class Pokes:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self):
+        self.count += 1
+
+
+@pytest.fixture
+def direct():
+    pokes = Pokes()
+    d = _Direct(wake=pokes)
+    d.pokes = pokes
+    return d
+
+
+def grant(direct, epoch, credit=2, service=b"s"):
+    direct.notice(LeaseNotice(protocol.LEASE_GRANT, service, epoch,
+                              b"ipc:///tmp/w%d.sock" % epoch, credit))
+
+
+def revoke(direct, epoch, reason=protocol.REVOKE_SHARE, service=b"s"):
+    direct.notice(LeaseNotice(protocol.LEASE_REVOKE, service, epoch, reason=reason))
+
+
+def sent(out):
+    """The messages due, as (command, service, number) tuples."""
+    return [tuple(m[2:]) for m in out]
+
+
+def test_least_loaded_then_least_recently_used(direct):
+    grant(direct, 1)
+    grant(direct, 2)
+    a = direct.take(b"s", far())
+    b = direct.take(b"s", far())
+    assert {a.epoch, b.epoch} == {1, 2}  # the least loaded first
+    c = direct.take(b"s", far())
+    assert c is a  # both at 1: the least recently used
+    direct.release(b)
+    d = direct.take(b"s", far())
+    assert d is b  # now the least loaded
+    e = direct.take(b"s", far())
+    assert e is b  # a at 2 = its credit
+    assert a.in_flight == 2 and b.in_flight == 2
+
+
+def test_no_lease_means_relayed_and_a_wish(direct):
+    assert direct.take(b"s", far()) is None
+    assert direct.pokes.count == 1
+    assert direct.take(b"s", far()) is None
+    out, wake = direct.due(10.0)
+    assert sent(out) == [(b"LEASE", b"s", b"2"), (b"HEARTBEAT",)]
+    direct.relayed(b"s")
+    direct.relayed(b"s")
+    # Dropping to 0 does not wake the watcher; the wish is withdrawn when it
+    # is due again, a second later, and the heartbeats stop with it.
+    assert direct.pokes.count == 1
+    out, wake = direct.due(10.5)
+    assert out == [] and wake == pytest.approx(10.0 + min(WISH_REPEAT, LEASE_BEAT))
+    out, wake = direct.due(11.0)
+    assert sent(out) == [(b"LEASE", b"s", b"0")]
+    out, wake = direct.due(12.0)
+    assert out == [] and wake is None
+
+
+def test_wishes_are_paced_and_repeated(direct):
+    direct.take(b"s", far())
+    out, _ = direct.due(100.0)
+    assert sent(out)[0] == (b"LEASE", b"s", b"1")
+    direct.take(b"s", far())  # it grows: the watcher is woken
+    assert direct.pokes.count == 2
+    out, wake = direct.due(100.004)  # too soon after the last
+    assert out == [] and wake == pytest.approx(100.0 + WISH_GAP)
+    out, wake = direct.due(100.0 + WISH_GAP)
+    assert sent(out) == [(b"LEASE", b"s", b"2")]
+    direct.relayed(b"s")  # shrinking is said only with the next repeat
+    out, _ = direct.due(100.5)
+    assert out == []
+    out, _ = direct.due(100.0 + WISH_GAP + WISH_REPEAT)
+    assert (b"LEASE", b"s", b"1") in sent(out)
+
+
+def test_heartbeats_while_holding(direct):
+    grant(direct, 7)
+    out, wake = direct.due(5.0)
+    assert sent(out) == [(b"HEARTBEAT",)] and wake == 5.0 + LEASE_BEAT
+    out, _ = direct.due(5.5)
+    assert out == []
+    out, _ = direct.due(6.0)
+    assert sent(out) == [(b"HEARTBEAT",)]
+
+
+def test_revoke_returns_once_nothing_is_in_flight(direct):
+    grant(direct, 1)
+    lease = direct.take(b"s", far())
+    revoke(direct, 1)
+    assert lease.revoked == protocol.REVOKE_SHARE and not lease.gone
+    assert direct.take(b"s", far()) is None  # not chosen any more: relayed
+    assert direct.due(1.0)[0][0][2] == b"LEASE"  # no RETURN yet
+    direct.release(lease)
+    assert lease.gone
+    out, _ = direct.due(2.0)
+    assert (b"RETURN", b"s", b"1") in sent(out)
+    out, _ = direct.due(3.0)
+    assert not [m for m in sent(out) if m[0] == b"RETURN"]
+
+
+def test_revoke_of_an_idle_or_unknown_lease_returns_at_once(direct):
+    grant(direct, 1)
+    revoke(direct, 1)
+    revoke(direct, 99, protocol.REVOKE_LEAVING)
+    out, _ = direct.due(1.0)
+    assert [m for m in sent(out) if m[0] == b"RETURN"] == [
+        (b"RETURN", b"s", b"1"), (b"RETURN", b"s", b"99")]
+
+
+def test_not_run_stops_choosing_it_without_a_return(direct):
+    grant(direct, 1)
+    lease = direct.take(b"s", far())
+    direct.release(lease, protocol.NOT_RUN_LEASE)
+    assert lease.gone
+    assert not [m for m in sent(direct.due(1.0)[0]) if m[0] == b"RETURN"]
+    revoke(direct, 1)  # the broker's REVOKE, later: answered
+    assert (b"RETURN", b"s", b"1") in sent(direct.due(2.0)[0])
+
+
+def test_waiting_for_room_then_a_grant(direct):
+    grant(direct, 1, credit=1)
+    first = direct.take(b"s", far())
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while direct.services[b"s"].waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert sent(direct.due(1.0)[0])[0] == (b"LEASE", b"s", b"1")  # the waiting job
+    grant(direct, 2, credit=1)
+    thread.join(5)
+    assert got[0].epoch == 2
+    direct.release(first)
+
+
+def test_waiting_then_the_last_lease_revoked_goes_relayed(direct):
+    grant(direct, 1, credit=1)
+    first = direct.take(b"s", far())
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while direct.services[b"s"].waiting != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    revoke(direct, 1)
+    thread.join(5)
+    assert got == [None] and direct.services[b"s"].relaying == 1
+    direct.release(first)
+
+
+def test_waiting_for_room_times_out(direct):
+    grant(direct, 1, credit=1)
+    direct.take(b"s", far())
+    with pytest.raises(exc.TimeoutError):
+        direct.take(b"s", time.monotonic_ns() + 50 * 10 ** 6)
+    assert direct.services[b"s"].waiting == 0
+
+
+def test_broker_lost_drops_everything(direct):
+    grant(direct, 1)
+    grant(direct, 2)
+    busy = direct.take(b"s", far())
+    direct.due(1.0)
+    direct.drop_all()
+    assert direct.take(b"s", far()) is None
+    assert not busy.gone  # its job finishes
+    direct.release(busy)
+    assert busy.gone and direct.by_epoch == {}
+    out, _ = direct.due(2.0)
+    assert sent(out) == [(b"LEASE", b"s", b"1"), (b"HEARTBEAT",)]  # said again, no RETURN
