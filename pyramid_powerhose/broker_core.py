@@ -33,7 +33,7 @@ from .protocol import (
     REPLY, ClientMessage, Reply, Request, STATUS_OK, WorkerMessage, backend_command, backend_request,
     frontend_plain_reply, frontend_rejection, frontend_reply, frontend_worker_reply, job_size,
     parse_backend, parse_frontend, reply_frames_ok, BUCKETS,
-    DIRECT, FREE, LEASE, LEASE_HEARTBEAT, LEASE_RETURN, LEASE_WANTED, REPORT, REVOKE_LEAVING,
+    DIRECT, FREE, LEASE, LEASE_RETURN, LEASE_WANTED, REPORT, REVOKE_LEAVING,
     REVOKE_LOST, REVOKE_SHARE, DirectCounts, LeaseControl, backend_lease, is_lease_control,
     lease_grant, lease_revoke, parse_lease_control,
 )

@@ -62,7 +62,7 @@ def report(core, now, worker, counts, cmd=p.REPORT):
     return core.worker_message([worker, *p.worker_counts(cmd, counts)], now)
 
 
-# -- frames out ---------------------------------------------------------------------------
+# -- frames out ----------------------------------------------------------------------------
 
 
 def leases(sends):
@@ -126,7 +126,7 @@ def counts_of(done=0, failed=(), seconds=()):
     return counts
 
 
-# -- grants ---------------------------------------------------------------------------------
+# -- grants --------------------------------------------------------------------------------
 
 
 def test_a_grant_goes_to_the_lru_idle_direct_worker_only_after_its_answer():
@@ -232,7 +232,7 @@ def test_a_leased_worker_is_never_leased_twice_nor_given_a_relayed_job():
     assert core.workers[b"w"] not in core.services[SVC].idle
 
 
-# -- revocation -------------------------------------------------------------------------------
+# -- revocation ----------------------------------------------------------------------------
 
 
 def test_a_queued_job_revokes_the_lease_free_the_longest_then_runs_on_that_worker():
@@ -349,7 +349,7 @@ def test_a_worker_declining_a_lease_is_not_offered_one_again():
     assert leases(reply(core, 0.3, b"w", b"c", b"1")) == []
 
 
-# -- holders and workers going away --------------------------------------------------------------
+# -- holders and workers going away --------------------------------------------------------
 
 
 def test_a_silent_holder_is_forgotten_and_its_workers_get_lease_0():
@@ -458,7 +458,7 @@ def test_a_leaving_worker_that_leaves_before_the_return_revokes_as_lost():
         (H, epochs[b"w"], p.REVOKE_LOST)]
 
 
-# -- counts and stats ----------------------------------------------------------------------------
+# -- counts and stats ----------------------------------------------------------------------
 
 
 def test_free_and_report_counts_show_in_the_stats_exactly():
@@ -526,7 +526,7 @@ def test_mmi_service_still_finds_a_service_whose_only_worker_is_leased():
     assert [s.frames for s in sends] == [[b"c", b"", p.MDP_CLIENT, p.MMI_SERVICE, p.MMI_FOUND]]
 
 
-# -- what the core ignores -------------------------------------------------------------------------
+# -- what the core ignores -----------------------------------------------------------------
 
 
 def test_stale_and_unknown_epochs_are_ignored():
@@ -593,7 +593,7 @@ def test_a_wish_for_an_mmi_service_is_ignored():
     assert p.MMI_SERVICE not in core.services
 
 
-# -- stopping ---------------------------------------------------------------------------------------
+# -- stopping ------------------------------------------------------------------------------
 
 
 def test_stopping_ends_every_lease_and_grants_none():
@@ -640,7 +640,7 @@ def test_the_loop_wakes_every_second_while_holders_are_known():
     assert core.poll_timeout() == 5000
 
 
-# -- on real sockets: the broker process speaks it ---------------------------------------------
+# -- on real sockets: the broker process speaks it -----------------------------------------
 
 
 def test_a_broker_process_grants_counts_and_revokes_on_real_sockets(start_broker, endpoints,
