@@ -101,7 +101,6 @@ NOT_RUN_LEASE = b"lease"  # not the worker's current lease (revoked, or an old e
 NOT_RUN_STOPPING = b"stopping"  # the worker is leaving
 NOT_RUN_CREDIT = b"credit"  # the holder sent more than the lease's credit
 MAX_ENDPOINT_LENGTH = 255
-MAX_EPOCH = 2 ** 63 - 1
 
 # Upper bounds, in seconds, of the run-time histogram's buckets
 # (Prometheus' "le"), from a tenth of a millisecond (a job of a token
@@ -615,8 +614,9 @@ def parse_broker_command(frames) -> BrokerCommand:
 
 
 def _decode_number(frame: bytes, what) -> int:
-    """A decimal count or epoch, digit by digit (as :func:`_decode_ttl`)."""
-    if not 0 < len(frame) <= 19:
+    """A decimal count or epoch, digit by digit (as :func:`_decode_ttl`); at
+    most 18 digits, so that compiled it fits a C long long."""
+    if not 0 < len(frame) <= 18:
         raise ProtocolError(f"{what} must be a decimal number, got {frame[:20]!r}")
     number = 0
     for digit in frame:

@@ -207,6 +207,7 @@ def test_counts_round_trip_with_their_buckets_and_outcomes():
     [p.DIRECT, b"ipc://" + b"x" * 250],
     [p.LEASE, b"1"],  # no held count
     [p.LEASE, b"x", b"0"],
+    [p.LEASE, b"9" * 19, b"0"],  # past a C long long
     [p.FREE, b"1", b"0"],  # no buckets
     [p.FREE, b"1", b"0", b"1,2"],  # too few buckets
     [p.REPORT, b"1", b"0", b",".join([b"0"] * 19), b"ExecutionError"],  # code without count
