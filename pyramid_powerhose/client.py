@@ -697,7 +697,10 @@ class _Control:
                 except ProtocolError as error:
                     log.warning("dropped a malformed lease notice from the broker: %s", error)
                     continue
-                self.direct.notice(notice)
+                try:
+                    self.direct.notice(notice)
+                except Exception:  # noqa: BLE001 -- this thread also watches the brokers
+                    log.exception("could not apply %r", notice)
         elif sock is self.monitor:
             event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
@@ -712,7 +715,12 @@ class _Control:
         return True
 
     def tick(self):
-        out, self.wake = self.direct.due(monotonic())
+        try:
+            out, self.wake = self.direct.due(monotonic())
+        except Exception:  # noqa: BLE001 -- this thread also watches the brokers
+            log.exception("lease bookkeeping failed")
+            self.wake = monotonic() + LEASE_BEAT
+            return
         for frames in out:
             try:
                 send(self.socket, frames, NOBLOCK)
