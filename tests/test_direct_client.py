@@ -483,3 +483,23 @@ def test_threads_through_revokes_and_grants(fake, make_client):
     assert direct_jobs > 0
     wait_for(lambda: sorted(r.epoch for r in broker.commands(protocol.LEASE_RETURN))
              == sorted(revoked), what="one RETURN per REVOKE")
+
+
+def test_a_thread_that_ends_closes_its_sockets_to_leased_workers(fake, make_client):
+    import gc
+    broker = fake()
+    client = make_client()
+    leased(broker, client)
+
+    def open_sockets():
+        gc.collect()
+        return sum(1 for s in list(client._context._sockets) if not s.closed)
+    before = open_sockets()
+    results = []
+    for i in range(10):
+        thread = threading.Thread(target=lambda i=i: results.append(client.execute(b"%d" % i)))
+        thread.start()
+        thread.join(5)
+    assert results == [b"direct:%d" % i for i in range(10)]
+    # Each thread's socket to the broker and to the worker went with it.
+    wait_for(lambda: open_sockets() <= before, what="the threads' sockets closed")
