@@ -23,6 +23,15 @@ left out until a socket connects to it again (libzmq keeps trying in the
 background), so a restarted broker is used again as soon as it is back.
 With ``retries``, a job lost with its broker is sent again, to another
 broker if one answers.  With one frontend, none of this costs anything.
+
+The direct path (docs/direct_path.rst): with one ipc frontend, CURVE off,
+``settings.direct`` and no gevent, the watcher's thread also keeps a
+control socket to the broker, which leases this process idle workers; a
+job then goes from its thread straight to a leased worker (a socket per
+thread and lease) and back, without the broker.  A job with no lease to
+go on, or that a worker refused before starting it (NOT_RUN), goes
+through the broker as above, and the broker hears how many such jobs
+there are.  Otherwise every job goes through the broker.
 """
 
 from __future__ import annotations
@@ -603,7 +612,9 @@ class _Direct:
     def close(self):
         """Close every thread's sockets to leased workers, and the eventfd
         (idempotent; the watcher's thread must have ended)."""
-        for holder in list(self.holders):
+        with self.lock:
+            holders = list(self.holders)
+        for holder in holders:
             holder.close()
         if self.wake_fd >= 0:
             os.close(self.wake_fd)
@@ -621,7 +632,8 @@ class _DirectSockets:
         self.socks = {}  # _Lease -> socket
         self.gen = direct.gone_gen
         self.ids = itertools.count(1)
-        direct.holders.add(self)
+        with direct.lock:
+            direct.holders.add(self)
         weakref.finalize(self, _close_sockets, self.socks)
 
     def sweep(self, gen):
@@ -685,7 +697,10 @@ class _Control:
                 except ProtocolError as error:
                     log.warning("dropped a malformed lease notice from the broker: %s", error)
                     continue
-                self.direct.notice(notice)
+                try:
+                    self.direct.notice(notice)
+                except Exception:  # noqa: BLE001 -- this thread also watches the brokers
+                    log.exception("could not apply %r", notice)
         elif sock is self.monitor:
             event = zmq.utils.monitor.recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
@@ -700,7 +715,12 @@ class _Control:
         return True
 
     def tick(self):
-        out, self.wake = self.direct.due(monotonic())
+        try:
+            out, self.wake = self.direct.due(monotonic())
+        except Exception:  # noqa: BLE001 -- this thread also watches the brokers
+            log.exception("lease bookkeeping failed")
+            self.wake = monotonic() + LEASE_BEAT
+            return
         for frames in out:
             try:
                 send(self.socket, frames, NOBLOCK)

@@ -440,3 +440,66 @@ def test_a_forked_child_holds_no_lease(fake, make_client):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert client.execute(b"q") == b"direct:q"
+
+
+def test_threads_through_revokes_and_grants(fake, make_client):
+    """8 threads run jobs while the broker revokes and grants leases again:
+    every job gets its own result, once; every REVOKE gets one RETURN."""
+    broker = fake(workers=2, credit=2)
+    client = make_client()
+    leased(broker, client)
+    stop = threading.Event()
+    revoked = []
+    failures = []
+
+    def churn():
+        while not stop.is_set():
+            for worker in broker.workers:
+                if worker.epoch:
+                    revoked.append(broker.revoke(worker, protocol.REVOKE_SHARE))
+            time.sleep(0.02)
+
+    def run(t):
+        try:
+            for i in range(150):
+                data = b"%d-%d" % (t, i)
+                result = client.execute(data)
+                if result not in (b"direct:" + data, b"relayed:" + data):
+                    failures.append((data, result))
+        except Exception as error:  # noqa: BLE001 -- reported below
+            failures.append(error)
+    churner = threading.Thread(target=churn)
+    churner.start()
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    stop.set()
+    churner.join(5)
+    assert not failures
+    assert revoked  # the churn did happen
+    direct_jobs = sum(len(w.jobs) for w in broker.workers)
+    assert direct_jobs > 0
+    wait_for(lambda: sorted(r.epoch for r in broker.commands(protocol.LEASE_RETURN))
+             == sorted(revoked), what="one RETURN per REVOKE")
+
+
+def test_a_thread_that_ends_closes_its_sockets_to_leased_workers(fake, make_client):
+    import gc
+    broker = fake()
+    client = make_client()
+    leased(broker, client)
+
+    def open_sockets():
+        gc.collect()
+        return sum(1 for s in list(client._context._sockets) if not s.closed)
+    before = open_sockets()
+    results = []
+    for i in range(10):
+        thread = threading.Thread(target=lambda i=i: results.append(client.execute(b"%d" % i)))
+        thread.start()
+        thread.join(5)
+    assert results == [b"direct:%d" % i for i in range(10)]
+    # Each thread's socket to the broker and to the worker went with it.
+    wait_for(lambda: open_sockets() <= before, what="the threads' sockets closed")
