@@ -38,6 +38,7 @@ cdef class Histogram:
     cpdef void observe(self, double seconds)
     @cython.locals(i=int)
     cdef void add_counts(self, list counts, double total)
+    cdef void add_zeros(self, long n)
 
 
 cdef class Rate:

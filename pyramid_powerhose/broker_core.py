@@ -106,6 +106,11 @@ class Histogram:
             i += 1
         self.total += total
 
+    def add_zeros(self, n):
+        """``n`` durations of 0 (direct jobs, which never waited in the broker)."""
+        self.counts[0] += n
+        self.count += n
+
     def snapshot(self) -> dict:
         """Cumulative, as Prometheus has them: [[le, count of values <= le], ...]."""
         buckets = []
@@ -1050,7 +1055,8 @@ class BrokerCore:
                     self._end(worker)
                 else:
                     self._to_client(lease_grant(holder.address, svc.name, epoch,
-                                                worker.endpoint, worker.credit))
+                                                worker.endpoint, worker.credit,
+                                                worker.about))
             elif epoch == 0:
                 # It declined (it is leaving, most likely): not offered again
                 # until it announces DIRECT again.
@@ -1093,7 +1099,8 @@ class BrokerCore:
 
     def _direct_counts(self, worker: WorkerRef, msg, now):
         """FREE or REPORT: the direct jobs a leased worker ran since it last
-        said, counted as relayed jobs are (but for the wait histogram)."""
+        said, counted as relayed jobs are; those that ran waited 0 s in the
+        broker, which never held them."""
         counts: DirectCounts = msg.counts
         svc: Service = worker.service
         failed = 0
@@ -1108,6 +1115,7 @@ class BrokerCore:
             ran += count
         svc.run.add_counts(counts.buckets, counts.run_sum)
         svc.total.add_counts(counts.buckets, counts.run_sum)
+        svc.wait.add_zeros(ran)
         if ran:
             svc.ran(counts.run_sum / ran)  # one step of the average: their mean
         if jobs:

@@ -354,14 +354,15 @@ class _Lease:
     threads close their sockets to it.
     """
 
-    __slots__ = ("service", "epoch", "endpoint", "credit", "in_flight", "last_used",
-                 "revoked", "owe_return", "gone", "__weakref__")
+    __slots__ = ("service", "epoch", "endpoint", "credit", "about", "in_flight",
+                 "last_used", "revoked", "owe_return", "gone", "__weakref__")
 
-    def __init__(self, service, epoch, endpoint, credit):
+    def __init__(self, service, epoch, endpoint, credit, about=""):
         self.service = service  # its _Service
         self.epoch = epoch
         self.endpoint = endpoint
         self.credit = credit
+        self.about = about  # the worker's pid@host, if it said
         self.in_flight = 0
         self.last_used = 0
         self.revoked = None
@@ -542,7 +543,8 @@ class _Direct:
                 if notice.epoch in self.by_epoch:
                     return
                 svc = self._service(notice.service)
-                lease = _Lease(svc, notice.epoch, notice.endpoint.decode(), notice.credit)
+                lease = _Lease(svc, notice.epoch, notice.endpoint.decode(), notice.credit,
+                               notice.about.decode("utf-8", "replace"))
                 self.by_epoch[notice.epoch] = lease
                 svc.leases.append(lease)
                 if svc.waiting:
@@ -748,12 +750,17 @@ class Client:
     idempotent jobs only**, since a lost job may have run.  Other errors,
     ``WorkerLostError`` included, are never retried: the broker is fine,
     and a job that kills its worker would kill the next one.
+
+    On one host (one ipc frontend, CURVE off), jobs go straight to workers
+    the broker leases to this process (PROTOCOL.rst, "The direct path");
+    ``direct=False`` sends every job through the broker.
     """
 
     def __init__(self, frontend=None, timeout=None, service=None, max_job_size=None,
-                 settings=None, curve_secret=None, curve_broker=None, retries=None):
+                 settings=None, curve_secret=None, curve_broker=None, retries=None,
+                 direct=None):
         self.settings = client_settings(settings, frontend, timeout, service, max_job_size,
-                                        curve_secret, curve_broker, retries)
+                                        curve_secret, curve_broker, retries, direct)
         # CURVE: this client's key pair and the broker's public key, or None.
         self._curve = curve.client_keys(self.settings)
         self._frontends = None  # resolved on first use: the default may be needed
@@ -1033,8 +1040,8 @@ class Client:
                 log.debug("job %s on %r not run by its leased worker (%s): relayed",
                           job_id.decode(), req.service.decode(), reply.message)
                 return None
-            if asked:  # the broker would say pid@host; here nobody says
-                reply.worker = ""
+            if asked:  # as the broker would: the worker's pid@host, from the GRANT
+                reply.worker = lease.about
                 note_reply(reply)
             return reply
         finally:
@@ -1314,7 +1321,7 @@ class Client:
 
 
 def client_settings(settings, frontend, timeout, service, max_job_size, curve_secret,
-                    curve_broker, retries) -> Settings:
+                    curve_broker, retries, direct=None) -> Settings:
     """A client's settings: ``settings`` (or the defaults), with the arguments
     given (None, or empty, keeps the setting's value); for Client and AsyncClient."""
     base = settings or Settings()
@@ -1326,6 +1333,7 @@ def client_settings(settings, frontend, timeout, service, max_job_size, curve_se
         curve_secret=curve_secret or base.curve_secret,
         curve_broker=curve_broker or base.curve_broker,
         retries=base.retries if retries is None else retries,
+        direct=base.direct if direct is None else direct,
     )
 
 

@@ -90,6 +90,7 @@ cdef class LeaseNotice(_Message):
     cdef public bytes endpoint
     cdef public int credit
     cdef public bytes reason
+    cdef public bytes about
 
 
 cdef class DirectRequest(_Message):

@@ -748,11 +748,12 @@ def lease_heartbeat() -> list[bytes]:
     return [b"", EXT_LEASE, LEASE_HEARTBEAT]
 
 
-def lease_grant(address, service, epoch: int, endpoint: bytes, credit: int) -> list[bytes]:
-    """Broker: the worker at ``endpoint`` is yours under ``epoch``, ``credit``
-    jobs at a time."""
+def lease_grant(address, service, epoch: int, endpoint: bytes, credit: int,
+                about: bytes = b"") -> list[bytes]:
+    """Broker: the worker at ``endpoint`` (``about``: its pid@host, if it
+    said) is yours under ``epoch``, ``credit`` jobs at a time."""
     return [address, b"", EXT_LEASE, LEASE_GRANT, service, _decimal(epoch), endpoint,
-            _decimal(credit)]
+            _decimal(credit), about]
 
 
 def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
@@ -762,18 +763,21 @@ def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
 
 class LeaseNotice(_Message):
     """A PHL01 message as a client process sees it: GRANT (``endpoint``,
-    ``credit``) or REVOKE (``reason``), each for ``service`` and ``epoch``."""
+    ``credit``, ``about``: the worker's pid@host or "") or REVOKE
+    (``reason``), each for ``service`` and ``epoch``."""
 
-    __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason")
+    __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason", "about")
     _fields = __slots__
 
-    def __init__(self, command, service, epoch, endpoint=b"", credit=1, reason=b""):
+    def __init__(self, command, service, epoch, endpoint=b"", credit=1, reason=b"",
+                 about=b""):
         self.command = command
         self.service = service
         self.epoch = epoch
         self.endpoint = endpoint
         self.credit = credit
         self.reason = reason
+        self.about = about
 
 
 def parse_lease_notice(frames) -> LeaseNotice:
@@ -782,12 +786,13 @@ def parse_lease_notice(frames) -> LeaseNotice:
         raise ProtocolError("not a PHL01 notice")
     command, service = frames[2], frames[3]
     epoch = _decode_number(frames[4], "epoch")
-    if command == LEASE_GRANT and len(frames) == 7:
+    if command == LEASE_GRANT and len(frames) == 8:
         credit = _decode_number(frames[6], "credit")
-        if not 1 <= credit <= MAX_CREDIT or not frames[5].startswith(b"ipc://"):
-            raise ProtocolError("GRANT needs an ipc endpoint and a credit of 1 to "
-                                f"{MAX_CREDIT}")
-        return LeaseNotice(command, service, epoch, frames[5], credit)
+        if not 1 <= credit <= MAX_CREDIT or not frames[5].startswith(b"ipc://") or \
+                len(frames[7]) > MAX_ABOUT_LENGTH:
+            raise ProtocolError("GRANT needs an ipc endpoint, a credit of 1 to "
+                                f"{MAX_CREDIT} and the worker's pid@host")
+        return LeaseNotice(command, service, epoch, frames[5], credit, about=frames[7])
     if command == LEASE_REVOKE and len(frames) == 6:
         return LeaseNotice(command, service, epoch, reason=frames[5])
     raise ProtocolError(f"bad PHL01 {command[:10]!r} ({len(frames)} frames)")

@@ -113,12 +113,16 @@ def test_queued_job_past_its_deadline_is_dropped_unrun(start_broker, start_worke
     assert client.stats()["services"]["default"]["done"] == 1
 
 
-def test_least_recently_used_dispatch(start_broker, start_worker, wait_workers, client):
+def test_least_recently_used_dispatch(start_broker, start_worker, wait_workers, endpoints):
+    """The broker's order, relayed: on the direct path one thread's jobs keep
+    to the one worker leased to its process (test_direct.py)."""
     start_broker()
     for _ in range(3):
         start_worker("tests.targets:pid")
+    client = Client(frontend=endpoints.frontend, direct=False)
     wait_workers(client, 3)
     pids = [client.execute(b"") for _ in range(9)]
+    client.close()
     first_round = pids[:3]
     assert len(set(first_round)) == 3
     assert pids == first_round * 3  # each job goes to the worker idle the longest

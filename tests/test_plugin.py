@@ -409,6 +409,8 @@ def overloaded_broker(endpoints):
         while not stop.is_set():
             if router.poll(50):
                 address, *frames = router.recv_multipart()
+                if protocol.is_lease_control([address, *frames]):
+                    continue  # a client process's wish for leases: none granted here
                 request = protocol.parse_frontend([address, *frames])
                 reply = protocol.Reply.error(request.request.job_id, protocol.ERR_OVERLOADED,
                                              "queue full")
