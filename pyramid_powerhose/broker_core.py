@@ -274,8 +274,9 @@ class WorkerRef:
     with a relayed job, never in ``idle`` or ``spare``): ``epoch``,
     ``granting`` (LEASE sent, its answer awaited), ``ending`` (LEASE 0
     sent, its answer awaited), ``leaving`` (it said LEASE 0 first: it is
-    going away; it stays set once the lease is over), ``free_since`` (its
-    last FREE, None after a grant or a REPORT).
+    going away; it stays set once the lease is over), ``free_since`` (idle
+    since: its grant or its last FREE; None after a REPORT, which a worker
+    sends when it starts a direct job after being idle).
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
@@ -1054,6 +1055,10 @@ class BrokerCore:
                         self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
                     self._end(worker)
                 else:
+                    # Idle until it says otherwise (REPORT when it starts a
+                    # direct job after being idle): a fresh lease is the first
+                    # to revoke for a job that waits.
+                    worker.free_since = now
                     self._to_client(lease_grant(holder.address, svc.name, epoch,
                                                 worker.endpoint, worker.credit,
                                                 worker.about))

@@ -286,6 +286,8 @@ def test_without_free_the_oldest_lease_of_the_holder_most_beyond_its_share_goes(
         ready_direct(core, 0.0, worker)
     lease_all(core, 0.0, H2, [b"w1"])
     epochs = lease_all(core, 1.0, H, [b"w2", b"w3"])
+    for worker in (b"w1", b"w2", b"w3"):
+        report(core, 1.5, worker, p.DirectCounts())  # each started a direct job
     # Share: 3 workers among 2 holders, 2 each; H holds 2, H2 1: H's oldest goes.
     sends = submit(core, 2.0, b"c", b"1")
     assert revokes(sends) == [(H, epochs[b"w2"], p.REVOKE_SHARE)]
@@ -320,9 +322,26 @@ def test_a_free_lease_of_a_holder_beyond_its_share_goes_first():
     for worker in workers:
         ready_direct(core, 0.0, worker)
     a = lease_all(core, 0.0, H, workers)
+    for worker in workers:
+        report(core, 0.4, worker, p.DirectCounts())  # each started a direct job
     report(core, 0.5, b"w3", counts_of(1, seconds=[0.01]), p.FREE)
     sends = wish(core, 1.0, H2, 1)
     assert revokes(sends) == [(H, a[b"w3"], p.REVOKE_SHARE)] and leases(sends) == [(b"w3", 0)]
+
+
+def test_a_fresh_lease_goes_before_one_whose_worker_started_a_job():
+    """Four processes' first jobs at once (the gunicorn case): a process that
+    got a lease with its relayed job has not used it yet, while another's
+    worker runs a direct job; the waiting job takes the unused one."""
+    core = make_core()
+    for worker in (b"w1", b"w2"):
+        ready_direct(core, 0.0, worker)
+    lease_all(core, 0.0, H, [b"w1"])
+    fresh = lease_all(core, 0.5, H2, [b"w2"])
+    report(core, 0.6, b"w1", p.DirectCounts())  # w1 started one of H's direct jobs
+    sends = submit(core, 1.0, b"c", b"1")
+    assert revokes(sends) == [(H2, fresh[b"w2"], p.REVOKE_SHARE)]
+    assert leases(sends) == [(b"w2", 0)]
 
 
 def test_a_grant_answered_while_relayed_jobs_wait_ends_at_once():
@@ -467,9 +486,12 @@ def test_free_and_report_counts_show_in_the_stats_exactly():
     ready_direct(core, 0.0, b"w")
     ready(core, 0.0, b"relayed")
     lease_all(core, 0.0, H, [b"w"])
-    stats = service_stats(core, 0.5)
+    stats = service_stats(core, 0.5)  # leased, no job yet: idle
     assert (stats["workers"], stats["busy"], stats["idle"], stats["leased"],
-            stats["direct"]) == (2, 1, 1, 1, 0)
+            stats["direct"]) == (2, 0, 2, 1, 0)
+    assert report(core, 0.6, b"w", p.DirectCounts()) == []  # it started a direct job
+    stats = service_stats(core, 0.6)
+    assert (stats["busy"], stats["idle"], stats["direct"]) == (1, 1, 0)
     # While busy: 3 OK (0.05 ms, 2 ms, 2 ms), one ExecutionError after 0.3 s, one
     # TimeoutError that never started.
     counts = counts_of(3, [(p.ERR_EXECUTION, 0.3), (p.ERR_TIMEOUT, -1)],
