@@ -115,7 +115,8 @@ def test_memory_of_a_burst_of_large_jobs_goes_back_to_the_system(start_broker, s
                                          "--heartbeat", "1").pid)
     start_worker("tests.targets:sleep", "--heartbeat", "1")
     data = b"0.02" + b" " * (8 * MiB - 4)  # 8 MiB; the worker sleeps 20 ms
-    with Client(frontend=endpoints.frontend, timeout=60.0) as client:
+    # Relayed: on the direct path the jobs would wait in the client, not the broker.
+    with Client(frontend=endpoints.frontend, timeout=60.0, direct=False) as client:
         wait_workers(client, 1)
         client.execute(b"0")
         before = broker.memory_info().rss

@@ -16,7 +16,10 @@ LOST_WITHIN = 2.5  # seconds; the timeouts below are 30
 
 
 def test_jobs_in_flight_fail_fast_when_the_broker_is_killed(start_broker, start_worker,
-                                                            wait_workers, client):
+                                                            wait_workers, endpoints):
+    """Relayed jobs: a direct job in flight is not the broker's, and finishes
+    (test_direct.py)."""
+    client = Client(frontend=endpoints.frontend, direct=False)
     broker = start_broker()
     for _ in range(2):
         start_worker("tests.targets:sleep")
@@ -37,6 +40,7 @@ def test_jobs_in_flight_fail_fast_when_the_broker_is_killed(start_broker, start_
     mapper.join(30)
     assert isinstance(mapped[0], exc.BrokerLostError)
     assert time.monotonic() - killed < LOST_WITHIN
+    client.close()
 
 
 def test_no_broker_fails_fast_and_a_new_one_is_used(start_broker, start_worker,
