@@ -93,6 +93,9 @@ FAULT_MARGIN = 2.0
 FREE_AFTER_MS = 1
 MAX_IPC_PATH = 107  # bytes: sun_path
 
+# Cython-compiled, this module's file is the extension, not the source.
+COMPILED = not __file__.endswith(".py")
+
 _params: dict = {}
 
 
@@ -268,6 +271,12 @@ class Worker:
             message = self._next_message(timeout_ms)
             if message is not None:
                 self._handle(message[0], message[1], message[2])  # not *: a dict per call
+            if COMPILED:
+                # A signal that came while we ran (not while we waited in a
+                # system call, which it interrupts) has its Python handler
+                # (request_stop) run only when bytecode runs, and compiled,
+                # this loop runs none: SIGTERM would go unseen for ever.
+                PyErr_CheckSignals()
             now = monotonic()
             if self.parent is not None and os.getppid() != self.parent:
                 log.warning("parent process %d is gone; stopping", self.parent)
@@ -677,9 +686,11 @@ class Worker:
             timeout_ms = max(0, min(timeout_ms,
                                     int((broker.reconnect_at - monotonic()) * 1000) + 1))
         ready = waiting.wait(timeout_ms)
-        if not ready:
+        if not ready:  # the time is up
             if self._owed:
                 self._report(broker, FREE)
+            return None
+        if ready == _WOKEN:  # by something that was not a message (a connection)
             return None
         if ready & _BROKER:
             sock = broker.socket
@@ -856,7 +867,9 @@ class Worker:
         os._exit(EXIT_JOB_TIMEOUT)
 
 
-_DIRECT, _BROKER = 1, 2  # bits of _Readiness.wait()'s answer
+# Bits of _Readiness.wait()'s answer: the sockets with a message, or
+# _WOKEN alone for a wake-up without one (not the end of the time).
+_DIRECT, _BROKER, _WOKEN = 1, 2, 4
 
 
 class _Readiness:
@@ -889,13 +902,17 @@ class _Readiness:
 
     def wait(self, timeout_ms) -> int:
         """The bits of the sockets with a message waiting, sleeping up to
-        ``timeout_ms`` if none has; 0 if none came."""
+        ``timeout_ms`` if none has; 0 if the time is up, _WOKEN if a socket
+        woke us with something else than a message (a peer connecting)."""
         ready = self._ask()
         if ready:
             return ready
-        for fd, _ in self.poll.poll(timeout_ms):
+        fired = self.poll.poll(timeout_ms)
+        if not fired:
+            return 0
+        for fd, _ in fired:
             self.stale |= self.slot[fd]
-        return self._ask()
+        return self._ask() or _WOKEN
 
     def _ask(self) -> int:
         """Ask the stale sockets; those with a message stay stale, since the
