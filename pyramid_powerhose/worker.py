@@ -34,8 +34,9 @@ it runs a direct job only under its current epoch, and answers NOT_RUN to
 any other, and to every direct job once it is leaving; it runs them as it
 runs relayed ones (``handle_direct``).  It tells the broker what it ran
 (counts by outcome and run-time bucket) once it has seen no direct job for
-a millisecond (FREE), at most once a heartbeat while it stays busy
-(REPORT), and before it answers the end of its lease.  A leased worker that
+a millisecond (FREE), when it starts one after being idle, at most once a
+heartbeat while it stays busy (REPORT), and before it answers the end of
+its lease.  A leased worker that
 leaves tells the broker first (LEASE 0) and waits for the end of its lease
 (``_leave_lease``) before it closes the direct socket and sends DISCONNECT.
 """
@@ -198,6 +199,10 @@ class Worker:
         self.lease_epoch = 0
         self.counts = DirectCounts()
         self._counted = False
+        # The broker counts us idle (a fresh lease, or our FREE): the next
+        # direct job we start is told to it (REPORT), so that it revokes an
+        # idle lease for a waiting job rather than ours.
+        self._idle_told = False
         self._owed = False
         self._leaving = False  # leaving while leased: every direct job is NOT_RUN
         self._lease_over = False  # while leaving: the broker ended the lease
@@ -580,6 +585,9 @@ class Worker:
             self._counted = self._owed = True
             send(self.direct, direct_reply(direct.address, reply))
             return
+        if self._idle_told:  # busy again: once per spell of work, not per job
+            self._idle_told = False
+            self._report(self.brokers[0], REPORT)
         # CLOCK_MONOTONIC, as time.monotonic() reads it: one clock read, not two.
         now = now_ns * 1e-9
         job = Job(req.data, req.headers, req.job_id,
@@ -718,6 +726,7 @@ class Worker:
         if epoch:
             if self._leaving or self.direct is None:
                 epoch = 0  # leaving (the broker was told) or no direct socket
+            self._idle_told = bool(epoch)  # a fresh lease counts idle at the broker
             log.debug("leased under epoch %d", epoch)
         else:
             if self._counted:
@@ -740,6 +749,7 @@ class Worker:
             self._counted = False
         if command == FREE:
             self._owed = False
+            self._idle_told = True
 
     def _send_broker(self, broker, frames):
         """A message to ``broker`` if it can be queued (as _tell)."""
