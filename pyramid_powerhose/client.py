@@ -341,6 +341,13 @@ class _Watched:
 WISH_GAP = 0.010  # seconds between two LEASE wishes of one service, at least
 WISH_REPEAT = 1.0  # a wish > 0 is said again this often, and withdrawn (0) as late
 LEASE_BEAT = 1.0  # a HEARTBEAT this often while holding or wanting leases
+# A job with no lease to go on, soon after a wish was sent, waits this long
+# for the GRANT before it goes relayed: a grant takes a broker round trip
+# and a worker's, and a relayed job sent meanwhile would find the worker
+# being leased and take it back (a process sending jobs one after another
+# would then never get its lease).
+GRANT_WAIT = 0.002  # seconds
+GRANT_WINDOW = 0.050  # seconds after a wish during which jobs wait so
 _LOCAL_NOT_RUN = b"not-run"  # a worker said NOT_RUN on a lease the broker had not revoked
 _BROKER_GONE = b"broker-gone"  # the control socket lost the broker: leases dropped
 
@@ -455,6 +462,8 @@ class _Direct:
             if lease is None:
                 if svc.leases:
                     lease = self._wait(svc, deadline_ns)
+                elif svc.sent and monotonic() - svc.sent_at < GRANT_WINDOW:
+                    lease = self._await_grant(svc, deadline_ns)
                 if lease is None:
                     svc.relaying += 1
                     if svc.relaying + svc.waiting > svc.sent:
@@ -486,6 +495,18 @@ class _Direct:
                 lease = svc.choose()
                 if lease is not None:
                     return lease
+        finally:
+            svc.waiting -= 1
+
+    def _await_grant(self, svc, deadline_ns):
+        """Wait up to GRANT_WAIT (and the deadline) for a GRANT of ``svc`` that
+        a recent wish may bring (under the lock); the lease, or None."""
+        svc.waiting += 1
+        try:
+            left = min(GRANT_WAIT, (deadline_ns - monotonic_ns()) / 1e9)
+            if left > 0:
+                svc.cond.wait(left)
+            return svc.choose()
         finally:
             svc.waiting -= 1
 

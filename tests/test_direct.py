@@ -166,9 +166,10 @@ def test_no_worker_idles_while_another_process_waits(start_broker, start_worker,
     """Process A holds both workers' leases; process B's job is not kept
     waiting behind A's: a lease is revoked for it at once."""
     start_broker()
-    for _ in range(2):
-        start_worker("tests.targets:sleep")
+    for _ in range(2):  # credit 1: two threads at once need two leases
+        start_worker("tests.targets:sleep", "--prefetch", "1")
     wait_workers(client, 2)
+
     def two_at_once():  # process A: two threads, until it holds both leases
         threads = [threading.Thread(target=client.execute, args=(b"0.05",))
                    for _ in range(2)]
