@@ -6,7 +6,11 @@ path on one host"), side by side in one run with today's path, the two
 libzmq floors and the two process pools a user would pick instead:
 
 (i)   powerhose: ``Client.execute`` -> ``powerhose-broker`` ->
-      ``powerhose-worker`` (2 echo workers), as ``overhead.py``'s (d);
+      ``powerhose-worker`` (2 echo workers), the real thing as a user runs
+      it: on ipc, the direct path (PROTOCOL.rst, "The direct path");
+(i-b) powerhose, relayed: the same with ``--no-direct`` workers, every job
+      through the broker (the path before the direct one, and the path of
+      tcp, plain MDP peers and several brokers);
 (ii)  relay: ``zmq.proxy`` (ROUTER to DEALER, libzmq's C loop) in its own
       process, 2 REP echo workers behind it: 4 messages, no Python;
 (iii) 1-hop: a DEALER straight to a ROUTER echo process: 2 messages, the
@@ -550,7 +554,8 @@ class DealerCall:
 # -- reporting -----------------------------------------------------------------------------
 
 LABELS = {
-    "powerhose": "(i) powerhose, today",
+    "powerhose": "(i) powerhose, direct path",
+    "relayed": "(i-b) powerhose, relayed",
     "relay": "(ii) zmq.proxy relay",
     "1-hop": "(iii) 1-hop floor",
     "reqrep": "(iii-b) 1-hop, REQ/REP pyzmq",
@@ -581,14 +586,15 @@ def rt_report(args, lat, tput):
                      rows))
     out.append("")
     rows = []
+    base = "relayed" if "relayed" in tput else "powerhose"  # the path before
     for name, per_round in tput.items():
         versus = ["-", "-"]  # without --only's powerhose, nothing to compare with
-        if "powerhose" in tput:
-            ratio, spread = harness.ratio(list(zip(per_round, tput["powerhose"])))
+        if base in tput:
+            ratio, spread = harness.ratio(list(zip(per_round, tput[base])))
             versus = [f"{ratio:.2f}", spread]
         rows.append([LABELS[name], f"{statistics.median(per_round):.0f}",
                      f"[{min(per_round):.0f}-{max(per_round):.0f}]", *versus])
-    out.append(table([f"{THREADS} threads", "jobs/s", "range", "/ powerhose", "per round"],
+    out.append(table([f"{THREADS} threads", "jobs/s", "range", f"/ {base}", "per round"],
                      rows))
     return "\n".join(out)
 
@@ -603,12 +609,13 @@ def be_report(sizes, measured, paths, rounds):
 
 
 def verdicts(lat, tput, evens):
-    """The goal of issue 19, for the lease (both variants)."""
+    """The goal of issue 19, for the real direct path and the prototypes."""
     def med(name):
         return statistics.median(s[1] for s in lat[name])
     rows = []
-    for name in LEASES:
-        if name not in lat:
+    base = "relayed" if "relayed" in tput else "powerhose"  # the path before
+    for name in ("powerhose", *LEASES):
+        if name not in lat or name == base:
             continue
         rt = med(name) / med("1-hop")
         rows.append([LABELS[name], "round trip / 1-hop", f"{rt:.2f}", "<= 1.25",
@@ -621,9 +628,9 @@ def verdicts(lat, tput, evens):
         if pools:
             rows.append(["", "round trip below both pools", f"{med(name):.0f} us", "yes",
                          "met" if med(name) < min(pools) else "NOT met"])
-        if "powerhose" in tput:
-            tp = statistics.median(tput[name]) / statistics.median(tput["powerhose"])
-            rows.append(["", "jobs/s / powerhose", f"{tp:.2f}", ">= 1.0",
+        if base in tput and name in tput:
+            tp = statistics.median(tput[name]) / statistics.median(tput[base])
+            rows.append(["", f"jobs/s / {base}", f"{tp:.2f}", ">= 1.0",
                          "met" if tp >= 1.0 else "NOT met"])
         if evens and name in evens:
             if evens[name] and evens["1-hop"]:
@@ -685,6 +692,7 @@ def main(argv=None):
     with harness.private_dir("ph-direct-") as run_dir:
         procs = Processes(run_dir)
         pool = mp_pool = context = client = cluster = be_client = None
+        relayed = be_cluster = be_relayed = None
         leases, loads = [], []
         try:
             latency = {}
@@ -718,10 +726,15 @@ def main(argv=None):
                     procs, f"ipc://{run_dir}/ph-f.sock", f"ipc://{run_dir}/ph-b.sock",
                     harness.ECHO_TARGET, WORKERS)
                 latency["powerhose"] = functools.partial(client.execute, PAYLOAD)
+            if "relayed" in only:
+                relayed, _, _ = harness.start_powerhose(
+                    procs, f"ipc://{run_dir}/re-f.sock", f"ipc://{run_dir}/re-b.sock",
+                    harness.ECHO_TARGET, WORKERS, name="relayed", worker_args=("--no-direct",))
+                latency["relayed"] = functools.partial(relayed.execute, PAYLOAD)
             latency = {name: latency[name] for name in LABELS if name in latency}
             harness.say("processes ready; warming up")
             throughput = {}
-            for name in ("powerhose", *LEASES, "pool", "mp"):
+            for name in ("powerhose", "relayed", *LEASES, "pool", "mp"):
                 if name in latency:
                     loads.append(Load(latency[name]))
                     throughput[name] = loads[-1]
@@ -741,6 +754,14 @@ def main(argv=None):
                     cluster.start()
                     be_client = Client(frontend=cluster.frontend, timeout=60)
                     calls["powerhose"] = be_client.execute
+                if "relayed" in only:
+                    be_cluster = get_cluster(BUILTIN_TARGET, numprocesses=WORKERS,
+                                             background=True, timeout=0, direct=False,
+                                             frontend=f"ipc://{run_dir}/be-rf.sock",
+                                             backend=f"ipc://{run_dir}/be-rb.sock")
+                    be_cluster.start()
+                    be_relayed = Client(frontend=be_cluster.frontend, timeout=60)
+                    calls["relayed"] = be_relayed.execute
                 hops = [f"ipc://{run_dir}/be-hop-{i}.sock" for i in range(WORKERS)]
                 for i, endpoint in enumerate(hops):
                     procs.start(f"be-hop-{i}", SERVE + ["jobs-bind", endpoint])
@@ -772,11 +793,12 @@ def main(argv=None):
         finally:
             for load in loads:
                 load.close()
-            for c in (client, be_client):
+            for c in (client, be_client, relayed, be_relayed):
                 if c is not None:
                     c.close()
-            if cluster is not None:
-                cluster.stop()
+            for each in (cluster, be_cluster):
+                if each is not None:
+                    each.stop()
             for held in leases:
                 held.close()
             if context is not None:

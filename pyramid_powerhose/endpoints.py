@@ -21,38 +21,27 @@ def runtime_dir() -> str:
         path = os.path.join(base, "powerhose")
     else:
         path = os.path.join(tempfile.gettempdir(), f"powerhose-{os.getuid()}")
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise UnsafeDirectoryError(
-            f"{path} is not a directory owned by uid {os.getuid()}; "
-            "remove it or pass --frontend/--backend explicitly"
-        )
-    if info.st_mode & 0o077:
-        raise UnsafeDirectoryError(
-            f"{path} is accessible to other users (mode "
-            f"{stat.S_IMODE(info.st_mode):o}); chmod 700 it"
-        )
-    return path
+    return private_dir(path, "; remove it or pass --frontend/--backend explicitly",
+                       "; chmod 700 it")
 
 
-def private_dir(path: str) -> str:
+def private_dir(path: str, not_ours="", shared="") -> str:
     """``path``, a directory only this user may use: created mode 0700 if it
     is missing; UnsafeDirectoryError if it is not a directory we own, or if
-    it is accessible to others.  (A worker's direct sockets live in one.)"""
+    it is accessible to others (``not_ours`` and ``shared`` end those
+    messages).  The default endpoints' directory is one, and so is the
+    directory of a worker's direct sockets."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-        raise UnsafeDirectoryError(f"{path} is not a directory owned by uid {os.getuid()}")
+        raise UnsafeDirectoryError(
+            f"{path} is not a directory owned by uid {os.getuid()}{not_ours}")
     if info.st_mode & 0o077:
         raise UnsafeDirectoryError(f"{path} is accessible to other users (mode "
-                                   f"{stat.S_IMODE(info.st_mode):o})")
+                                   f"{stat.S_IMODE(info.st_mode):o}){shared}")
     return path
 
 

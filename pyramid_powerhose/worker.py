@@ -526,17 +526,9 @@ class Worker:
         if len(self.brokers) > 1:
             self._hold(broker)
         job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
-        self._current = job
         self._current_broker = broker
         self._client_address = command.client
-        self._busy_since = now
-        self._lock.release()  # the watchdog may heartbeat while we work
-        try:
-            reply = self.execute(job)
-        finally:
-            self._lock.acquire()
-            self._busy_since = None
-            self._current = None
+        reply = self._run(job, now)
         # The bookkeeping comes before the reply: once it is sent, our I/O
         # thread must run to pass it on, often on this core, and every
         # microsecond we keep the core delays the client.
@@ -592,16 +584,10 @@ class Worker:
         now = now_ns * 1e-9
         job = Job(req.data, req.headers, req.job_id,
                   deadline_ns * 1e-9 if deadline_ns else None, self.settings.service)
-        self._current = job
         self._direct_client = direct.address
-        self._busy_since = now
-        self._lock.release()  # the watchdog may heartbeat while we work
         try:
-            reply = self.execute(job)
+            reply = self._run(job, now)
         finally:
-            self._lock.acquire()
-            self._busy_since = None
-            self._current = None
             self._direct_client = None
         # Bookkeeping first, as for a relayed job (handle_request).
         end = monotonic()
@@ -613,6 +599,20 @@ class Worker:
         send(self.direct, direct_reply(direct.address, reply))
         if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
             self.over_memory = True
+
+    def _run(self, job, now) -> Reply:
+        """Run ``job`` (started at ``now``) with the lock released, so that
+        the watchdog may heartbeat while we work; it sees the job as
+        ``_current`` and ``_busy_since``."""
+        self._current = job
+        self._busy_since = now
+        self._lock.release()
+        try:
+            return self.execute(job)
+        finally:
+            self._lock.acquire()
+            self._busy_since = None
+            self._current = None
 
     def execute(self, job) -> Reply:
         return run_target(self.target, job)

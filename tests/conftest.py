@@ -159,17 +159,37 @@ def start_broker(procs, endpoints):
     return start
 
 
+# Modules whose tests (those that start workers with the fixtures) run on
+# both paths by default: dispatch, failures and the client.  The others run
+# on the direct path, the default on ipc, unless --path says otherwise.
+BOTH_PATHS = {"test_jobs", "test_failures", "test_broker_lost", "test_watchdog",
+              "test_max_memory", "test_limits"}
+
+
 def pytest_addoption(parser):
     parser.addoption(
-        "--path", choices=("direct", "relayed"), default="direct",
-        help="the path jobs take between the fixtures' clients and workers: direct "
-        "(the default on ipc) or relayed through the broker (workers --no-direct)")
+        "--path", choices=("direct", "relayed"), default=None,
+        help="the path jobs take between the fixtures' clients and workers in every "
+        "test: direct (the default on ipc) or relayed through the broker (workers "
+        "--no-direct); without it, the modules of conftest.BOTH_PATHS run on both")
 
 
-@pytest.fixture(scope="session")
-def job_path(request):
-    """"direct" or "relayed" (``--path``): which path the fixtures' workers offer."""
-    return request.config.getoption("--path")
+def pytest_generate_tests(metafunc):
+    if "job_path" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.config.getoption("--path")
+    module = metafunc.module.__name__.rpartition(".")[2]
+    pinned = getattr(metafunc.module, "JOB_PATH", None)  # the module tests that path
+    if pinned:
+        paths = [pinned]
+    elif chosen:
+        paths = [chosen]
+    elif module in BOTH_PATHS:
+        paths = ["direct", "relayed"]
+    else:
+        paths = ["direct"]
+    metafunc.parametrize("job_path", paths, ids=paths if len(paths) > 1 else None,
+                         scope="session")
 
 
 @pytest.fixture

@@ -243,7 +243,8 @@ def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
     assert machine_header(out)
     round_trip, rates, break_evens, verdicts = tables(out)
     paths = column(round_trip, "round trip (us)")
-    assert paths[0].startswith("(i) ") and len(paths) == 12
+    assert paths[0].startswith("(i) ") and len(paths) == 13
+    assert "(i-b) powerhose, relayed" in paths
     assert "(iv-f) lease, compiled" in paths  # built by the run, in its private dir
     assert all(number(cell) > 0 for cell in column(round_trip, "median") + column(round_trip, "p99"))
     assert set(column(rates, "8 threads")) < set(paths)

@@ -19,6 +19,7 @@ import pytest
 from pyramid_powerhose import Client, exc
 from tests.conftest import REPO, read_log, wait_for
 
+JOB_PATH = "direct"  # whatever pytest --path says (conftest)
 LOST_WITHIN = 2.0  # seconds: WorkerLostError "within a second", with margin
 
 
@@ -52,9 +53,7 @@ def until_direct(client, data=b"", **kwargs) -> int:
 
 
 @pytest.fixture
-def direct_cluster(start_broker, start_worker, wait_workers, client, job_path):
-    if job_path == "relayed":
-        pytest.skip("the direct path's own tests: run once, on it")  # not in CI's relayed pass
+def direct_cluster(start_broker, start_worker, wait_workers, client):
     broker = start_broker()
     workers = [start_worker("tests.targets:pid") for _ in range(2)]
     wait_workers(client, 2)

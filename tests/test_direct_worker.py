@@ -22,6 +22,7 @@ from pyramid_powerhose.protocol import (
 )
 from tests.conftest import read_log
 
+JOB_PATH = "direct"  # the worker's direct path, whatever pytest --path says (conftest)
 TIMEOUT = 15.0  # every wait below is generous; none asserts a speed
 TARGET = "tests.direct_targets:ledger"
 
