@@ -1061,7 +1061,7 @@ class BrokerCore:
                     worker.free_since = now
                     self._to_client(lease_grant(holder.address, svc.name, epoch,
                                                 worker.endpoint, worker.credit,
-                                                worker.about))
+                                                worker.about, self._max_job_size))
             elif epoch == 0:
                 # It declined (it is leaving, most likely): not offered again
                 # until it announces DIRECT again.

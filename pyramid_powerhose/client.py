@@ -341,6 +341,7 @@ class _Watched:
 WISH_GAP = 0.010  # seconds between two LEASE wishes of one service, at least
 WISH_REPEAT = 1.0  # a wish > 0 is said again this often, and withdrawn (0) as late
 LEASE_BEAT = 1.0  # a HEARTBEAT this often while holding or wanting leases
+PREFETCH_BELOW = 0.1  # seconds: as the broker's (broker_core), for a lease's credit
 # A job with no lease to go on, soon after a wish was sent, waits this long
 # for the GRANT before it goes relayed: a grant takes a broker round trip
 # and a worker's, and a relayed job sent meanwhile would find the worker
@@ -361,15 +362,16 @@ class _Lease:
     threads close their sockets to it.
     """
 
-    __slots__ = ("service", "epoch", "endpoint", "credit", "about", "in_flight",
-                 "last_used", "revoked", "owe_return", "gone", "__weakref__")
+    __slots__ = ("service", "epoch", "endpoint", "credit", "about", "max_job_size",
+                 "in_flight", "last_used", "revoked", "owe_return", "gone", "__weakref__")
 
-    def __init__(self, service, epoch, endpoint, credit, about=""):
+    def __init__(self, service, epoch, endpoint, credit, about="", max_job_size=16 << 20):
         self.service = service  # its _Service
         self.epoch = epoch
         self.endpoint = endpoint
         self.credit = credit
         self.about = about  # the worker's pid@host, if it said
+        self.max_job_size = max_job_size  # the broker's: larger jobs go through it
         self.in_flight = 0
         self.last_used = 0
         self.revoked = None
@@ -382,10 +384,12 @@ class _Service:
     lease plus jobs ``relaying`` for lack of one; ``sent``: the wish the
     broker was last told, at ``sent_at`` (watcher's monotonic clock)."""
 
-    __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at")
+    __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at",
+                 "job_time")
 
     def __init__(self, name, lock):
         self.name = name
+        self.job_time = -1.0  # moving average of direct round trips, s (-1: none yet)
         self.leases = []  # usable (unrevoked) leases, in grant order
         self.cond = threading.Condition(lock)
         self.waiting = 0
@@ -395,10 +399,14 @@ class _Service:
 
     def choose(self):
         """The usable lease with room, fewest in flight then least recently
-        used, or None; under the lock."""
+        used, or None; under the lock.  A lease's credit beyond 1 is used
+        only while the service's jobs are short, as the broker does
+        (``PREFETCH_BELOW``): behind a long job, another job would wait
+        although another worker may be idle, for the asking."""
         best = None
+        short = 0 <= self.job_time < PREFETCH_BELOW
         for lease in self.leases:
-            if lease.in_flight < lease.credit and (
+            if lease.in_flight < (lease.credit if short else 1) and (
                     best is None or lease.in_flight < best.in_flight or (
                         lease.in_flight == best.in_flight
                         and lease.last_used < best.last_used)):
@@ -515,13 +523,18 @@ class _Direct:
         with self.lock:
             self.services[name].relaying -= 1
 
-    def release(self, lease, refused=None):
-        """A job on ``lease`` is over; ``refused``: the worker said NOT_RUN
-        (this reason), so the lease is not chosen again."""
+    def release(self, lease, refused=None, took=-1):
+        """A job on ``lease`` is over (``took``: its round trip in ns, or -1);
+        ``refused``: the worker said NOT_RUN (this reason), so the lease is
+        not chosen again."""
         self.lock.acquire()
         try:
             lease.in_flight -= 1
             svc = lease.service
+            if took >= 0:
+                average = svc.job_time
+                seconds = took * 1e-9
+                svc.job_time = seconds if average < 0 else average + 0.2 * (seconds - average)
             if refused is not None and lease.revoked is None:
                 self._revoke(lease, _LOCAL_NOT_RUN)
             if svc.waiting:
@@ -565,7 +578,8 @@ class _Direct:
                     return
                 svc = self._service(notice.service)
                 lease = _Lease(svc, notice.epoch, notice.endpoint.decode(), notice.credit,
-                               notice.about.decode("utf-8", "replace"))
+                               notice.about.decode("utf-8", "replace"),
+                               notice.max_job_size)
                 self.by_epoch[notice.epoch] = lease
                 svc.leases.append(lease)
                 if svc.waiting:
@@ -975,6 +989,11 @@ class Client:
         deadline_ns = monotonic_ns() + int(timeout * 1e9)
         service = req.service
         lease = direct.take(service, deadline_ns)
+        if lease is not None and (len(req.data) > lease.max_job_size or (
+                req.headers and job_size(req) > lease.max_job_size)):
+            # Larger than the broker allows: it answers JobTooLargeError.
+            direct.release(lease)
+            return self._relay(req, timeout, retries)
         if lease is None:  # no lease: relayed, and counted in our wish
             try:
                 left = (deadline_ns - monotonic_ns()) / 1e9
@@ -1007,6 +1026,7 @@ class Client:
         and wait for the reply; None if the worker did not run it (NOT_RUN,
         or the job could not be queued)."""
         refused = None
+        took = -1  # ns from send to reply, for the service's job time
         try:
             try:
                 mine = self._local.direct
@@ -1031,6 +1051,7 @@ class Client:
                 send(sock, frames, NOBLOCK)
             except zmq.Again:
                 return None  # never queued: it may go through the broker
+            sent = monotonic_ns()
             while True:
                 left = deadline_ns - monotonic_ns()
                 wait = (left + 999999) // 1000000
@@ -1054,6 +1075,7 @@ class Client:
                                 error)
                     continue
                 if reply.job_id == job_id:
+                    took = monotonic_ns() - sent
                     break
                 log.debug("dropped late direct reply for job %r", reply.job_id)
             if not reply.ok and reply.code == ERR_NOT_RUN:
@@ -1066,7 +1088,7 @@ class Client:
                 note_reply(reply)
             return reply
         finally:
-            direct.release(lease, refused)
+            direct.release(lease, refused, took)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""

@@ -91,6 +91,7 @@ cdef class LeaseNotice(_Message):
     cdef public int credit
     cdef public bytes reason
     cdef public bytes about
+    cdef public long long max_job_size
 
 
 cdef class DirectRequest(_Message):

@@ -749,11 +749,13 @@ def lease_heartbeat() -> list[bytes]:
 
 
 def lease_grant(address, service, epoch: int, endpoint: bytes, credit: int,
-                about: bytes = b"") -> list[bytes]:
+                about: bytes = b"", max_job_size: int = 16 << 20) -> list[bytes]:
     """Broker: the worker at ``endpoint`` (``about``: its pid@host, if it
-    said) is yours under ``epoch``, ``credit`` jobs at a time."""
+    said) is yours under ``epoch``, ``credit`` jobs at a time, each of at
+    most ``max_job_size`` bytes (the broker's own limit: a larger job goes
+    through the broker, which refuses it)."""
     return [address, b"", EXT_LEASE, LEASE_GRANT, service, _decimal(epoch), endpoint,
-            _decimal(credit), about]
+            _decimal(credit), about, _decimal(max_job_size)]
 
 
 def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
@@ -763,14 +765,15 @@ def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
 
 class LeaseNotice(_Message):
     """A PHL01 message as a client process sees it: GRANT (``endpoint``,
-    ``credit``, ``about``: the worker's pid@host or "") or REVOKE
-    (``reason``), each for ``service`` and ``epoch``."""
+    ``credit``, ``about``: the worker's pid@host or "", ``max_job_size``)
+    or REVOKE (``reason``), each for ``service`` and ``epoch``."""
 
-    __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason", "about")
+    __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason", "about",
+                 "max_job_size")
     _fields = __slots__
 
     def __init__(self, command, service, epoch, endpoint=b"", credit=1, reason=b"",
-                 about=b""):
+                 about=b"", max_job_size=0):
         self.command = command
         self.service = service
         self.epoch = epoch
@@ -778,6 +781,7 @@ class LeaseNotice(_Message):
         self.credit = credit
         self.reason = reason
         self.about = about
+        self.max_job_size = max_job_size
 
 
 def parse_lease_notice(frames) -> LeaseNotice:
@@ -786,13 +790,14 @@ def parse_lease_notice(frames) -> LeaseNotice:
         raise ProtocolError("not a PHL01 notice")
     command, service = frames[2], frames[3]
     epoch = _decode_number(frames[4], "epoch")
-    if command == LEASE_GRANT and len(frames) == 8:
+    if command == LEASE_GRANT and len(frames) == 9:
         credit = _decode_number(frames[6], "credit")
         if not 1 <= credit <= MAX_CREDIT or not frames[5].startswith(b"ipc://") or \
                 len(frames[7]) > MAX_ABOUT_LENGTH:
             raise ProtocolError("GRANT needs an ipc endpoint, a credit of 1 to "
-                                f"{MAX_CREDIT} and the worker's pid@host")
-        return LeaseNotice(command, service, epoch, frames[5], credit, about=frames[7])
+                                f"{MAX_CREDIT}, the worker's pid@host and a job size")
+        return LeaseNotice(command, service, epoch, frames[5], credit, about=frames[7],
+                           max_job_size=_decode_number(frames[8], "max_job_size"))
     if command == LEASE_REVOKE and len(frames) == 6:
         return LeaseNotice(command, service, epoch, reason=frames[5])
     raise ProtocolError(f"bad PHL01 {command[:10]!r} ({len(frames)} frames)")

@@ -145,7 +145,8 @@ def test_a_grant_goes_to_the_lru_idle_direct_worker_only_after_its_answer():
     # No GRANT before the worker's answer, and the worker is out of the pool.
     assert dispatched(submit(core, 2.1, b"c", b"2")) == [(b"w3", b"2")]
     (send,) = answer(core, 2.2, b"w2", epoch)
-    assert send.frames == p.lease_grant(H, SVC, epoch, endpoint_of(b"w2"), 2)
+    # The worker's credit, its pid@host (none said) and the broker's max_job_size.
+    assert send.frames == p.lease_grant(H, SVC, epoch, endpoint_of(b"w2"), 2, b"", 1000)
     assert not send.to_worker and send.worker is None and send.job is None
     # The next grant has the next epoch, from the next idle worker (w1, w3 busy).
     sends = wish(core, 3.0, H, 1)

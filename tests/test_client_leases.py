@@ -50,6 +50,7 @@ def sent(out):
 def test_least_loaded_then_least_recently_used(direct):
     grant(direct, 1)
     grant(direct, 2)
+    direct.services[b"s"].job_time = 0.001  # short jobs: a lease's whole credit is used
     a = direct.take(b"s", far())
     b = direct.take(b"s", far())
     assert {a.epoch, b.epoch} == {1, 2}  # the least loaded first
@@ -61,6 +62,22 @@ def test_least_loaded_then_least_recently_used(direct):
     e = direct.take(b"s", far())
     assert e is b  # a at 2 = its credit
     assert a.in_flight == 2 and b.in_flight == 2
+
+
+def test_credit_beyond_one_only_while_jobs_are_short(direct):
+    grant(direct, 1)  # credit 2
+    a = direct.take(b"s", far())
+    assert a.epoch == 1
+    with pytest.raises(exc.TimeoutError):  # no job time yet: one job a lease
+        direct.take(b"s", time.monotonic_ns() + 20_000_000)
+    direct.release(a, None, 300_000_000)  # 0.3 s: long
+    assert direct.take(b"s", far()) is a
+    with pytest.raises(exc.TimeoutError):
+        direct.take(b"s", time.monotonic_ns() + 20_000_000)
+    for _ in range(30):  # short ones, until the average says so
+        direct.release(a, None, 1_000_000)
+        assert direct.take(b"s", far()) is a
+    assert direct.take(b"s", far()) is a and a.in_flight == 2
 
 
 def test_no_lease_means_relayed_and_a_wish(direct):

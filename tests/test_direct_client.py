@@ -216,6 +216,8 @@ def test_threads_share_leases_within_credit(fake, make_client):
     for worker in broker.workers:
         broker.do(lambda w=worker: setattr(w, "mode", "hold"))
     wait_for(lambda: leases(client) == 1, what="a first lease")
+    # Jobs known to be short, as after a few: a lease's whole credit is used.
+    client._direct.services[b"default"].job_time = 0.001
     results = {}
 
     def run(i):

@@ -226,10 +226,11 @@ def test_lease_control_between_a_client_process_and_the_broker():
     assert p.parse_lease_control([b"ctl", *p.lease_return(b"svc", 9)]).epoch == 9
     assert p.parse_lease_control([b"ctl", *p.lease_heartbeat()]).command == \
         p.LEASE_HEARTBEAT
-    grant = p.lease_grant(b"ctl", b"svc", 9, b"ipc:///d/w.sock", 2, b"12@host")
+    grant = p.lease_grant(b"ctl", b"svc", 9, b"ipc:///d/w.sock", 2, b"12@host", 1000)
     assert grant[0] == b"ctl"
     assert p.parse_lease_notice(grant[1:]) == p.LeaseNotice(
-        p.LEASE_GRANT, b"svc", 9, b"ipc:///d/w.sock", 2, about=b"12@host")
+        p.LEASE_GRANT, b"svc", 9, b"ipc:///d/w.sock", 2, about=b"12@host",
+        max_job_size=1000)
     revoke = p.parse_lease_notice(p.lease_revoke(b"ctl", b"svc", 9, p.REVOKE_LOST)[1:])
     assert (revoke.command, revoke.epoch, revoke.reason) == (p.LEASE_REVOKE, 9, b"lost")
 
@@ -248,11 +249,12 @@ def test_malformed_lease_control_raises_protocol_error(frames):
 
 
 @pytest.mark.parametrize("frames", [
-    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"tcp://h:1", b"1", b""],
-    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"0", b""],
-    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"65", b""],
-    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1"],  # no pid@host
-    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1", b"h" * 256],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"tcp://h:1", b"1", b"", b"9"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"0", b"", b"9"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"65", b"", b"9"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1", b""],  # no size
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1", b"h" * 256, b"9"],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1", b"", b"big"],
     [b"", p.EXT_LEASE, p.LEASE_REVOKE, b"svc", b"1"],
     [b"", p.EXT_CLIENT, p.LEASE_REVOKE, b"svc", b"1", b"lost"],
 ])
