@@ -729,7 +729,8 @@ def main(argv=None):
             if "relayed" in only:
                 relayed, _, _ = harness.start_powerhose(
                     procs, f"ipc://{run_dir}/re-f.sock", f"ipc://{run_dir}/re-b.sock",
-                    harness.ECHO_TARGET, WORKERS, name="relayed", worker_args=("--no-direct",))
+                    harness.ECHO_TARGET, WORKERS, name="relayed", worker_args=("--no-direct",),
+                    direct=False)
                 latency["relayed"] = functools.partial(relayed.execute, PAYLOAD)
             latency = {name: latency[name] for name in LABELS if name in latency}
             harness.say("processes ready; warming up")
@@ -760,7 +761,7 @@ def main(argv=None):
                                              frontend=f"ipc://{run_dir}/be-rf.sock",
                                              backend=f"ipc://{run_dir}/be-rb.sock")
                     be_cluster.start()
-                    be_relayed = Client(frontend=be_cluster.frontend, timeout=60)
+                    be_relayed = Client(frontend=be_cluster.frontend, timeout=60, direct=False)
                     calls["relayed"] = be_relayed.execute
                 hops = [f"ipc://{run_dir}/be-hop-{i}.sock" for i in range(WORKERS)]
                 for i, endpoint in enumerate(hops):

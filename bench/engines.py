@@ -230,11 +230,14 @@ def start_broker(procs, contestant, run_dir, tag, target):
     """A contestant's broker and WORKERS powerhose-workers; returns a Client, once all are ready."""
     name, short = f"{tag}-{contestant.name}", f"{run_dir}/{tag}-{SHORT[contestant.name]}"
     own_workers = contestant.name == "before"  # the other contestants run this tree's
+    # Brokers compared: every job relayed (this tree's workers --no-direct, and
+    # no lease asked for), as the brokers before the direct path relayed them.
     client, _, _ = harness.start_powerhose(
         procs, f"ipc://{short}-f.sock", f"ipc://{short}-b.sock", target, WORKERS, name,
         broker=contestant.argv, broker_path=contestant.path,
         worker=launch(module="pyramid_powerhose.cli.worker") if own_workers else None,
-        worker_path=contestant.path if own_workers else harness.REPO)
+        worker_path=contestant.path if own_workers else harness.REPO,
+        worker_args=() if own_workers else ("--no-direct",), direct=False)
     # Today's broker logs "(compiled)" or "(pure Python)"; 73e07e2's, "engine: X".
     engine = re.search(r"engine\W+(\w+)|\((compiled|pure Python)\)",
                        procs.log(f"{name}-broker")[:4000])

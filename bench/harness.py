@@ -194,10 +194,12 @@ def registered(client, workers, service="default"):
 
 def start_powerhose(procs, frontend, backend, target, workers, name="powerhose",
                     broker=None, broker_path=REPO, worker_args=(), timeout=20.0,
-                    worker=None, worker_path=REPO):
+                    worker=None, worker_path=REPO, direct=True):
     """``powerhose-broker`` (or the argv ``broker``, run in ``broker_path``) and
     ``workers`` ``powerhose-worker TARGET`` (or the argv ``worker``, run in
-    ``worker_path``) on these endpoints.
+    ``worker_path``) on these endpoints.  ``direct=False``: the client asks
+    for no lease (give this tree's workers ``--no-direct`` too, for a
+    relayed path through and through).
 
     Returns a Client (timeout 60 s), the broker's and the workers'
     processes, once the broker answers and every worker has registered.
@@ -209,7 +211,8 @@ def start_powerhose(procs, frontend, backend, target, workers, name="powerhose",
     worker_procs = [procs.start(f"{name}-worker-{i}", worker_argv + [
         target, "--backend", backend, *worker_args], path=worker_path)
         for i in range(workers)]
-    client = Client(settings=Settings(frontend=frontend, backend=backend, timeout=60.0))
+    client = Client(settings=Settings(frontend=frontend, backend=backend, timeout=60.0,
+                                      direct=direct))
     try:
         wait_until(lambda: client.ping(timeout=0.2) == broker_proc.pid, procs,
                    f"{name}'s broker", timeout)
