@@ -475,9 +475,12 @@ class BrokerCore:
             busy = 0
             for address in svc.workers:
                 worker: WorkerRef = self.workers[address]
-                # paused: busy with another broker; leased: busy until it says FREE
-                if worker.jobs or worker.paused or \
-                        (worker.holder is not None and worker.free_since is None):
+                # paused: busy with another broker; leased: busy from the
+                # REPORT that says it started a direct job to its FREE (not
+                # while its lease is being granted: it runs nothing then)
+                if worker.jobs or worker.paused or (worker.holder is not None and
+                                                    worker.free_since is None and
+                                                    not worker.granting):
                     busy += 1
             services[_name(svc.name)] = {
                 "workers": len(svc.workers),

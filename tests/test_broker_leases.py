@@ -481,6 +481,21 @@ def test_a_leaving_worker_that_leaves_before_the_return_revokes_as_lost():
 # -- counts and stats ----------------------------------------------------------------------
 
 
+def test_busy_only_between_a_report_and_a_free():
+    """A worker whose lease is being granted, or granted and unused, runs
+    nothing: idle in the stats; busy once it says it started a direct job."""
+    core = make_core()
+    ready_direct(core, 0.0, b"w")
+    (offer,) = leases(wish(core, 0.0, H, 1))
+    assert (service_stats(core, 0.1)["busy"], service_stats(core, 0.1)["leased"]) == (0, 1)
+    answer(core, 0.2, b"w", offer[1])
+    assert service_stats(core, 0.2)["busy"] == 0
+    report(core, 0.3, b"w", p.DirectCounts())
+    assert service_stats(core, 0.3)["busy"] == 1
+    report(core, 0.4, b"w", counts_of(1, seconds=[0.001]), p.FREE)
+    assert service_stats(core, 0.4)["busy"] == 0
+
+
 def test_free_and_report_counts_show_in_the_stats_exactly():
     from pyramid_powerhose.broker_core import BUCKETS
     core = make_core()
