@@ -270,10 +270,31 @@ def test_direct_script_runs_only_the_paths_named(tmp_path):
     assert_nothing_left("direct.py", tmp_path)
 
 
+def test_engines_script_times_this_trees_brokers_and_leaves_nothing(tmp_path):
+    """bench/engines.py, a smoke run of the contestants it builds nothing for:
+    every figure positive, its brokers, workers and temp trees gone."""
+    out = run_script("engines.py", "--quick", "--only", "relay,current,current-pure",
+                     tmp_path=tmp_path)
+    contestants, round_trip, rates, break_evens, targets = tables(out)
+    names = column(contestants, "contestant")
+    assert names == ["relay", "current", "current-pure"]
+    assert dict(zip(names, column(contestants, "engine")))["current-pure"] == "python"
+    assert column(round_trip, "round trip (us)") == column(rates, "jobs/s") == names
+    assert all(number(cell) > 0 for cell in column(round_trip, "median") + column(rates, "median"))
+    assert all(number(cell) > 0 for row in break_evens[1:-1] for cell in row[1:])
+    assert [row[0] for row in targets[1:]] == names[1:]
+    assert list(tmp_path.glob("ph-engines-*")) == []
+    assert_nothing_left("engines.py", tmp_path)
+
+
+@diagnostic
+@pytest.mark.timeout(600)
 def test_engines_script_times_every_contestant_and_leaves_nothing(tmp_path):
-    """bench/engines.py, a smoke run: every contestant's round trip, jobs/s and
-    speed-ups are positive, and its brokers, workers and temp trees are gone."""
-    out = run_script("engines.py", "--quick", tmp_path=tmp_path)
+    """bench/engines.py, a smoke run with every contestant, two of them built
+    from older commits (about 2 minutes: with the diagnostics, out of the
+    default run): every contestant's round trip, jobs/s and speed-ups are
+    positive, and its brokers, workers and temp trees are gone."""
+    out = run_script("engines.py", "--quick", tmp_path=tmp_path, timeout=500)
     assert machine_header(out)
     contestants, round_trip, rates, break_evens, targets = tables(out)
     names = column(contestants, "contestant")
