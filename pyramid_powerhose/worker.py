@@ -203,6 +203,7 @@ class Worker:
         # direct job we start is told to it (REPORT), so that it revokes an
         # idle lease for a waiting job rather than ours.
         self._idle_told = False
+        self._was_leased = False  # a holder may still send us jobs of an ended lease
         self._owed = False
         self._leaving = False  # leaving while leased: every direct job is NOT_RUN
         self._lease_over = False  # while leaving: the broker ended the lease
@@ -490,10 +491,14 @@ class Worker:
         log.info("worker retiring (%s) after %d jobs", reason, self.jobs_done)
         if self.lease_epoch and self.direct is not None:
             self._leave_lease()
-        self._close_direct()
         for broker in self.brokers:
             if broker.socket is not None:
                 self._tell(broker, DISCONNECT)
+        if self._was_leased and self.direct is not None:
+            # Even after the broker's LEASE 0: a share revocation crossing our
+            # own LEASE 0 reads the same, while its holder's jobs are in flight.
+            self._drain_direct()
+        self._close_direct()
         return EXIT_OK
 
     def request_stop(self, *_):
@@ -727,6 +732,7 @@ class Worker:
             if self._leaving or self.direct is None:
                 epoch = 0  # leaving (the broker was told) or no direct socket
             self._idle_told = bool(epoch)  # a fresh lease counts idle at the broker
+            self._was_leased = self._was_leased or bool(epoch)
             log.debug("leased under epoch %d", epoch)
         else:
             if self._counted:
@@ -758,6 +764,28 @@ class Worker:
         except zmq.Again:
             log.debug("broker at %s unreachable; %r dropped", broker.backend, frames[2])
         self._broker_used()
+
+    def _drain_direct(self):
+        """Leaving, after DISCONNECT, a worker that was leased: a holder's
+        threads may have sent a direct job just before they heard the lease
+        was over, so answer NOT_RUN stopping (they send it through the
+        broker) until the direct socket has been quiet for a heartbeat,
+        within ``liveness``, rather than close it on a job nobody would
+        answer."""
+        self._leaving = True
+        quiet = max(0.1, self.heartbeat)
+        last = monotonic()
+        until = last + self.liveness
+        while True:
+            now = monotonic()
+            if now >= until or now - last >= quiet:
+                return
+            message = self._next_message(int((quiet - (now - last)) * 1000) + 1)
+            if message is not None and message[1] is self.direct:
+                self.handle_direct(message[2])  # NOT_RUN stopping
+                last = monotonic()
+            # From the broker, after our DISCONNECT: nothing to do (it requeues
+            # what it had sent us).
 
     def _leave_lease(self):
         """Leaving while leased: tell the broker (LEASE 0), answer NOT_RUN
