@@ -17,7 +17,9 @@ from setuptools import Extension, setup
 COMPILED = [
     "pyramid_powerhose/multipart.py",
     "pyramid_powerhose/protocol.py",
+    "pyramid_powerhose/job.py",
     "pyramid_powerhose/broker_core.py",
+    "pyramid_powerhose/readiness.py",
     "pyramid_powerhose/broker.py",
     "pyramid_powerhose/worker.py",
     "pyramid_powerhose/client.py",

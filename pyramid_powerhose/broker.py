@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import signal
 from time import monotonic
 
@@ -24,13 +23,9 @@ import zmq
 
 from . import curve, endpoints
 from .multipart import NOBLOCK, readable, recv_within, send
+from .readiness import ParentWatch, Readiness, now as _now
 from .broker_core import BrokerCore, Send
 from .exc import DuplicateBrokerError, SettingsError
-
-try:
-    import cython
-except ImportError:  # needed only to compile; uncompiled, this module does without
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +34,6 @@ log = logging.getLogger(__name__)
 BATCH = 64
 
 _UNREACHABLE = (errno.EHOSTUNREACH, errno.EAGAIN)
-
-PARENT_CHECK_INTERVAL = 0.05  # seconds: getppid() is a system call
 
 # Cython-compiled, this module's file is the extension, not the source.
 COMPILED = not __file__.endswith(".py")
@@ -91,8 +84,7 @@ class Broker:
         self._locks = []
         self._stop_signalled = False
         self._readiness = None
-        self._parent = os.getppid() if settings.exit_with_parent else None
-        self._next_parent_check = 0.0
+        self._parent = ParentWatch() if settings.exit_with_parent else None
         self.frontend = self.backend = self.monitor = self.zap = None
         self.sockets = ()
 
@@ -173,7 +165,7 @@ class Broker:
     def run(self):
         """Serve until stopped; returns once every accepted job is settled."""
         core: BrokerCore = self.core
-        waiting: _Readiness = _Readiness(self.sockets)
+        waiting: Readiness = Readiness(self.sockets, signals=True)
         self._readiness = waiting
         while True:
             ready = waiting.wait(core.poll_timeout())
@@ -223,7 +215,7 @@ class Broker:
 
     def _send(self, sends):
         """Send what the core decided; report sends to vanished workers back to it."""
-        waiting: _Readiness = self._readiness
+        waiting: Readiness = self._readiness
         out: Send
         while sends:
             failed = []
@@ -256,141 +248,11 @@ class Broker:
             pass
 
     def _parent_gone(self, now) -> bool:
-        if self._parent is None or now < self._next_parent_check:
+        if self._parent is None or not self._parent.gone(now):
             return False
-        self._next_parent_check = now + PARENT_CHECK_INTERVAL
-        if os.getppid() != self._parent:
-            log.warning("parent process %d is gone", self._parent)
-            self._parent = None
-            return True
-        return False
+        log.warning("parent process %d is gone", self._parent.parent)
+        self._parent = None
+        return True
 
 
-def _now() -> float:
-    """``time.monotonic()``; compiled, the same clock read in C, without a
-    Python call and a float object (four a job)."""
-    if not COMPILED:
-        return monotonic()
-    now: timespec
-    clock_gettime(CLOCK_MONOTONIC, cython.address(now))
-    return now.tv_sec + now.tv_nsec * 1e-9
-
-
-FRONTEND, BACKEND, MONITOR, ZAP = 1, 2, 4, 8  # bits of _Readiness.wait()'s answer
-MAX_DESCRIPTORS = 5  # those four sockets' and the wake-up pipe's
-STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT))
-
-
-class _Readiness:
-    """Which of the broker's sockets have a message waiting, asking libzmq little.
-
-    Each question to a socket (``ZMQ_EVENTS``, or a receive that finds
-    nothing) costs libzmq a ``getpid`` and a ``poll`` system call, and
-    ``zmq_poll`` asks every socket before and after it sleeps.  A socket's
-    ``ZMQ_FD`` becomes readable only when something new arrives for a
-    socket that was asked since it was last used; so only a socket whose
-    descriptor fired, or that was used since it was last asked (a send or a
-    receive may take its wake-up), is asked, and the loop sleeps in one
-    ``poll`` on the descriptors, with a self-pipe so that a signal wakes it.
-    """
-
-    def __init__(self, sockets):
-        self.sockets = sockets
-        self.stale = (1 << len(sockets)) - 1  # bits: used (or fired) since last asked
-        self.stop_signalled = False
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # Bit i: sockets[i]'s descriptor; the last bit, the wake-up pipe's.
-        descriptors = [sock.getsockopt(zmq.FD) for sock in sockets] + [self.wake_r]
-        if len(descriptors) > MAX_DESCRIPTORS:
-            raise ValueError(f"at most {MAX_DESCRIPTORS - 1} sockets")
-        self.nfds = len(descriptors)
-        if COMPILED:  # poll() on an array (see _sleep)
-            for i in range(self.nfds):
-                self.fds[i].fd = descriptors[i]
-                self.fds[i].events = POLLIN
-        else:
-            self.poll = select.poll()
-            for fd in descriptors:
-                self.poll.register(fd, select.POLLIN)
-            self.slot = {fd: 1 << i for i, fd in enumerate(descriptors)}
-        try:
-            self.previous_wakeup = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: signals are not ours to handle
-            self.previous_wakeup = None
-
-    def wait(self, timeout_ms) -> int:
-        """The bits of the sockets with a message waiting, sleeping up to
-        ``timeout_ms`` if none has; 0 if none came."""
-        ready = self._ask()
-        if ready:
-            return ready
-        fired = self._sleep(timeout_ms)
-        wake = 1 << len(self.sockets)
-        if fired & wake:
-            self._drain_wake_pipe()
-        self.stale |= fired & (wake - 1)
-        return self._ask()
-
-    def _sleep(self, timeout_ms) -> int:
-        """Sleep until a descriptor fires or ``timeout_ms`` is up: the bits of
-        those that fired."""
-        fired = 0
-        if not COMPILED:
-            for fd, _ in self.poll.poll(timeout_ms):
-                fired |= self.slot[fd]
-            return fired
-        # Compiled: poll() itself, on the array made once, rather than
-        # select.poll's method call and list of tuples (as much work as the
-        # rest of the loop's own per message).
-        with cython.nogil:  # another thread of this process may be waiting to run
-            rc = poll(self.fds, self.nfds, timeout_ms)
-        if rc < 0:
-            err = errno_of_c
-            if err != errno.EINTR:
-                raise OSError(err, os.strerror(err))
-            PyErr_CheckSignals()  # a signal: its Python handler runs now
-            return 0
-        for i in range(self.nfds):
-            if self.fds[i].revents:
-                fired |= 1 << i
-        return fired
-
-    def _ask(self) -> int:
-        """Ask the stale sockets; those with a message stay stale, since
-        the loop is about to use them."""
-        ready = 0
-        for i in range(len(self.sockets)):
-            bit = 1 << i
-            if self.stale & bit:
-                if readable(self.sockets[i]):
-                    ready |= bit
-                else:
-                    self.stale &= ~bit
-        return ready
-
-    def asked(self, side):
-        """The FRONTEND or the BACKEND was just found empty: its descriptor will tell."""
-        self.stale &= ~side
-
-    def _drain_wake_pipe(self):
-        """Read the numbers of the signals that came.
-
-        Compiled, the loop runs no bytecode, so CPython may not run a
-        signal's Python handler until much later: SIGTERM and SIGINT are
-        seen here, in the bytes the C handler wrote, as soon as they wake
-        the loop."""
-        try:
-            while True:
-                signals = os.read(self.wake_r, 512)
-                if not signals:
-                    return
-                if STOP_SIGNALS.intersection(signals):
-                    self.stop_signalled = True
-        except BlockingIOError:
-            pass
-
-    def close(self):
-        if self.previous_wakeup is not None:
-            signal.set_wakeup_fd(self.previous_wakeup)
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+FRONTEND, BACKEND, MONITOR, ZAP = 1, 2, 4, 8  # bits of Readiness.wait()'s answer

@@ -122,6 +122,8 @@ cpdef list backend_request(bytes address, bytes client, Request req, bint extend
 cpdef list backend_command(bytes address, bytes command)
 cpdef list backend_lease(bytes address, long long epoch)
 cpdef bint is_lease_control(list frames)
+cpdef list worker_reply(bytes client, Reply reply)
+cpdef BrokerCommand parse_broker_command(list frames)
 cpdef list direct_request(long long epoch, long long deadline_ns, Request req)
 cpdef DirectRequest parse_direct_request(list frames)
 cpdef list direct_reply(bytes address, Reply reply)

@@ -49,7 +49,6 @@ import importlib
 import logging
 import os
 import random
-import select
 import socket
 import resource
 import signal
@@ -57,7 +56,7 @@ import sys
 import threading
 import time
 import traceback
-from time import monotonic, monotonic_ns
+from time import monotonic
 
 import zmq
 
@@ -67,6 +66,7 @@ from .exc import ProtocolError, TargetError, UnsafeDirectoryError
 # Names, not module.NAME: compiled (setup.py), a module global is a cached
 # look-up, a module's attribute a dictionary look-up every time.
 from .multipart import NOBLOCK, readable, recv, recv_within, send
+from .readiness import WOKEN, ParentWatch, Readiness, now as _now
 from .protocol import (
     DISCONNECT, ERR_EXECUTION, ERR_TIMEOUT, FREE, HEARTBEAT, LEASE, MAX_ABOUT_LENGTH,
     MAX_ENDPOINT_LENGTH, NOT_RUN_LEASE, NOT_RUN_STOPPING, PAUSE, REPORT, REQUEST, RESUME,
@@ -89,7 +89,7 @@ FAULT_MARGIN = 2.0
 
 # A leased worker that has run direct jobs and then sees none for this many
 # milliseconds tells the broker FREE.  Timed by poll() (the kernel's clock,
-# see _Readiness): libzmq times RCVTIMEO with a coarse clock, and a 1 ms
+# see readiness.py): libzmq times RCVTIMEO with a coarse clock, and a 1 ms
 # RCVTIMEO may end at once (docs/direct_path.rst).
 FREE_AFTER_MS = 1
 MAX_IPC_PATH = 107  # bytes: sun_path
@@ -171,7 +171,8 @@ class Worker:
         self.liveness = settings.heartbeat * settings.liveness
         self.brokers = []  # one _Broker per backend, made when run() starts
         self._inbox = collections.deque()  # (broker, socket, frames) read, not yet handled
-        self._poller = None  # over the brokers' sockets (several), or a _Readiness (direct)
+        self._poller = None  # zmq.Poller over the brokers' sockets (several)
+        self._readiness = None  # over the direct socket and the broker's (direct)
         self.stop_requested = False
         self.jobs_done = 0
         self._lock = threading.Lock()  # held by whoever uses the socket
@@ -187,7 +188,8 @@ class Worker:
             age += random.uniform(0, settings.max_age_delta)
         self.retire_at = monotonic() + age if age > 0 else None
         self.over_memory = False  # past --max-memory: retire after the current job
-        self.parent = os.getppid() if settings.exit_with_parent else None
+        self.max_memory = settings.max_memory  # MiB; 0: no limit
+        self.parent = ParentWatch() if settings.exit_with_parent else None
         # The direct path: our ROUTER (None: not announced), its endpoint and
         # socket file; the lease we serve (0: none); the direct jobs ended
         # since the last FREE or REPORT (``_counted``: there are some), and
@@ -233,7 +235,7 @@ class Worker:
         self._counted = self._owed = False
         broker.socket = sock
         broker.paused = False  # a new registration starts unpaused
-        self._poller = None
+        self._poller = self._readiness = None
         now = monotonic()
         broker.expiry = now + self.liveness
         broker.next_heartbeat = now + self.heartbeat
@@ -242,7 +244,7 @@ class Worker:
         if broker.socket is not None:
             broker.socket.close(linger)
             broker.socket = None
-            self._poller = None
+            self._poller = self._readiness = None
 
     def run(self) -> int:
         """Serve jobs until retired, stopped, or without a broker too long."""
@@ -283,9 +285,9 @@ class Worker:
                 # (request_stop) run only when bytecode runs, and compiled,
                 # this loop runs none: SIGTERM would go unseen for ever.
                 PyErr_CheckSignals()
-            now = monotonic()
-            if self.parent is not None and os.getppid() != self.parent:
-                log.warning("parent process %d is gone; stopping", self.parent)
+            now = _now()
+            if self.parent is not None and self.parent.gone(now):
+                log.warning("parent process %d is gone; stopping", self.parent.parent)
                 self.parent = None
                 self.stop_requested = True
             if (self.stop_requested or self.over_memory
@@ -302,12 +304,16 @@ class Worker:
                         self._report(broker, REPORT)
                     self._tell(broker, HEARTBEAT)
                     broker.next_heartbeat = now + self.heartbeat
-            if all(broker.lost_since is not None for broker in self.brokers):
-                since = max(broker.lost_since for broker in self.brokers)
-                if now - since >= self.settings.broker_timeout:
-                    log.error("no broker at %s for %.0fs; exiting",
-                              self._backends(self.brokers), now - since)
-                    return EXIT_NO_BROKER
+            since = -1.0  # when the last broker was lost, if all are
+            for broker in self.brokers:
+                if broker.lost_since is None:
+                    since = -1.0
+                    break
+                since = max(since, broker.lost_since)
+            if since >= 0 and now - since >= self.settings.broker_timeout:
+                log.error("no broker at %s for %.0fs; exiting",
+                          self._backends(self.brokers), now - since)
+                return EXIT_NO_BROKER
 
     def _next_message(self, timeout_ms):
         """(broker, socket, frames) of the next message, or None after ``timeout_ms``.
@@ -514,7 +520,7 @@ class Worker:
     def handle_request(self, command, broker):
         """Run one job from ``broker`` and send the reply back to it."""
         req = command.request
-        now = monotonic()
+        now = _now()
         # A prefetched request waited in our socket while we ran the previous
         # job, at most since that job started: count that against its ttl.
         waited = now - self.backlog_since if self.backlog_since is not None else 0.0
@@ -542,7 +548,7 @@ class Worker:
         # We could not read the brokers' heartbeats while busy: that time
         # does not count against them.  (Reset to now + liveness, a broker
         # that died would never expire while another keeps us busy.)
-        started, now = now, monotonic()
+        started, now = now, _now()
         for each in self.brokers:
             each.expiry += now - started
         broker.next_heartbeat = now + self.heartbeat  # the reply is a sign of life
@@ -550,7 +556,7 @@ class Worker:
         self._reply(broker, command.client, reply)
         if len(self.brokers) > 1:
             self._resume_all()
-        if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
+        if self.max_memory and _peak_memory() > self.max_memory << 20:
             self.over_memory = True  # checked after each job: one system call
 
     def handle_direct(self, frames):
@@ -571,7 +577,10 @@ class Worker:
             send(self.direct, direct_not_run(direct.address, req.job_id, NOT_RUN_LEASE))
             return
         deadline_ns = direct.deadline_ns
-        now_ns = monotonic_ns()
+        # CLOCK_MONOTONIC, as the client's monotonic_ns() and our monotonic()
+        # read it: one clock read, not two.
+        now = _now()
+        now_ns = int(now * 1e9)
         if deadline_ns and now_ns >= deadline_ns:
             log.info("direct job %r: its deadline passed before it started; not run",
                      req.job_id)
@@ -585,8 +594,6 @@ class Worker:
         if self._idle_told:  # busy again: once per spell of work, not per job
             self._idle_told = False
             self._report(self.brokers[0], REPORT)
-        # CLOCK_MONOTONIC, as time.monotonic() reads it: one clock read, not two.
-        now = now_ns * 1e-9
         job = Job(req.data, req.headers, req.job_id,
                   deadline_ns * 1e-9 if deadline_ns else None, self.settings.service)
         self._direct_client = direct.address
@@ -595,14 +602,14 @@ class Worker:
         finally:
             self._direct_client = None
         # Bookkeeping first, as for a relayed job (handle_request).
-        end = monotonic()
+        end = _now()
         for each in self.brokers:  # we could not read the broker's heartbeats
             each.expiry += end - now
         self.jobs_done += 1
         self.counts.add(end - now, None if reply.ok else reply.code)
         self._counted = self._owed = True
         send(self.direct, direct_reply(direct.address, reply))
-        if self.settings.max_memory and _peak_memory() > self.settings.max_memory << 20:
+        if self.max_memory and _peak_memory() > self.max_memory << 20:
             self.over_memory = True
 
     def _run(self, job, now) -> Reply:
@@ -666,7 +673,7 @@ class Worker:
             log.warning("no direct path: cannot bind %s: %s", path, exc)
             return
         self.direct, self.direct_endpoint, self._direct_path = sock, endpoint, path
-        self._poller = None
+        self._poller = self._readiness = None
         log.info("direct jobs on %s", path)
 
     def _close_direct(self):
@@ -675,7 +682,7 @@ class Worker:
         if sock is None:
             return
         self.direct = None
-        self._poller = None
+        self._poller = self._readiness = None
         self.lease_epoch = 0
         sock.close()
         try:
@@ -690,9 +697,10 @@ class Worker:
         broker's read first, so that the end of a lease counts before the
         next direct job); FREE once idle ``FREE_AFTER_MS`` after direct jobs."""
         broker = self.brokers[0]
-        waiting = self._poller
+        waiting = self._readiness
         if waiting is None:
-            waiting = self._poller = _Readiness(self.direct, broker.socket)
+            waiting = self._readiness = Readiness(
+                (self.direct,) if broker.socket is None else (self.direct, broker.socket))
         if self._owed:
             timeout_ms = FREE_AFTER_MS
         elif broker.socket is None:  # waiting to reconnect: direct jobs still run
@@ -703,7 +711,7 @@ class Worker:
             if self._owed:
                 self._report(broker, FREE)
             return None
-        if ready == _WOKEN:  # by something that was not a message (a connection)
+        if ready == WOKEN:  # by something that was not a message (a connection)
             return None
         if ready & _BROKER:
             sock = broker.socket
@@ -719,9 +727,9 @@ class Worker:
 
     def _broker_used(self):
         """A send on the broker's socket may take the wake-up of a message
-        that arrived meanwhile: the direct loop must ask it (_Readiness)."""
-        waiting = self._poller
-        if waiting is not None and self.direct is not None:
+        that arrived meanwhile: the direct loop must ask it (readiness.py)."""
+        waiting = self._readiness
+        if waiting is not None:
             waiting.stale |= _BROKER
 
     def _lease(self, broker, epoch):
@@ -905,66 +913,9 @@ class Worker:
         os._exit(EXIT_JOB_TIMEOUT)
 
 
-# Bits of _Readiness.wait()'s answer: the sockets with a message, or
-# _WOKEN alone for a wake-up without one (not the end of the time).
-_DIRECT, _BROKER, _WOKEN = 1, 2, 4
-
-
-class _Readiness:
-    """Which of the direct socket and the broker's have a message waiting,
-    asking libzmq little (as the broker's ``_Readiness``).
-
-    ``zmq_poll`` asks every socket before and after it sleeps, each
-    question a ``poll`` and a ``getpid`` in libzmq: twice the system calls
-    of a blocking receive, on the path of every direct job.  A socket's
-    ``ZMQ_FD`` becomes readable only when something new arrives for a socket
-    that was asked since it was last used; so only a socket whose descriptor
-    fired, or that was used since it was last asked (``stale``), is asked,
-    and the wait is one ``poll`` on the descriptors, timed by the kernel.
-    The worker marks the broker's socket stale after each send on it
-    (``_broker_used``); the direct socket is used only right after it was
-    found readable, so it is still stale then.
-    """
-
-    __slots__ = ("sockets", "stale", "poll", "slot")
-
-    def __init__(self, direct, broker_socket):
-        self.sockets = (direct,) if broker_socket is None else (direct, broker_socket)
-        self.stale = _DIRECT | _BROKER if broker_socket is not None else _DIRECT
-        self.poll = select.poll()
-        self.slot = {}
-        for i, sock in enumerate(self.sockets):
-            fd = sock.getsockopt(zmq.FD)
-            self.poll.register(fd, select.POLLIN)
-            self.slot[fd] = 1 << i
-
-    def wait(self, timeout_ms) -> int:
-        """The bits of the sockets with a message waiting, sleeping up to
-        ``timeout_ms`` if none has; 0 if the time is up, _WOKEN if a socket
-        woke us with something else than a message (a peer connecting)."""
-        ready = self._ask()
-        if ready:
-            return ready
-        fired = self.poll.poll(timeout_ms)
-        if not fired:
-            return 0
-        for fd, _ in fired:
-            self.stale |= self.slot[fd]
-        return self._ask() or _WOKEN
-
-    def _ask(self) -> int:
-        """Ask the stale sockets; those with a message stay stale, since the
-        worker is about to use them."""
-        ready = 0
-        bit = 1
-        for sock in self.sockets:
-            if self.stale & bit:
-                if readable(sock):
-                    ready |= bit
-                else:
-                    self.stale &= ~bit
-            bit <<= 1
-        return ready
+# Bits of Readiness.wait()'s answer in the direct loop: the direct socket
+# is the first one, the broker's the second.
+_DIRECT, _BROKER = 1, 2
 
 
 def _peak_memory() -> int:
@@ -998,7 +949,7 @@ def run_target(target, job) -> Reply:
     exception, is an ExecutionError carrying the type and the traceback.
     """
     try:
-        if traced(job):
+        if job.headers and traced(job):  # no call for a job without headers
             with job_span(job):  # the client's trace continues here
                 result = target(job)
         else:
