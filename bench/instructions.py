@@ -26,7 +26,13 @@ worker
     REQUEST with a REPLY of the same frames, without parsing, a ``Job`` or
     bookkeeping.
 
-    python bench/instructions.py              # 2000 jobs each, about 3 minutes
+``--path direct`` (the default) counts the client and the worker on direct
+jobs only (it waits for the lease and fails if a counted job was relayed);
+the floors stay the relayed frames, a little more socket work than a
+direct job's.  ``--path relayed`` sends everything through the broker.
+
+    python bench/instructions.py              # client and worker, direct path, 2000 jobs each
+    python bench/instructions.py --only client,broker,worker --path relayed
     python bench/instructions.py --jobs 300   # quicker, less exact (see below)
     python bench/instructions.py --only worker --jobs 20   # a smoke run, about a minute
 
@@ -46,6 +52,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import zmq
 
@@ -78,10 +85,10 @@ def floor_worker(backend):
             multipart.send(sock, protocol.worker_command(protocol.HEARTBEAT))
 
 
-def client_loop(kind, frontend):
+def client_loop(kind, frontend, path="direct"):
     """Runs jobs when told on stdin ("N"), answers "done" on stdout."""
     if kind == "client":
-        client = Client(frontend=frontend, timeout=60)
+        client = Client(frontend=frontend, timeout=60, direct=path == "direct")
         call = lambda: client.execute(PAYLOAD)  # noqa: E731
     else:  # the floor: the same frames, no Client
         sock = zmq.Context().socket(zmq.DEALER)
@@ -147,8 +154,35 @@ def setup_relay(procs, run_dir, valgrind):
     return relay.pid, run_jobs
 
 
-def setup_cluster(variant, procs, run_dir, valgrind):
-    """A broker and one worker, one of the three processes under valgrind."""
+def direct_only(probe, run_jobs, procs):
+    """``run_jobs`` once ``probe`` holds a lease on the worker, checking that
+    every job went direct: the count is the direct path's alone.  (Under
+    valgrind a GRANT may come after the client gave up waiting for it and
+    sent a job through the broker.)"""
+    def direct_jobs():
+        workers = probe.stats(timeout=10)["workers"]
+        return sum(worker.get("direct_jobs", 0) for worker in workers)
+
+    def leased():
+        run_jobs(20)
+        return probe.stats(timeout=10)["services"][SERVICE].get("leased")
+    wait_until(leased, procs, "a lease on the worker", timeout=180)
+
+    def run_direct(n):
+        time.sleep(1.5)  # the worker tells what it ran once idle (FREE)
+        before = direct_jobs()
+        run_jobs(n)
+        time.sleep(1.5)
+        went = direct_jobs() - before
+        if went != n:
+            raise RuntimeError(f"{n - went} of {n} jobs did not go direct")
+    return run_direct
+
+
+def setup_cluster(variant, procs, run_dir, valgrind, direct=True):
+    """A broker and one worker, one of the three processes under valgrind;
+    ``direct``: the client and the worker on the direct path (the worker
+    run counts only direct jobs), else everything through the broker."""
     front, back = f"ipc://{run_dir}/{variant}-f.sock", f"ipc://{run_dir}/{variant}-b.sock"
     me = [sys.executable, os.path.abspath(__file__), "_run"]
     broker = procs.start(f"{variant}-broker", (valgrind if variant == "broker" else []) +
@@ -159,14 +193,20 @@ def setup_cluster(variant, procs, run_dir, valgrind):
     else:
         worker = procs.start(f"{variant}-worker", (valgrind if variant == "worker" else []) +
                              python_script("powerhose-worker", "pyramid_powerhose.cli.worker") +
-                             ["tests.targets:echo", "--backend", back])
-    probe = Client(frontend=front, timeout=60)
+                             ["tests.targets:echo", "--backend", back] +
+                             ([] if direct else ["--no-direct"]))
+    probe = Client(frontend=front, timeout=60, direct=direct)
     # A process under valgrind starts slowly: it may not answer for a while.
     wait_until(lambda: harness.registered(probe, 1, SERVICE), procs,
                f"the {variant} run's worker", timeout=180)
     if variant not in ("client", "floor-client"):
-        return (broker if variant == "broker" else worker).pid, client_runner(probe)
-    loop = procs.start(variant, valgrind + me + [variant, front], pipes=True)
+        run_jobs = client_runner(probe)
+        if direct and variant == "worker":
+            run_jobs = direct_only(probe, run_jobs, procs)
+        return (broker if variant == "broker" else worker).pid, run_jobs
+    loop = procs.start(variant, valgrind + me + [variant, front,
+                                                 "direct" if direct else "relayed"],
+                       pipes=True)
 
     def run_jobs(n):
         loop.stdin.write(b"%d\n" % n)
@@ -177,10 +217,12 @@ def setup_cluster(variant, procs, run_dir, valgrind):
     if loop.stdout.readline().strip() != b"ready":
         procs.check()
         raise RuntimeError(f"{variant} did not start")
+    if direct and variant == "client":
+        run_jobs = direct_only(probe, run_jobs, procs)
     return loop.pid, run_jobs
 
 
-def measure(variant, run_dir, jobs, keep=None):
+def measure(variant, run_dir, jobs, keep=None, direct=True):
     """Instructions per job of one variant, in processes of its own; the
     counters' dumps are left in ``keep`` if given (for callgrind_annotate)."""
     procs = Processes(run_dir)
@@ -192,7 +234,7 @@ def measure(variant, run_dir, jobs, keep=None):
         if variant == "proxy":
             pid, run_jobs = setup_relay(procs, run_dir, valgrind)
         else:
-            pid, run_jobs = setup_cluster(variant, procs, run_dir, valgrind)
+            pid, run_jobs = setup_cluster(variant, procs, run_dir, valgrind, direct)
         return count(pid, out_file, run_jobs, jobs)
     finally:
         procs.close()
@@ -215,15 +257,21 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2000,
                         help="jobs counted per process (default %(default)s)")
     names = [ours for ours, _, _ in COMPARISONS]
-    parser.add_argument("--only", default=",".join(names), metavar="A,B",
-                        help="the processes to count, each next to its floor "
-                        "(default: all of %(default)s)")
+    parser.add_argument("--only", default="client,worker", metavar="A,B",
+                        help="the processes to count, each next to its floor, among "
+                        f"{','.join(names)} (default: %(default)s)")
+    parser.add_argument("--path", choices=("direct", "relayed"), default="direct",
+                        help="the client's and the worker's jobs on the direct path "
+                        "(the default; only direct jobs are counted) or all through "
+                        "the broker (the broker's count needs this)")
     parser.add_argument("--keep", metavar="DIR",
                         help="leave callgrind's dumps in DIR, to read with callgrind_annotate")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     if not only or set(only) - set(names):
         parser.error(f"--only: choose among {', '.join(names)}")
+    if "broker" in only and args.path == "direct":
+        parser.error("--only broker needs --path relayed: direct jobs do not pass the broker")
     if args.jobs < 1:
         parser.error("--jobs must be positive")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -236,12 +284,13 @@ def main(argv=None):
                 continue
             counts = []
             for variant in (ours, floor):
-                counts.append(measure(variant, run_dir, args.jobs, args.keep))
+                counts.append(measure(variant, run_dir, args.jobs, args.keep,
+                                      args.path == "direct"))
                 harness.say(f"{variant}: {counts[-1]:.0f} instructions per job")
             rows.append([ours, f"{counts[0] / 1000:.1f}k", f"{counts[1] / 1000:.1f}k",
                          f"{counts[0] / counts[1]:.2f}", what])
     print(describe_machine())
-    print(f"\n{len(PAYLOAD)}-byte echo, {args.jobs} jobs counted per process, "
+    print(f"\n{len(PAYLOAD)}-byte echo, {args.path} path, {args.jobs} jobs counted per process, "
           "user-space instructions of all its threads (callgrind)\n")
     print(table(["process", "ours", "floor", "ours/floor", "the floor"], rows))
     return 0

@@ -81,6 +81,10 @@ def test_broker_restart_workers_reconnect_client_recovers(start_broker, start_wo
     assert client.execute(b"before") == b"before"
     broker.kill()
     broker.wait()
+    # On the direct path a job may still run on a lease until the client's
+    # watcher sees the broker's connection drop (milliseconds): the lease was
+    # the broker's word.  Once it has, the leases are gone.
+    wait_for(lambda: client._direct is None or not client._direct.by_epoch, timeout=5)
     # No broker: a typed error, at once or at the (short) timeout.  Which one
     # depends on whether the client has seen its connection drop yet (it
     # learns that from its socket monitor, in another thread): BrokerLostError
