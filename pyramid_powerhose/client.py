@@ -60,12 +60,17 @@ from .exc import ProtocolError
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
     ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX,
-    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Request, client_request, direct_request,
-    job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
+    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Reply, Request, client_request,
+    direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
     parse_direct_reply, parse_lease_notice,
 )
 from .settings import Settings
 from .tracing import inject
+
+try:
+    import cython
+except ImportError:  # needed only to compile; uncompiled, this module does without
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +431,9 @@ class _Direct:
     watcher looked.
     """
 
+    __slots__ = ("lock", "services", "by_epoch", "returns", "turn", "gone_gen", "poked",
+                 "beat_at", "holders", "wake_fd", "_wake", "__weakref__")
+
     def __init__(self, wake=None):
         self.lock = threading.Lock()
         self.services = {}  # service name -> _Service
@@ -668,7 +676,7 @@ class _DirectSockets:
     def __init__(self, direct):
         self.socks = {}  # _Lease -> socket
         self.gen = direct.gone_gen
-        self.ids = itertools.count(1)
+        self.ids = 0  # the last job id used on these sockets
         with direct.lock:
             direct.holders.add(self)
         weakref.finalize(self, _close_sockets, self.socks)
@@ -926,12 +934,7 @@ class Client:
     # -- jobs -----------------------------------------------------------------
 
     def _request(self, data, headers, service, timeout):
-        data, headers, timeout = check_job(self.settings, data, headers, timeout)
-        headers = inject(headers)  # the caller's trace, if any, goes with the job
-        headers = ask_worker(headers)  # inside collect_replies(): who runs it?
-        name = check_service(service or self.service)
-        req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
-        return req, timeout
+        return _job_request(self.settings, service or self.service, data, headers, timeout)
 
     def execute(self, data, timeout=None, headers=None, service=None,
                 retries=None) -> bytes:
@@ -947,8 +950,10 @@ class Client:
         another broker if one answers, all within ``timeout``: only for
         jobs that may safely run twice.
         """
-        req, timeout = self._request(data, headers, service, timeout)
-        retries = self.retries if retries is None else retries
+        req, timeout = _job_request(self.settings, service or self.service, data, headers,
+                                    timeout)
+        if retries is None:
+            retries = self.retries
         if not self._several:
             channel = self._channel()
             direct = self._direct
@@ -982,11 +987,15 @@ class Client:
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
 
-    def _execute_direct(self, direct, channel, req, timeout, retries):
+    def _execute_direct(self, direct: _Direct, channel, req: Request, timeout, retries):
         """A job on a lease of this process if it holds one with room (or
         gets room within the timeout); else, or if the worker did not run it
         (NOT_RUN), through the broker."""
-        deadline_ns = monotonic_ns() + int(timeout * 1e9)
+        # Compiled, the annotations type the locals: fields are C struct
+        # members, take/release and the codec C calls (client.pxd).
+        deadline_ns: cython.longlong = monotonic_ns() + int(timeout * 1e9)
+        lease: _Lease
+        reply: Reply
         service = req.service
         lease = direct.take(service, deadline_ns)
         if lease is not None and (len(req.data) > lease.max_job_size or (
@@ -1021,12 +1030,18 @@ class Client:
         req.ttl_ms = max(1, int(left * 1000))
         return self._relay(req, left, retries)
 
-    def _direct_run(self, direct, lease, req, deadline_ns, timeout):
+    def _direct_run(self, direct: _Direct, lease: _Lease, req: Request,
+                    deadline_ns: cython.longlong, timeout):
         """Send one job on ``lease`` from this thread's socket to its worker
         and wait for the reply; None if the worker did not run it (NOT_RUN,
         or the job could not be queued)."""
         refused = None
-        took = -1  # ns from send to reply, for the service's job time
+        took: cython.longlong = -1  # ns from send to reply, for the service's job time
+        sent: cython.longlong
+        left: cython.longlong
+        wait: cython.longlong
+        mine: _DirectSockets
+        reply: Reply
         try:
             try:
                 mine = self._local.direct
@@ -1037,7 +1052,8 @@ class Client:
             sock = mine.socks.get(lease)
             if sock is None:
                 sock = mine.open(self._context, lease)
-            job_id = b"%x" % next(mine.ids)
+            mine.ids += 1
+            job_id = b"%x" % mine.ids
             req.job_id = job_id
             headers = req.headers
             asked = headers and WORKER_HEADER in headers
@@ -1438,7 +1454,8 @@ def check_job(settings, data, headers, timeout):
     if isinstance(data, Job):
         headers = {**data.headers, **(headers or {})}
         data = data.data
-    data = to_bytes(data)
+    if not isinstance(data, bytes):  # to_bytes returns bytes as they are
+        data = to_bytes(data)
     if timeout is None:
         timeout = settings.timeout
     if not timeout > 0:
@@ -1451,6 +1468,17 @@ def check_job(settings, data, headers, timeout):
             f"job of {size} bytes (data and headers) is larger than the max job size "
             f"({settings.max_job_size} bytes)")
     return data, headers, timeout
+
+
+def _job_request(settings, service, data, headers, timeout):
+    """A job's Request, checked (:func:`check_job`, :func:`check_service`),
+    with the caller's trace and the collect_replies() question in its
+    headers; and its timeout."""
+    data, headers, timeout = check_job(settings, data, headers, timeout)
+    headers = inject(headers)  # the caller's trace, if any, goes with the job
+    headers = ask_worker(headers)  # inside collect_replies(): who runs it?
+    name = check_service(service)
+    return Request(name, b"", data, max(1, int(timeout * 1000)), headers), timeout
 
 
 def check_service(service: str) -> bytes:
