@@ -13,6 +13,9 @@ from pyramid_powerhose.protocol cimport (
 )
 
 
+cdef long long _now_ns() noexcept
+cdef bytes _hex(long long number)
+
 cpdef check_job(settings, data, headers, timeout)
 cpdef note_reply(reply)
 cdef tuple _job_request(settings, service, data, headers, timeout)
@@ -93,9 +96,14 @@ cdef class _DirectSockets:
     cdef public dict socks
     cdef public long long gen
     cdef public long long ids
+    cdef public object context
     cdef object __weakref__
 
     @cython.locals(lease=_Lease)
     cpdef sweep(self, long long gen)
-    cpdef open(self, context, _Lease lease)
+    cpdef open(self, _Lease lease)
     cpdef close(self)
+    @cython.locals(took="long long", sent="long long", now="long long", wait="long long",
+                   job_id=bytes, reply=Reply)
+    cdef Reply run(self, _Direct direct, _Lease lease, Request req, long long deadline_ns,
+                   timeout)

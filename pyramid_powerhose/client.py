@@ -69,10 +69,34 @@ from .tracing import inject
 
 try:
     import cython
-except ImportError:  # needed only to compile; uncompiled, this module does without
-    pass
+    from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
+    from cython.cimports.libc.stdio import snprintf
+    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
+except (ImportError, AttributeError):  # needed only to compile (AttributeError:
+    pass  # Cython installed, cython.cimports exists only when compiling)
 
 log = logging.getLogger(__name__)
+
+# Cython-compiled, this module's file is the extension, not the source.
+COMPILED = not __file__.endswith(".py")
+
+
+def _now_ns() -> cython.longlong:
+    """``time.monotonic_ns()``; compiled, the same clock read in C, without a
+    Python call and an int object (three a direct job)."""
+    if not COMPILED:
+        return monotonic_ns()
+    now = cython.declare(timespec)
+    clock_gettime(CLOCK_MONOTONIC, cython.address(now))
+    return now.tv_sec * 1000000000 + now.tv_nsec
+
+
+def _hex(number: cython.longlong) -> bytes:
+    """``b"%x" % number`` (a job id); compiled, formatted in C."""
+    if not COMPILED:
+        return b"%x" % number
+    buffer = cython.declare(cython.char[24])
+    return PyBytes_FromStringAndSize(buffer, snprintf(buffer, 24, "%llx", number))
 
 # Bumped in every forked child: a client notices it is in a new process
 # with an integer comparison instead of a getpid() system call per job.
@@ -669,14 +693,15 @@ class _Direct:
 class _DirectSockets:
     """One thread's DEALERs to the workers leased to its process, made on
     first use and closed by the thread once their lease is gone (or when the
-    thread ends, or by Client.close)."""
+    thread ends, or by Client.close); :meth:`run` sends a job on one."""
 
-    __slots__ = ("socks", "gen", "ids", "__weakref__")
+    __slots__ = ("socks", "gen", "ids", "context", "__weakref__")
 
-    def __init__(self, direct):
+    def __init__(self, direct, context):
         self.socks = {}  # _Lease -> socket
         self.gen = direct.gone_gen
         self.ids = 0  # the last job id used on these sockets
+        self.context = context
         with direct.lock:
             direct.holders.add(self)
         weakref.finalize(self, _close_sockets, self.socks)
@@ -686,8 +711,8 @@ class _DirectSockets:
         for lease in [lease for lease in self.socks if lease.gone]:
             _close_socket(self.socks.pop(lease))
 
-    def open(self, context, lease):
-        sock = context.socket(zmq.DEALER)
+    def open(self, lease):
+        sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(lease.endpoint)
         self.socks[lease] = sock
@@ -695,6 +720,72 @@ class _DirectSockets:
 
     def close(self):
         _close_sockets(self.socks)
+
+    def run(self, direct, lease, req, deadline_ns, timeout):
+        """Send one job on ``lease`` (taken from ``direct``) from this thread's
+        socket to its worker, wait for the reply and release the lease; None
+        if the worker did not run it (NOT_RUN, or the job could not be queued)."""
+        refused = None
+        took = -1  # ns from send to reply, for the service's job time
+        try:
+            if self.gen != direct.gone_gen:
+                self.sweep(direct.gone_gen)
+            sock = self.socks.get(lease)
+            if sock is None:
+                sock = self.open(lease)
+            self.ids += 1
+            job_id = _hex(self.ids)
+            req.job_id = job_id
+            headers = req.headers
+            asked = headers and WORKER_HEADER in headers
+            if asked:  # a question for a broker: the worker gets the job's own headers
+                req.headers = {k: v for k, v in headers.items() if k != WORKER_HEADER}
+                frames = direct_request(lease.epoch, deadline_ns, req)
+                req.headers = headers
+            else:
+                frames = direct_request(lease.epoch, deadline_ns, req)
+            try:
+                send(sock, frames, NOBLOCK)
+            except zmq.Again:
+                return None  # never queued: it may go through the broker
+            sent = now = _now_ns()
+            while True:
+                wait = (deadline_ns - now + 999999) // 1000000  # ms left, rounded up
+                frames = recv_within(sock, WAIT_SLICE_MS if wait > WAIT_SLICE_MS else
+                                     wait if wait > 0 else 0)
+                now = _now_ns()
+                if frames is None:
+                    if lease.revoked == REVOKE_LOST:
+                        raise exc.WorkerLostError(
+                            f"job {job_id.decode()} on {req.service.decode()!r}: the worker "
+                            f"leased at {lease.endpoint} was lost while the job was in flight")
+                    if now >= deadline_ns:
+                        raise exc.TimeoutError(
+                            f"job {job_id.decode()} on {req.service.decode()!r} got no result "
+                            f"within {timeout}s from the worker leased at {lease.endpoint}; "
+                            "is it overloaded or hung?")
+                    continue
+                try:
+                    reply = parse_direct_reply(frames)
+                except ProtocolError as error:
+                    log.warning("dropped malformed direct reply from %s: %s", lease.endpoint,
+                                error)
+                    continue
+                if reply.job_id == job_id:
+                    took = now - sent
+                    break
+                log.debug("dropped late direct reply for job %r", reply.job_id)
+            if not reply.ok and reply.code == ERR_NOT_RUN:
+                refused = reply.message.encode()
+                log.debug("job %s on %r not run by its leased worker (%s): relayed",
+                          job_id.decode(), req.service.decode(), reply.message)
+                return None
+            if asked:  # as the broker would: the worker's pid@host, from the GRANT
+                reply.worker = lease.about
+                note_reply(reply)
+            return reply
+        finally:
+            direct.release(lease, refused, took)
 
 
 def _close_sockets(socks):
@@ -958,7 +1049,7 @@ class Client:
             channel = self._channel()
             direct = self._direct
             if direct is not None:
-                return self._execute_direct(direct, channel, req, timeout, retries)
+                return self._execute_direct(direct, req, timeout, retries)
             if not retries:
                 req.job_id = channel.next_id()
                 return _result(self._run(channel, req, timeout))
@@ -987,14 +1078,15 @@ class Client:
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
 
-    def _execute_direct(self, direct: _Direct, channel, req: Request, timeout, retries):
+    def _execute_direct(self, direct: _Direct, req: Request, timeout, retries):
         """A job on a lease of this process if it holds one with room (or
         gets room within the timeout); else, or if the worker did not run it
         (NOT_RUN), through the broker."""
         # Compiled, the annotations type the locals: fields are C struct
-        # members, take/release and the codec C calls (client.pxd).
-        deadline_ns: cython.longlong = monotonic_ns() + int(timeout * 1e9)
+        # members, take/run/release C calls (client.pxd).
+        deadline_ns: cython.longlong = _now_ns() + int(timeout * 1e9)
         lease: _Lease
+        mine: _DirectSockets
         reply: Reply
         service = req.service
         lease = direct.take(service, deadline_ns)
@@ -1005,7 +1097,7 @@ class Client:
             return self._relay(req, timeout, retries)
         if lease is None:  # no lease: relayed, and counted in our wish
             try:
-                left = (deadline_ns - monotonic_ns()) / 1e9
+                left = (deadline_ns - _now_ns()) / 1e9
                 if left < timeout - 0.01:  # it waited for room on a lease, then lost it
                     if left <= 0:
                         raise exc.TimeoutError(
@@ -1016,95 +1108,23 @@ class Client:
                 return self._relay(req, timeout, retries)
             finally:
                 direct.relayed(service)
-        reply = self._direct_run(direct, lease, req, deadline_ns, timeout)
+        try:
+            mine = self._local.direct
+        except AttributeError:
+            mine = self._local.direct = _DirectSockets(direct, self._context)
+        reply = mine.run(direct, lease, req, deadline_ns, timeout)
         if reply is not None:
             if reply.ok:
                 return reply.data
             raise exc.from_reply(reply)
         # NOT_RUN: the worker never started it; relayed, within what is left.
-        left = (deadline_ns - monotonic_ns()) / 1e9
+        left = (deadline_ns - _now_ns()) / 1e9
         if left <= 0:
             raise exc.TimeoutError(
                 f"job on {service.decode()!r} was refused by its leased worker (not run) "
                 f"and no time was left of its {timeout}s to send it through the broker")
         req.ttl_ms = max(1, int(left * 1000))
         return self._relay(req, left, retries)
-
-    def _direct_run(self, direct: _Direct, lease: _Lease, req: Request,
-                    deadline_ns: cython.longlong, timeout):
-        """Send one job on ``lease`` from this thread's socket to its worker
-        and wait for the reply; None if the worker did not run it (NOT_RUN,
-        or the job could not be queued)."""
-        refused = None
-        took: cython.longlong = -1  # ns from send to reply, for the service's job time
-        sent: cython.longlong
-        left: cython.longlong
-        wait: cython.longlong
-        mine: _DirectSockets
-        reply: Reply
-        try:
-            try:
-                mine = self._local.direct
-            except AttributeError:
-                mine = self._local.direct = _DirectSockets(direct)
-            if mine.gen != direct.gone_gen:
-                mine.sweep(direct.gone_gen)
-            sock = mine.socks.get(lease)
-            if sock is None:
-                sock = mine.open(self._context, lease)
-            mine.ids += 1
-            job_id = b"%x" % mine.ids
-            req.job_id = job_id
-            headers = req.headers
-            asked = headers and WORKER_HEADER in headers
-            if asked:  # a question for a broker: the worker gets the job's own headers
-                req.headers = {k: v for k, v in headers.items() if k != WORKER_HEADER}
-                frames = direct_request(lease.epoch, deadline_ns, req)
-                req.headers = headers
-            else:
-                frames = direct_request(lease.epoch, deadline_ns, req)
-            try:
-                send(sock, frames, NOBLOCK)
-            except zmq.Again:
-                return None  # never queued: it may go through the broker
-            sent = monotonic_ns()
-            while True:
-                left = deadline_ns - monotonic_ns()
-                wait = (left + 999999) // 1000000
-                frames = recv_within(sock, WAIT_SLICE_MS if wait > WAIT_SLICE_MS else
-                                     wait if wait > 0 else 0)
-                if frames is None:
-                    if lease.revoked == REVOKE_LOST:
-                        raise exc.WorkerLostError(
-                            f"job {job_id.decode()} on {req.service.decode()!r}: the worker "
-                            f"leased at {lease.endpoint} was lost while the job was in flight")
-                    if monotonic_ns() >= deadline_ns:
-                        raise exc.TimeoutError(
-                            f"job {job_id.decode()} on {req.service.decode()!r} got no result "
-                            f"within {timeout}s from the worker leased at {lease.endpoint}; "
-                            "is it overloaded or hung?")
-                    continue
-                try:
-                    reply = parse_direct_reply(frames)
-                except ProtocolError as error:
-                    log.warning("dropped malformed direct reply from %s: %s", lease.endpoint,
-                                error)
-                    continue
-                if reply.job_id == job_id:
-                    took = monotonic_ns() - sent
-                    break
-                log.debug("dropped late direct reply for job %r", reply.job_id)
-            if not reply.ok and reply.code == ERR_NOT_RUN:
-                refused = reply.message.encode()
-                log.debug("job %s on %r not run by its leased worker (%s): relayed",
-                          job_id.decode(), req.service.decode(), reply.message)
-                return None
-            if asked:  # as the broker would: the worker's pid@host, from the GRANT
-                reply.worker = lease.about
-                note_reply(reply)
-            return reply
-        finally:
-            direct.release(lease, refused, took)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
@@ -1476,7 +1496,8 @@ def _job_request(settings, service, data, headers, timeout):
     headers; and its timeout."""
     data, headers, timeout = check_job(settings, data, headers, timeout)
     headers = inject(headers)  # the caller's trace, if any, goes with the job
-    headers = ask_worker(headers)  # inside collect_replies(): who runs it?
+    if _collected.get() is not None:  # inside collect_replies(): who runs it?
+        headers = ask_worker(headers)
     name = check_service(service)
     return Request(name, b"", data, max(1, int(timeout * 1000)), headers), timeout
 
