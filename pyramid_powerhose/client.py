@@ -70,7 +70,6 @@ from .tracing import inject
 try:
     import cython
     from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
-    from cython.cimports.libc.stdio import snprintf
     from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
 except (ImportError, AttributeError):  # needed only to compile (AttributeError:
     pass  # Cython installed, cython.cimports exists only when compiling)
@@ -92,11 +91,18 @@ def _now_ns() -> cython.longlong:
 
 
 def _hex(number: cython.longlong) -> bytes:
-    """``b"%x" % number`` (a job id); compiled, formatted in C."""
+    """``b"%x" % number`` for a job id (> 0); compiled, formatted in C."""
     if not COMPILED:
         return b"%x" % number
-    buffer = cython.declare(cython.char[24])
-    return PyBytes_FromStringAndSize(buffer, snprintf(buffer, 24, "%llx", number))
+    digits: cython.p_const_char = b"0123456789abcdef"
+    buffer = cython.declare(cython.char[16])  # 64 bits: 16 digits at most
+    i: cython.int = 16
+    while True:
+        i -= 1
+        buffer[i] = digits[number & 15]
+        number >>= 4
+        if number <= 0:
+            return PyBytes_FromStringAndSize(cython.address(buffer[i]), 16 - i)
 
 # Bumped in every forked child: a client notices it is in a new process
 # with an integer comparison instead of a getpid() system call per job.
@@ -1046,10 +1052,13 @@ class Client:
         if retries is None:
             retries = self.retries
         if not self._several:
-            channel = self._channel()
             direct = self._direct
-            if direct is not None:
+            if direct is None or self._generation != _fork_generation:
+                self._channel()  # the first job, or the first after a fork: set up
+                direct = self._direct
+            if direct is not None:  # (a thread's channel is made with its _DirectSockets)
                 return self._execute_direct(direct, req, timeout, retries)
+            channel = self._channel()
             if not retries:
                 req.job_id = channel.next_id()
                 return _result(self._run(channel, req, timeout))
@@ -1110,7 +1119,8 @@ class Client:
                 direct.relayed(service)
         try:
             mine = self._local.direct
-        except AttributeError:
+        except AttributeError:  # the thread's first direct job: its channel too, as relayed
+            self._channel()
             mine = self._local.direct = _DirectSockets(direct, self._context)
         reply = mine.run(direct, lease, req, deadline_ns, timeout)
         if reply is not None:
