@@ -54,7 +54,8 @@ cdef class _Service:
 
 @cython.final
 cdef class _Direct:
-    cdef public object lock
+    cdef readonly object lock
+    cdef object _acquire, _release
     cdef public dict services
     cdef public dict by_epoch
     cdef public list returns

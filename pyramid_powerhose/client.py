@@ -462,10 +462,15 @@ class _Direct:
     """
 
     __slots__ = ("lock", "services", "by_epoch", "returns", "turn", "gone_gen", "poked",
-                 "beat_at", "holders", "wake_fd", "_wake", "__weakref__")
+                 "beat_at", "holders", "wake_fd", "_wake", "_acquire", "_release",
+                 "__weakref__")
 
     def __init__(self, wake=None):
         self.lock = threading.Lock()
+        # The lock's methods, bound once: take and release each lock and
+        # unlock per job, and a look-up of the method costs more than the call.
+        self._acquire = self.lock.acquire
+        self._release = self.lock.release
         self.services = {}  # service name -> _Service
         self.by_epoch = {}  # epoch -> _Lease, every lease not yet gone
         self.returns = []  # (service name, epoch) RETURNs due
@@ -499,7 +504,7 @@ class _Direct:
         or None: no lease, the job goes relayed and counts in the wish until
         :meth:`relayed`.  Waits for room while every lease is at its credit,
         up to ``deadline_ns`` (then TimeoutError)."""
-        self.lock.acquire()
+        self._acquire()
         try:
             svc = self.services.get(name)
             if svc is None:
@@ -520,7 +525,7 @@ class _Direct:
             lease.last_used = self.turn
             return lease
         finally:
-            self.lock.release()
+            self._release()
 
     def _wait(self, svc, deadline_ns):
         """Wait for room on a lease of ``svc`` (under the lock); None once it
@@ -565,7 +570,7 @@ class _Direct:
         """A job on ``lease`` is over (``took``: its round trip in ns, or -1);
         ``refused``: the worker said NOT_RUN (this reason), so the lease is
         not chosen again."""
-        self.lock.acquire()
+        self._acquire()
         try:
             lease.in_flight -= 1
             svc = lease.service
@@ -580,7 +585,7 @@ class _Direct:
             if lease.revoked is not None and lease.in_flight == 0:
                 self._end(lease)
         finally:
-            self.lock.release()
+            self._release()
 
     # -- the watcher's side --------------------------------------------------------
 
@@ -1051,14 +1056,16 @@ class Client:
                                     timeout)
         if retries is None:
             retries = self.retries
+        # Leases (a _Direct) only with one frontend; a thread's channel is made
+        # with its _DirectSockets, so a direct job needs no _channel() call.
+        direct = self._direct
+        if direct is not None and self._generation == _fork_generation:
+            return self._execute_direct(direct, req, timeout, retries)
         if not self._several:
+            channel = self._channel()  # the first job, or the first after a fork: set up
             direct = self._direct
-            if direct is None or self._generation != _fork_generation:
-                self._channel()  # the first job, or the first after a fork: set up
-                direct = self._direct
-            if direct is not None:  # (a thread's channel is made with its _DirectSockets)
+            if direct is not None:
                 return self._execute_direct(direct, req, timeout, retries)
-            channel = self._channel()
             if not retries:
                 req.job_id = channel.next_id()
                 return _result(self._run(channel, req, timeout))
