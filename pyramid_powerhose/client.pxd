@@ -1,9 +1,11 @@
 # C types for client.py when Cython compiles it (pure-Python mode): the
 # direct path's bookkeeping (_Lease, _Service, _Direct) and a thread's
 # sockets to leased workers (_DirectSockets) become extension types, so a
-# job reads and writes them as C struct fields, and take/release call each
-# other and the protocol's codec as C functions.  Client stays a Python
-# class: its hot methods type their locals with annotations (client.py).
+# job reads and writes them as C struct fields, and take, run and release
+# call each other, the protocol's codec and multipart's send and receive as
+# C functions.  Client stays a Python class (users subclass it, and patch
+# its methods in their tests): its direct-path methods type their locals
+# with annotations instead (client.py).
 
 cimport cython
 
