@@ -60,14 +60,49 @@ from .exc import ProtocolError
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
     ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX,
-    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Request, client_request, direct_request,
-    job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
+    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Reply, Request, client_request,
+    direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
     parse_direct_reply, parse_lease_notice,
 )
 from .settings import Settings
 from .tracing import inject
 
+try:
+    import cython
+    from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
+    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
+except (ImportError, AttributeError):  # needed only to compile (AttributeError:
+    pass  # Cython installed, cython.cimports exists only when compiling)
+
 log = logging.getLogger(__name__)
+
+# Cython-compiled, this module's file is the extension, not the source.
+COMPILED = not __file__.endswith(".py")
+
+
+def _now_ns() -> cython.longlong:
+    """``time.monotonic_ns()``; compiled, the same clock read in C, without a
+    Python call and an int object (three a direct job)."""
+    if not COMPILED:
+        return monotonic_ns()
+    now = cython.declare(timespec)
+    clock_gettime(CLOCK_MONOTONIC, cython.address(now))
+    return now.tv_sec * 1000000000 + now.tv_nsec
+
+
+def _hex(number: cython.longlong) -> bytes:
+    """``b"%x" % number`` for a job id (> 0); compiled, formatted in C."""
+    if not COMPILED:
+        return b"%x" % number
+    digits: cython.p_const_char = b"0123456789abcdef"
+    buffer = cython.declare(cython.char[16])  # 64 bits: 16 digits at most
+    i: cython.int = 16
+    while True:
+        i -= 1
+        buffer[i] = digits[number & 15]
+        number >>= 4
+        if number <= 0:
+            return PyBytes_FromStringAndSize(cython.address(buffer[i]), 16 - i)
 
 # Bumped in every forked child: a client notices it is in a new process
 # with an integer comparison instead of a getpid() system call per job.
@@ -426,8 +461,16 @@ class _Direct:
     watcher looked.
     """
 
+    __slots__ = ("lock", "services", "by_epoch", "returns", "turn", "gone_gen", "poked",
+                 "beat_at", "holders", "wake_fd", "_wake", "_acquire", "_release",
+                 "__weakref__")
+
     def __init__(self, wake=None):
         self.lock = threading.Lock()
+        # The lock's methods, bound once: take and release each lock and
+        # unlock per job, and a look-up of the method costs more than the call.
+        self._acquire = self.lock.acquire
+        self._release = self.lock.release
         self.services = {}  # service name -> _Service
         self.by_epoch = {}  # epoch -> _Lease, every lease not yet gone
         self.returns = []  # (service name, epoch) RETURNs due
@@ -461,7 +504,7 @@ class _Direct:
         or None: no lease, the job goes relayed and counts in the wish until
         :meth:`relayed`.  Waits for room while every lease is at its credit,
         up to ``deadline_ns`` (then TimeoutError)."""
-        self.lock.acquire()
+        self._acquire()
         try:
             svc = self.services.get(name)
             if svc is None:
@@ -482,7 +525,7 @@ class _Direct:
             lease.last_used = self.turn
             return lease
         finally:
-            self.lock.release()
+            self._release()
 
     def _wait(self, svc, deadline_ns):
         """Wait for room on a lease of ``svc`` (under the lock); None once it
@@ -527,7 +570,7 @@ class _Direct:
         """A job on ``lease`` is over (``took``: its round trip in ns, or -1);
         ``refused``: the worker said NOT_RUN (this reason), so the lease is
         not chosen again."""
-        self.lock.acquire()
+        self._acquire()
         try:
             lease.in_flight -= 1
             svc = lease.service
@@ -542,7 +585,7 @@ class _Direct:
             if lease.revoked is not None and lease.in_flight == 0:
                 self._end(lease)
         finally:
-            self.lock.release()
+            self._release()
 
     # -- the watcher's side --------------------------------------------------------
 
@@ -661,14 +704,15 @@ class _Direct:
 class _DirectSockets:
     """One thread's DEALERs to the workers leased to its process, made on
     first use and closed by the thread once their lease is gone (or when the
-    thread ends, or by Client.close)."""
+    thread ends, or by Client.close); :meth:`run` sends a job on one."""
 
-    __slots__ = ("socks", "gen", "ids", "__weakref__")
+    __slots__ = ("socks", "gen", "ids", "context", "__weakref__")
 
-    def __init__(self, direct):
+    def __init__(self, direct, context):
         self.socks = {}  # _Lease -> socket
         self.gen = direct.gone_gen
-        self.ids = itertools.count(1)
+        self.ids = 0  # the last job id used on these sockets
+        self.context = context
         with direct.lock:
             direct.holders.add(self)
         weakref.finalize(self, _close_sockets, self.socks)
@@ -678,8 +722,8 @@ class _DirectSockets:
         for lease in [lease for lease in self.socks if lease.gone]:
             _close_socket(self.socks.pop(lease))
 
-    def open(self, context, lease):
-        sock = context.socket(zmq.DEALER)
+    def open(self, lease):
+        sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(lease.endpoint)
         self.socks[lease] = sock
@@ -687,6 +731,72 @@ class _DirectSockets:
 
     def close(self):
         _close_sockets(self.socks)
+
+    def run(self, direct, lease, req, deadline_ns, timeout):
+        """Send one job on ``lease`` (taken from ``direct``) from this thread's
+        socket to its worker, wait for the reply and release the lease; None
+        if the worker did not run it (NOT_RUN, or the job could not be queued)."""
+        refused = None
+        took = -1  # ns from send to reply, for the service's job time
+        try:
+            if self.gen != direct.gone_gen:
+                self.sweep(direct.gone_gen)
+            sock = self.socks.get(lease)
+            if sock is None:
+                sock = self.open(lease)
+            self.ids += 1
+            job_id = _hex(self.ids)
+            req.job_id = job_id
+            headers = req.headers
+            asked = headers and WORKER_HEADER in headers
+            if asked:  # a question for a broker: the worker gets the job's own headers
+                req.headers = {k: v for k, v in headers.items() if k != WORKER_HEADER}
+                frames = direct_request(lease.epoch, deadline_ns, req)
+                req.headers = headers
+            else:
+                frames = direct_request(lease.epoch, deadline_ns, req)
+            try:
+                send(sock, frames, NOBLOCK)
+            except zmq.Again:
+                return None  # never queued: it may go through the broker
+            sent = now = _now_ns()
+            while True:
+                wait = (deadline_ns - now + 999999) // 1000000  # ms left, rounded up
+                frames = recv_within(sock, WAIT_SLICE_MS if wait > WAIT_SLICE_MS else
+                                     wait if wait > 0 else 0)
+                now = _now_ns()
+                if frames is None:
+                    if lease.revoked == REVOKE_LOST:
+                        raise exc.WorkerLostError(
+                            f"job {job_id.decode()} on {req.service.decode()!r}: the worker "
+                            f"leased at {lease.endpoint} was lost while the job was in flight")
+                    if now >= deadline_ns:
+                        raise exc.TimeoutError(
+                            f"job {job_id.decode()} on {req.service.decode()!r} got no result "
+                            f"within {timeout}s from the worker leased at {lease.endpoint}; "
+                            "is it overloaded or hung?")
+                    continue
+                try:
+                    reply = parse_direct_reply(frames)
+                except ProtocolError as error:
+                    log.warning("dropped malformed direct reply from %s: %s", lease.endpoint,
+                                error)
+                    continue
+                if reply.job_id == job_id:
+                    took = now - sent
+                    break
+                log.debug("dropped late direct reply for job %r", reply.job_id)
+            if not reply.ok and reply.code == ERR_NOT_RUN:
+                refused = reply.message.encode()
+                log.debug("job %s on %r not run by its leased worker (%s): relayed",
+                          job_id.decode(), req.service.decode(), reply.message)
+                return None
+            if asked:  # as the broker would: the worker's pid@host, from the GRANT
+                reply.worker = lease.about
+                note_reply(reply)
+            return reply
+        finally:
+            direct.release(lease, refused, took)
 
 
 def _close_sockets(socks):
@@ -926,12 +1036,7 @@ class Client:
     # -- jobs -----------------------------------------------------------------
 
     def _request(self, data, headers, service, timeout):
-        data, headers, timeout = check_job(self.settings, data, headers, timeout)
-        headers = inject(headers)  # the caller's trace, if any, goes with the job
-        headers = ask_worker(headers)  # inside collect_replies(): who runs it?
-        name = check_service(service or self.service)
-        req = Request(name, b"", data, max(1, int(timeout * 1000)), headers)
-        return req, timeout
+        return _job_request(self.settings, service or self.service, data, headers, timeout)
 
     def execute(self, data, timeout=None, headers=None, service=None,
                 retries=None) -> bytes:
@@ -947,13 +1052,20 @@ class Client:
         another broker if one answers, all within ``timeout``: only for
         jobs that may safely run twice.
         """
-        req, timeout = self._request(data, headers, service, timeout)
-        retries = self.retries if retries is None else retries
+        req, timeout = _job_request(self.settings, service or self.service, data, headers,
+                                    timeout)
+        if retries is None:
+            retries = self.retries
+        # Leases (a _Direct) only with one frontend; a thread's channel is made
+        # with its _DirectSockets, so a direct job needs no _channel() call.
+        direct = self._direct
+        if direct is not None and self._generation == _fork_generation:
+            return self._execute_direct(direct, req, timeout, retries)
         if not self._several:
-            channel = self._channel()
+            channel = self._channel()  # the first job, or the first after a fork: set up
             direct = self._direct
             if direct is not None:
-                return self._execute_direct(direct, channel, req, timeout, retries)
+                return self._execute_direct(direct, req, timeout, retries)
             if not retries:
                 req.job_id = channel.next_id()
                 return _result(self._run(channel, req, timeout))
@@ -982,11 +1094,16 @@ class Client:
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
 
-    def _execute_direct(self, direct, channel, req, timeout, retries):
+    def _execute_direct(self, direct: _Direct, req: Request, timeout, retries):
         """A job on a lease of this process if it holds one with room (or
         gets room within the timeout); else, or if the worker did not run it
         (NOT_RUN), through the broker."""
-        deadline_ns = monotonic_ns() + int(timeout * 1e9)
+        # Compiled, the annotations type the locals: fields are C struct
+        # members, take/run/release C calls (client.pxd).
+        deadline_ns: cython.longlong = _now_ns() + int(timeout * 1e9)
+        lease: _Lease
+        mine: _DirectSockets
+        reply: Reply
         service = req.service
         lease = direct.take(service, deadline_ns)
         if lease is not None and (len(req.data) > lease.max_job_size or (
@@ -996,7 +1113,7 @@ class Client:
             return self._relay(req, timeout, retries)
         if lease is None:  # no lease: relayed, and counted in our wish
             try:
-                left = (deadline_ns - monotonic_ns()) / 1e9
+                left = (deadline_ns - _now_ns()) / 1e9
                 if left < timeout - 0.01:  # it waited for room on a lease, then lost it
                     if left <= 0:
                         raise exc.TimeoutError(
@@ -1007,88 +1124,24 @@ class Client:
                 return self._relay(req, timeout, retries)
             finally:
                 direct.relayed(service)
-        reply = self._direct_run(direct, lease, req, deadline_ns, timeout)
+        try:
+            mine = self._local.direct
+        except AttributeError:  # the thread's first direct job: its channel too, as relayed
+            self._channel()
+            mine = self._local.direct = _DirectSockets(direct, self._context)
+        reply = mine.run(direct, lease, req, deadline_ns, timeout)
         if reply is not None:
             if reply.ok:
                 return reply.data
             raise exc.from_reply(reply)
         # NOT_RUN: the worker never started it; relayed, within what is left.
-        left = (deadline_ns - monotonic_ns()) / 1e9
+        left = (deadline_ns - _now_ns()) / 1e9
         if left <= 0:
             raise exc.TimeoutError(
                 f"job on {service.decode()!r} was refused by its leased worker (not run) "
                 f"and no time was left of its {timeout}s to send it through the broker")
         req.ttl_ms = max(1, int(left * 1000))
         return self._relay(req, left, retries)
-
-    def _direct_run(self, direct, lease, req, deadline_ns, timeout):
-        """Send one job on ``lease`` from this thread's socket to its worker
-        and wait for the reply; None if the worker did not run it (NOT_RUN,
-        or the job could not be queued)."""
-        refused = None
-        took = -1  # ns from send to reply, for the service's job time
-        try:
-            try:
-                mine = self._local.direct
-            except AttributeError:
-                mine = self._local.direct = _DirectSockets(direct)
-            if mine.gen != direct.gone_gen:
-                mine.sweep(direct.gone_gen)
-            sock = mine.socks.get(lease)
-            if sock is None:
-                sock = mine.open(self._context, lease)
-            job_id = b"%x" % next(mine.ids)
-            req.job_id = job_id
-            headers = req.headers
-            asked = headers and WORKER_HEADER in headers
-            if asked:  # a question for a broker: the worker gets the job's own headers
-                req.headers = {k: v for k, v in headers.items() if k != WORKER_HEADER}
-                frames = direct_request(lease.epoch, deadline_ns, req)
-                req.headers = headers
-            else:
-                frames = direct_request(lease.epoch, deadline_ns, req)
-            try:
-                send(sock, frames, NOBLOCK)
-            except zmq.Again:
-                return None  # never queued: it may go through the broker
-            sent = monotonic_ns()
-            while True:
-                left = deadline_ns - monotonic_ns()
-                wait = (left + 999999) // 1000000
-                frames = recv_within(sock, WAIT_SLICE_MS if wait > WAIT_SLICE_MS else
-                                     wait if wait > 0 else 0)
-                if frames is None:
-                    if lease.revoked == REVOKE_LOST:
-                        raise exc.WorkerLostError(
-                            f"job {job_id.decode()} on {req.service.decode()!r}: the worker "
-                            f"leased at {lease.endpoint} was lost while the job was in flight")
-                    if monotonic_ns() >= deadline_ns:
-                        raise exc.TimeoutError(
-                            f"job {job_id.decode()} on {req.service.decode()!r} got no result "
-                            f"within {timeout}s from the worker leased at {lease.endpoint}; "
-                            "is it overloaded or hung?")
-                    continue
-                try:
-                    reply = parse_direct_reply(frames)
-                except ProtocolError as error:
-                    log.warning("dropped malformed direct reply from %s: %s", lease.endpoint,
-                                error)
-                    continue
-                if reply.job_id == job_id:
-                    took = monotonic_ns() - sent
-                    break
-                log.debug("dropped late direct reply for job %r", reply.job_id)
-            if not reply.ok and reply.code == ERR_NOT_RUN:
-                refused = reply.message.encode()
-                log.debug("job %s on %r not run by its leased worker (%s): relayed",
-                          job_id.decode(), req.service.decode(), reply.message)
-                return None
-            if asked:  # as the broker would: the worker's pid@host, from the GRANT
-                reply.worker = lease.about
-                note_reply(reply)
-            return reply
-        finally:
-            direct.release(lease, refused, took)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
@@ -1438,7 +1491,8 @@ def check_job(settings, data, headers, timeout):
     if isinstance(data, Job):
         headers = {**data.headers, **(headers or {})}
         data = data.data
-    data = to_bytes(data)
+    if not isinstance(data, bytes):  # to_bytes returns bytes as they are
+        data = to_bytes(data)
     if timeout is None:
         timeout = settings.timeout
     if not timeout > 0:
@@ -1451,6 +1505,18 @@ def check_job(settings, data, headers, timeout):
             f"job of {size} bytes (data and headers) is larger than the max job size "
             f"({settings.max_job_size} bytes)")
     return data, headers, timeout
+
+
+def _job_request(settings, service, data, headers, timeout):
+    """A job's Request, checked (:func:`check_job`, :func:`check_service`),
+    with the caller's trace and the collect_replies() question in its
+    headers; and its timeout."""
+    data, headers, timeout = check_job(settings, data, headers, timeout)
+    headers = inject(headers)  # the caller's trace, if any, goes with the job
+    if _collected.get() is not None:  # inside collect_replies(): who runs it?
+        headers = ask_worker(headers)
+    name = check_service(service)
+    return Request(name, b"", data, max(1, int(timeout * 1000)), headers), timeout
 
 
 def check_service(service: str) -> bytes:

@@ -11,9 +11,11 @@ nothing changes; without a current span, no header is added.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 try:
-    from opentelemetry import propagate, trace
+    from opentelemetry import context, propagate, trace
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
     from opentelemetry.trace import SpanKind
 except ImportError:  # the [tracing] extra is not installed
     trace = None
@@ -21,9 +23,31 @@ except ImportError:  # the [tracing] extra is not installed
 TRACEPARENT = "traceparent"
 
 
+def _context_getter():
+    """The cheapest call that returns OpenTelemetry's current context.
+
+    Asking for the current span costs several Python calls per job, most
+    often to learn there is none.  Its context is empty then (no span, no
+    baggage), which one look at the context says: with the default runtime
+    context, its ContextVar's ``get``, a C call.  Those are private names,
+    so with another runtime context, or another layout of the API, the
+    public ``context.get_current``.
+    """
+    runtime = getattr(context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is ContextVarsRuntimeContext and isinstance(var, contextvars.ContextVar):
+        return var.get
+    return context.get_current
+
+
+_current_context = _context_getter() if trace is not None else None
+
+
 def inject(headers: dict) -> dict:
     """``headers``, plus the current span's context if there is one."""
-    if trace is None or not trace.get_current_span().get_span_context().is_valid:
+    if trace is None or not _current_context():  # an empty context holds no span
+        return headers
+    if not trace.get_current_span().get_span_context().is_valid:
         return headers
     carrier = dict(headers)
     propagate.inject(carrier)

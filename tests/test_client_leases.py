@@ -26,11 +26,13 @@ class Pokes:
 
 
 @pytest.fixture
-def direct():
-    pokes = Pokes()
-    d = _Direct(wake=pokes)
-    d.pokes = pokes
-    return d
+def pokes():
+    return Pokes()
+
+
+@pytest.fixture
+def direct(pokes):
+    return _Direct(wake=pokes)
 
 
 def grant(direct, epoch, credit=2, service=b"s"):
@@ -80,9 +82,9 @@ def test_credit_beyond_one_only_while_jobs_are_short(direct):
     assert direct.take(b"s", far()) is a and a.in_flight == 2
 
 
-def test_no_lease_means_relayed_and_a_wish(direct):
+def test_no_lease_means_relayed_and_a_wish(direct, pokes):
     assert direct.take(b"s", far()) is None
-    assert direct.pokes.count == 1
+    assert pokes.count == 1
     assert direct.take(b"s", far()) is None
     out, wake = direct.due(10.0)
     assert sent(out) == [(b"LEASE", b"s", b"2"), (b"HEARTBEAT",)]
@@ -90,7 +92,7 @@ def test_no_lease_means_relayed_and_a_wish(direct):
     direct.relayed(b"s")
     # Dropping to 0 does not wake the watcher; the wish is withdrawn when it
     # is due again, a second later, and the heartbeats stop with it.
-    assert direct.pokes.count == 1
+    assert pokes.count == 1
     out, wake = direct.due(10.5)
     assert out == [] and wake == pytest.approx(10.0 + min(WISH_REPEAT, LEASE_BEAT))
     out, wake = direct.due(11.0)
@@ -99,12 +101,12 @@ def test_no_lease_means_relayed_and_a_wish(direct):
     assert out == [] and wake is None
 
 
-def test_wishes_are_paced_and_repeated(direct):
+def test_wishes_are_paced_and_repeated(direct, pokes):
     direct.take(b"s", far())
     out, _ = direct.due(100.0)
     assert sent(out)[0] == (b"LEASE", b"s", b"1")
     direct.take(b"s", far())  # it grows: the watcher is woken
-    assert direct.pokes.count == 2
+    assert pokes.count == 2
     out, wake = direct.due(100.004)  # too soon after the last
     assert out == [] and wake == pytest.approx(100.0 + WISH_GAP)
     out, wake = direct.due(100.0 + WISH_GAP)

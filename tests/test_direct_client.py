@@ -202,6 +202,8 @@ def test_first_job_relayed_and_a_wish_sent_then_direct(fake, make_client):
     assert len(broker.relayed) == 1  # the broker saw no more jobs
     worker = broker.workers[0]
     assert len(worker.jobs) == 20
+    # Each thread numbers its direct jobs from 1, in hex (formatted in C when compiled).
+    assert [job.request.job_id for job in worker.jobs] == [b"%x" % i for i in range(1, 21)]
     job = worker.jobs[0]
     assert job.epoch == worker.epoch
     # The deadline is absolute on CLOCK_MONOTONIC, the job's timeout ahead.
