@@ -16,6 +16,7 @@ cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 
 cdef int FREE_AFTER_MS
+cdef double BROKER_CHECK
 cdef int _DIRECT, _BROKER
 cdef bint COMPILED
 
@@ -67,6 +68,7 @@ cdef class Worker:
     cdef public bint _idle_told
     cdef public bint _was_leased
     cdef public bint _owed
+    cdef double _broker_check_at
     cdef public bint _leaving
     cdef public bint _lease_over
 
@@ -74,7 +76,7 @@ cdef class Worker:
     cpdef int _loop(self) except? -1
     @cython.locals(broker=_Broker)
     cdef object _next_message(self, int timeout_ms)
-    @cython.locals(broker=_Broker, waiting=Readiness, ready=int)
+    @cython.locals(broker=_Broker, waiting=Readiness, ready=int, now=double, left=int)
     cdef object _next_direct(self, int timeout_ms)
     @cython.locals(command=BrokerCommand)
     cdef _handle(self, _Broker broker, sock, list frames)
