@@ -10,12 +10,12 @@
 cimport cython
 
 from pyramid_powerhose.multipart cimport recv_within, send
+from pyramid_powerhose.readiness cimport now_ns as _now_ns
 from pyramid_powerhose.protocol cimport (
     Reply, Request, direct_request, job_size, parse_direct_reply,
 )
 
 
-cdef long long _now_ns() noexcept
 cdef bytes _hex(long long number)
 
 cpdef check_job(settings, data, headers, timeout)

@@ -64,13 +64,13 @@ from .protocol import (
     direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
     parse_direct_reply, parse_lease_notice,
 )
+from .readiness import now_ns as _now_ns
 from .settings import Settings
 from .tracing import inject
 
 try:
     import cython
     from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
-    from cython.cimports.posix.time import CLOCK_MONOTONIC, clock_gettime, timespec
 except (ImportError, AttributeError):  # needed only to compile (AttributeError:
     pass  # Cython installed, cython.cimports exists only when compiling)
 
@@ -78,16 +78,6 @@ log = logging.getLogger(__name__)
 
 # Cython-compiled, this module's file is the extension, not the source.
 COMPILED = not __file__.endswith(".py")
-
-
-def _now_ns() -> cython.longlong:
-    """``time.monotonic_ns()``; compiled, the same clock read in C, without a
-    Python call and an int object (three a direct job)."""
-    if not COMPILED:
-        return monotonic_ns()
-    now = cython.declare(timespec)
-    clock_gettime(CLOCK_MONOTONIC, cython.address(now))
-    return now.tv_sec * 1000000000 + now.tv_nsec
 
 
 def _hex(number: cython.longlong) -> bytes:

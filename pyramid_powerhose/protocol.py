@@ -15,6 +15,16 @@ from __future__ import annotations
 
 from .exc import ProtocolError
 
+try:
+    import cython
+    from cython.cimports.cpython.bytes import PyBytes_FromStringAndSize
+    from cython.cimports.libc.stdio import snprintf
+except (ImportError, AttributeError):  # needed only to compile (AttributeError:
+    pass  # Cython installed, cython.cimports exists only when compiling)
+
+# Cython-compiled, this module's file is the extension, not the source.
+COMPILED = not __file__.endswith(".py")
+
 # -- 7/MDP -----------------------------------------------------------------
 MDP_CLIENT = b"MDPC01"
 MDP_WORKER = b"MDPW01"
@@ -296,9 +306,7 @@ def parse_reply_body(job_id: bytes, frames) -> Reply:
     if status == STATUS_OK and len(frames) == 2:
         return Reply(job_id, True, frames[1])
     if status == STATUS_ERROR and len(frames) == 5:
-        code, message, exc_type, tb = (
-            f.decode("utf-8", "replace") for f in frames[1:]
-        )
+        code, message, exc_type, tb = [f.decode("utf-8", "replace") for f in frames[1:]]
         return Reply(job_id, False, b"", code, message, exc_type, tb)
     raise ProtocolError(f"bad reply status {status[:10]!r} or frame count")
 
@@ -825,7 +833,13 @@ class DirectRequest(_Message):
 
 def direct_request(epoch, deadline_ns, req: Request) -> list[bytes]:
     """What a client thread sends on its DEALER to a leased worker."""
-    frames = [b"", f"{epoch}:{deadline_ns}:".encode("ascii") + req.job_id, req.data]
+    if COMPILED:  # formatted in C: the str formatting and encoding cost a job 1k instructions
+        buffer = cython.declare(cython.char[48])  # two numbers of at most 19 digits, 2 colons
+        size: cython.int = snprintf(buffer, 48, "%lld:%lld:", epoch, deadline_ns)
+        head = PyBytes_FromStringAndSize(buffer, size) + req.job_id
+    else:
+        head = f"{epoch}:{deadline_ns}:".encode("ascii") + req.job_id
+    frames = [b"", head, req.data]
     if req.headers:
         frames += encode_headers(req.headers)
     return frames

@@ -20,6 +20,7 @@ cdef extern from "<poll.h>" nogil:
 
 
 cpdef double now() noexcept
+cpdef long long now_ns() noexcept
 
 
 cdef class ParentWatch:
