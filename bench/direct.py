@@ -698,12 +698,12 @@ def main(argv=None):
             latency = {}
             # The pools first: they fork, and a fork is only clean before zmq threads exist.
             if "pool" in only:
-                pool = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=os.setpgrp)
+                pool = concurrent.futures.ProcessPoolExecutor(WORKERS, initializer=harness.pool_child)
                 assert pool.submit(echo, PAYLOAD).result() == PAYLOAD
                 latency["pool"] = lambda: pool.submit(echo, PAYLOAD).result()
             if "mp" in only:
                 mp_pool = multiprocessing.get_context("fork").Pool(WORKERS,
-                                                                   initializer=os.setpgrp)
+                                                                   initializer=harness.pool_child)
                 assert mp_pool.apply(echo, (PAYLOAD,)) == PAYLOAD
                 latency["mp"] = lambda: mp_pool.apply(echo, (PAYLOAD,))
             build_dir = build_fast(run_dir) if "lease-fast" in only else None

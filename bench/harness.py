@@ -77,6 +77,16 @@ def run_script(main):
         sys.exit(130)
 
 
+def pool_child():
+    """A process pool's child: a process group of its own, and SIGTERM ends it
+    at once.  Forked, it would keep the script's SIGTERM handler
+    (:func:`run_script`), which runs only between bytecodes: a child waiting
+    on its pool's queue lock for a task could outlive ``Pool.terminate`` and
+    the script."""
+    os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def private_dir(prefix):
     """A temp dir of mode 0700, removed after; keep TMPDIR short: ipc paths are

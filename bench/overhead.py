@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import os
 import statistics
 
 import zmq
@@ -144,7 +143,7 @@ def main(argv=None):
         pools, loads, ctx, client = [], [], None, None
         try:
             # Pools first: they fork, and a fork is only clean before zmq threads exist.
-            pools = [concurrent.futures.ProcessPoolExecutor(n, initializer=os.setpgrp)
+            pools = [concurrent.futures.ProcessPoolExecutor(n, initializer=harness.pool_child)
                      for n in (1, 2)]
             for pool in pools:
                 assert pool.submit(echo, PAYLOAD).result() == PAYLOAD
