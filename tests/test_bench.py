@@ -270,6 +270,24 @@ def test_direct_script_runs_only_the_paths_named(tmp_path):
     assert_nothing_left("direct.py", tmp_path)
 
 
+def test_ends_script_splits_a_direct_round_trip_and_leaves_nothing(tmp_path):
+    """bench/ends.py, a smoke run: the three round trips, each end's share the
+    difference of two medians, its cluster and echo loop gone."""
+    out = run_script("ends.py", "--quick", tmp_path=tmp_path)
+    assert machine_header(out)
+    [trips] = tables(out)
+    assert column(trips, "round trip (us)") == [
+        "client -> worker", "DEALER -> worker", "DEALER -> echo"]
+    medians = [number(cell) for cell in column(trips, "median")]
+    assert all(median > 0 for median in medians)
+    added = column(trips, "added")
+    assert number(added[0]) == pytest.approx(medians[0] - medians[1], abs=0.11)
+    assert number(added[1]) == pytest.approx(medians[1] - medians[2], abs=0.11)
+    assert added[2] == ""
+    assert list(tmp_path.glob("ph-ends-*")) == []
+    assert_nothing_left("ends.py", tmp_path)
+
+
 def test_engines_script_times_this_trees_brokers_and_leaves_nothing(tmp_path):
     """bench/engines.py, a smoke run of the contestants it builds nothing for:
     every figure positive, its brokers, workers and temp trees gone."""
