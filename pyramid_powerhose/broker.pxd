@@ -1,6 +1,6 @@
 # C types for broker.py when Cython compiles it (pure-Python mode): the loop
-# becomes an extension type, its fields C struct
-# members, and the calls into the core C calls.
+# becomes an extension type, its fields C struct members, and its calls into
+# the core and readiness.py C calls.
 
 from pyramid_powerhose.broker_core cimport BrokerCore, Send
 from pyramid_powerhose.multipart cimport readable, recv_within, send
