@@ -108,6 +108,12 @@ cdef bytes _check_service(bytes service)
 cdef bytes _check_job_id(bytes job_id)
 @cython.locals(number="long long", digit=int)
 cdef long long _decode_number(bytes frame, what) except -1
+cdef int _put_decimal(char *buffer, int at, unsigned long long number) noexcept
+
+@cython.locals(req=Request)
+cpdef Request new_request(bytes service, bytes job_id, data, long long ttl_ms, headers)
+@cython.locals(reply=Reply)
+cpdef Reply ok_reply(bytes job_id, data)
 
 cpdef list encode_headers(headers)
 cpdef ClientMessage parse_frontend(list frames)
@@ -125,8 +131,9 @@ cpdef bint is_lease_control(list frames)
 cpdef list worker_reply(bytes client, Reply reply)
 cpdef BrokerCommand parse_broker_command(list frames)
 cpdef Reply parse_reply_body(bytes job_id, list frames)
-@cython.locals(size=int, head=bytes)
+@cython.locals(size=int, head=bytes, job_id=bytes)
 cpdef list direct_request(long long epoch, long long deadline_ns, Request req)
+@cython.locals(direct=DirectRequest)
 cpdef DirectRequest parse_direct_request(list frames)
 cpdef list direct_reply(bytes address, Reply reply)
 cpdef list direct_not_run(bytes address, bytes job_id, bytes reason)

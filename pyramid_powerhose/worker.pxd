@@ -8,7 +8,7 @@ from pyramid_powerhose.job cimport Job
 from pyramid_powerhose.multipart cimport readable, recv, recv_within, send
 from pyramid_powerhose.protocol cimport (
     BrokerCommand, DirectCounts, DirectRequest, Reply, Request, direct_not_run,
-    direct_reply, parse_broker_command, parse_direct_request, worker_reply,
+    direct_reply, ok_reply, parse_broker_command, parse_direct_request, worker_reply,
 )
 from pyramid_powerhose.readiness cimport ParentWatch, Readiness, now as _now
 

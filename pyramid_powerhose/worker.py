@@ -70,7 +70,7 @@ from .readiness import WOKEN, ParentWatch, Readiness, now as _now
 from .protocol import (
     DISCONNECT, ERR_EXECUTION, ERR_TIMEOUT, FREE, HEARTBEAT, LEASE, MAX_ABOUT_LENGTH,
     MAX_ENDPOINT_LENGTH, NOT_RUN_LEASE, NOT_RUN_STOPPING, PAUSE, REPORT, REQUEST, RESUME,
-    DirectCounts, Reply, direct_not_run, direct_reply, parse_broker_command,
+    DirectCounts, Reply, direct_not_run, direct_reply, ok_reply, parse_broker_command,
     parse_direct_request, worker_command, worker_counts, worker_direct, worker_info,
     worker_lease, worker_ready, worker_reply,
 )
@@ -1003,7 +1003,7 @@ def run_target(target, job) -> Reply:
         return Reply.error(job.id, ERR_EXECUTION,
                            f"target returned {type(result).__name__}; it must return "
                            "bytes or str", "TypeError")
-    return Reply(job.id, True, result)
+    return ok_reply(job.id, result)
 
 
 def _type_name(exc):

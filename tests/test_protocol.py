@@ -279,6 +279,26 @@ def test_a_direct_job_and_its_answers_round_trip_between_client_and_worker():
     assert (refused.ok, refused.code, refused.message) == (False, p.ERR_NOT_RUN, "lease")
 
 
+@pytest.mark.parametrize("epoch, deadline_ns, job_id", [
+    (0, 0, b"1"),
+    (1, 9, b"a"),
+    (10, 100, b"ff"),
+    (2**63 - 1, 2**63 - 1, b"x" * p.MAX_JOB_ID_LENGTH),  # the widest head there is
+    (7, 1_733_000_000_123_456_789, b"id:with:colons"),
+])
+def test_a_direct_jobs_head_is_epoch_deadline_and_job_id_in_decimal(epoch, deadline_ns, job_id):
+    frames = p.direct_request(epoch, deadline_ns, Request(b"", job_id, b"data"))
+    assert frames == [b"", b"%d:%d:%s" % (epoch, deadline_ns, job_id), b"data"]
+
+
+def test_the_per_job_constructors_make_what_the_classes_make():
+    assert p.new_request(b"svc", b"7", b"d", 12, {"k": "v"}) == Request(b"svc", b"7", b"d", 12,
+                                                                       {"k": "v"})
+    made = p.ok_reply(b"7", b"r")
+    assert made == Reply(b"7", True, b"r")
+    assert made.worker is None and made.body() == [p.STATUS_OK, b"r"]
+
+
 @pytest.mark.parametrize("frames", [
     [b"c", b"", b"5:0:1"],  # no data
     [b"c", b"x", b"5:0:1", b"d"],  # no delimiter
