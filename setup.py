@@ -23,6 +23,7 @@ COMPILED = [
     "pyramid_powerhose/broker.py",
     "pyramid_powerhose/worker.py",
     "pyramid_powerhose/client.py",
+    "pyramid_powerhose/tracing.py",
 ]
 
 

@@ -12,15 +12,18 @@ cimport cython
 from pyramid_powerhose.multipart cimport recv_within, send
 from pyramid_powerhose.readiness cimport now_ns as _now_ns
 from pyramid_powerhose.protocol cimport (
-    Reply, Request, direct_request, job_size, parse_direct_reply,
+    Reply, Request, direct_request, job_size, new_request, parse_direct_reply,
 )
+from pyramid_powerhose.tracing cimport inject
 
 
 cdef bytes _hex(long long number)
 
 cpdef check_job(settings, data, headers, timeout)
 cpdef note_reply(reply)
+@cython.locals(name=bytes, ttl_ms="long long")
 cdef tuple _job_request(settings, service, data, headers, timeout)
+cdef dict _service_names
 
 
 @cython.final
@@ -110,3 +113,8 @@ cdef class _DirectSockets:
                    job_id=bytes, reply=Reply)
     cdef Reply run(self, _Direct direct, _Lease lease, Request req, long long deadline_ns,
                    timeout)
+
+
+@cython.locals(deadline_ns="long long", lease=_Lease, mine=_DirectSockets, reply=Reply,
+               left=double)
+cdef _execute_direct(client, _Direct direct, Request req, timeout, retries)

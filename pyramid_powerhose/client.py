@@ -60,9 +60,9 @@ from .exc import ProtocolError
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
     ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX,
-    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Reply, Request, client_request,
-    direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, parse_client_reply,
-    parse_direct_reply, parse_lease_notice,
+    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Request, client_request,
+    direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, new_request,
+    parse_client_reply, parse_direct_reply, parse_lease_notice,
 )
 from .readiness import now_ns as _now_ns
 from .settings import Settings
@@ -1044,25 +1044,28 @@ class Client:
         """
         req, timeout = _job_request(self.settings, service or self.service, data, headers,
                                     timeout)
-        if retries is None:
-            retries = self.retries
         # Leases (a _Direct) only with one frontend; a thread's channel is made
         # with its _DirectSockets, so a direct job needs no _channel() call.
         direct = self._direct
         if direct is not None and self._generation == _fork_generation:
-            return self._execute_direct(direct, req, timeout, retries)
+            return _execute_direct(self, direct, req, timeout, retries)
+        if retries is None:
+            retries = self.retries
         if not self._several:
             channel = self._channel()  # the first job, or the first after a fork: set up
             direct = self._direct
             if direct is not None:
-                return self._execute_direct(direct, req, timeout, retries)
+                return _execute_direct(self, direct, req, timeout, retries)
             if not retries:
                 req.job_id = channel.next_id()
                 return _result(self._run(channel, req, timeout))
         return self._relay(req, timeout, retries)
 
     def _relay(self, req, timeout, retries):
-        """Send a job through the broker, with ``retries`` (see :meth:`execute`)."""
+        """Send a job through the broker, with ``retries`` (see :meth:`execute`;
+        None: the client's)."""
+        if retries is None:
+            retries = self.retries
         if not self._several and not retries:
             channel = self._channel()
             req.job_id = channel.next_id()
@@ -1083,55 +1086,6 @@ class Client:
                 req.ttl_ms = max(1, int(timeout * 1000))
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
-
-    def _execute_direct(self, direct: _Direct, req: Request, timeout, retries):
-        """A job on a lease of this process if it holds one with room (or
-        gets room within the timeout); else, or if the worker did not run it
-        (NOT_RUN), through the broker."""
-        # Compiled, the annotations type the locals: fields are C struct
-        # members, take/run/release C calls (client.pxd).
-        deadline_ns: cython.longlong = _now_ns() + int(timeout * 1e9)
-        lease: _Lease
-        mine: _DirectSockets
-        reply: Reply
-        service = req.service
-        lease = direct.take(service, deadline_ns)
-        if lease is not None and (len(req.data) > lease.max_job_size or (
-                req.headers and job_size(req) > lease.max_job_size)):
-            # Larger than the broker allows: it answers JobTooLargeError.
-            direct.release(lease)
-            return self._relay(req, timeout, retries)
-        if lease is None:  # no lease: relayed, and counted in our wish
-            try:
-                left = (deadline_ns - _now_ns()) / 1e9
-                if left < timeout - 0.01:  # it waited for room on a lease, then lost it
-                    if left <= 0:
-                        raise exc.TimeoutError(
-                            f"job on {service.decode()!r} found no room on this process's "
-                            f"leased workers within its timeout ({timeout}s)")
-                    req.ttl_ms = max(1, int(left * 1000))
-                    timeout = left
-                return self._relay(req, timeout, retries)
-            finally:
-                direct.relayed(service)
-        try:
-            mine = self._local.direct
-        except AttributeError:  # the thread's first direct job: its channel too, as relayed
-            self._channel()
-            mine = self._local.direct = _DirectSockets(direct, self._context)
-        reply = mine.run(direct, lease, req, deadline_ns, timeout)
-        if reply is not None:
-            if reply.ok:
-                return reply.data
-            raise exc.from_reply(reply)
-        # NOT_RUN: the worker never started it; relayed, within what is left.
-        left = (deadline_ns - _now_ns()) / 1e9
-        if left <= 0:
-            raise exc.TimeoutError(
-                f"job on {service.decode()!r} was refused by its leased worker (not run) "
-                f"and no time was left of its {timeout}s to send it through the broker")
-        req.ttl_ms = max(1, int(left * 1000))
-        return self._relay(req, left, retries)
 
     def _run(self, channel, req, timeout):
         """Send one request on ``channel`` and wait for its reply."""
@@ -1406,6 +1360,52 @@ class Client:
         self.close()
 
 
+def _execute_direct(client, direct, req, timeout, retries):
+    """``client``'s job on a lease of this process if it holds one with room
+    (or gets room within the timeout); else, or if the worker did not run it
+    (NOT_RUN), through the broker.  A function rather than a method: compiled, a C call (client.pxd), as are
+    take, run and release from here."""
+    deadline_ns = _now_ns() + int(timeout * 1e9)
+    service = req.service
+    lease = direct.take(service, deadline_ns)
+    if lease is not None and (len(req.data) > lease.max_job_size or (
+            req.headers and job_size(req) > lease.max_job_size)):
+        # Larger than the broker allows: it answers JobTooLargeError.
+        direct.release(lease)
+        return client._relay(req, timeout, retries)
+    if lease is None:  # no lease: relayed, and counted in our wish
+        try:
+            left = (deadline_ns - _now_ns()) / 1e9
+            if left < timeout - 0.01:  # it waited for room on a lease, then lost it
+                if left <= 0:
+                    raise exc.TimeoutError(
+                        f"job on {service.decode()!r} found no room on this process's "
+                        f"leased workers within its timeout ({timeout}s)")
+                req.ttl_ms = max(1, int(left * 1000))
+                timeout = left
+            return client._relay(req, timeout, retries)
+        finally:
+            direct.relayed(service)
+    try:
+        mine = client._local.direct
+    except AttributeError:  # the thread's first direct job: its channel too, as relayed
+        client._channel()
+        mine = client._local.direct = _DirectSockets(direct, client._context)
+    reply = mine.run(direct, lease, req, deadline_ns, timeout)
+    if reply is not None:
+        if reply.ok:
+            return reply.data
+        raise exc.from_reply(reply)
+    # NOT_RUN: the worker never started it; relayed, within what is left.
+    left = (deadline_ns - _now_ns()) / 1e9
+    if left <= 0:
+        raise exc.TimeoutError(
+            f"job on {service.decode()!r} was refused by its leased worker (not run) "
+            f"and no time was left of its {timeout}s to send it through the broker")
+    req.ttl_ms = max(1, int(left * 1000))
+    return client._relay(req, left, retries)
+
+
 def client_settings(settings, frontend, timeout, service, max_job_size, curve_secret,
                     curve_broker, retries, direct=None) -> Settings:
     """A client's settings: ``settings`` (or the defaults), with the arguments
@@ -1430,6 +1430,7 @@ def client_settings(settings, frontend, timeout, service, max_job_size, curve_se
 # submit's thread) without changing what execute, map and submit return.
 
 _collected = contextvars.ContextVar("powerhose_collected_replies", default=None)
+_collected_get = _collected.get  # bound once: asked for every job
 
 
 @contextlib.contextmanager
@@ -1478,11 +1479,12 @@ def check_job(settings, data, headers, timeout):
 
     ``data`` may be a Job, whose headers ``headers`` extends.
     """
-    if isinstance(data, Job):
-        headers = {**data.headers, **(headers or {})}
-        data = data.data
-    if not isinstance(data, bytes):  # to_bytes returns bytes as they are
-        data = to_bytes(data)
+    if type(data) is not bytes:  # most jobs are bytes: one C comparison
+        if isinstance(data, Job):
+            headers = {**data.headers, **(headers or {})}
+            data = data.data
+        if not isinstance(data, bytes):  # to_bytes returns bytes as they are
+            data = to_bytes(data)
     if timeout is None:
         timeout = settings.timeout
     if not timeout > 0:
@@ -1503,10 +1505,18 @@ def _job_request(settings, service, data, headers, timeout):
     headers; and its timeout."""
     data, headers, timeout = check_job(settings, data, headers, timeout)
     headers = inject(headers)  # the caller's trace, if any, goes with the job
-    if _collected.get() is not None:  # inside collect_replies(): who runs it?
+    if _collected_get() is not None:  # inside collect_replies(): who runs it?
         headers = ask_worker(headers)
-    name = check_service(service)
-    return Request(name, b"", data, max(1, int(timeout * 1000)), headers), timeout
+    name = _service_names.get(service)
+    if name is None:
+        name = check_service(service)
+        if len(_service_names) < 64:
+            _service_names[service] = name
+    ttl_ms = int(timeout * 1000)
+    return new_request(name, b"", data, ttl_ms if ttl_ms > 1 else 1, headers), timeout
+
+
+_service_names = {}  # service -> its checked name, for the first 64 (an app has a few)
 
 
 def check_service(service: str) -> bytes:
