@@ -423,9 +423,14 @@ class _Service:
         self.sent_at = -1e9
 
     def choose(self):
-        """The usable lease with room, fewest in flight then least recently
-        used, or None; under the lock.  A lease's credit beyond 1 is used
-        only while the service's jobs are short, as the broker does
+        """The usable lease with room, or None; under the lock.
+
+        Fewest in flight first.  Among idle leases, the most recently used:
+        its worker is still awake in its loop (another, idle for a
+        millisecond, has gone to sleep and told the broker FREE, and waking
+        it costs the job more); among busy ones, the least recently used,
+        whose jobs are the oldest.  A lease's credit beyond 1 is used only
+        while the service's jobs are short, as the broker does
         (``PREFETCH_BELOW``): behind a long job, another job would wait
         although another worker may be idle, for the asking."""
         best = None
@@ -433,8 +438,9 @@ class _Service:
         for lease in self.leases:
             if lease.in_flight < (lease.credit if short else 1) and (
                     best is None or lease.in_flight < best.in_flight or (
-                        lease.in_flight == best.in_flight
-                        and lease.last_used < best.last_used)):
+                        lease.in_flight == best.in_flight and (
+                            lease.last_used > best.last_used if lease.in_flight == 0
+                            else lease.last_used < best.last_used))):
                 best = lease
         return best
 

@@ -49,6 +49,20 @@ def sent(out):
     return [tuple(m[2:]) for m in out]
 
 
+def test_an_idle_process_keeps_to_the_lease_it_used_last(direct):
+    grant(direct, 1)
+    grant(direct, 2)
+    first = direct.take(b"s", far())
+    direct.release(first)
+    for _ in range(3):  # one job at a time: the warm worker, every time
+        again = direct.take(b"s", far())
+        assert again is first
+        direct.release(again)
+    other = direct.take(b"s", far())
+    assert direct.take(b"s", far()) is not other  # two at once: both leases
+    assert other is first
+
+
 def test_least_loaded_then_least_recently_used(direct):
     grant(direct, 1)
     grant(direct, 2)
@@ -57,7 +71,7 @@ def test_least_loaded_then_least_recently_used(direct):
     b = direct.take(b"s", far())
     assert {a.epoch, b.epoch} == {1, 2}  # the least loaded first
     c = direct.take(b"s", far())
-    assert c is a  # both at 1: the least recently used
+    assert c is a  # both busy, at 1: the least recently used
     direct.release(b)
     d = direct.take(b"s", far())
     assert d is b  # now the least loaded
