@@ -76,7 +76,8 @@ cdef class Worker:
     cpdef int _loop(self) except? -1
     @cython.locals(broker=_Broker)
     cdef object _next_message(self, int timeout_ms)
-    @cython.locals(broker=_Broker, waiting=Readiness, ready=int, now=double, left=int)
+    @cython.locals(broker=_Broker, waiting=Readiness, ready=int, now=double, left=int,
+                   message=tuple)
     cdef object _next_direct(self, int timeout_ms)
     @cython.locals(command=BrokerCommand)
     cdef _handle(self, _Broker broker, sock, list frames)
@@ -94,3 +95,4 @@ cdef class Worker:
 
 @cython.locals(reply=Reply)
 cpdef Reply run_target(target, Job job)
+cdef tuple _waiting_message(_Broker broker)

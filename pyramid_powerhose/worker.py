@@ -715,11 +715,9 @@ class Worker:
             now = _now()
             if broker.socket is not None and now >= self._broker_check_at:
                 self._broker_check_at = now + BROKER_CHECK
-                if readable(broker.socket):
-                    try:
-                        return broker, broker.socket, recv(broker.socket, NOBLOCK)
-                    except zmq.Again:
-                        pass
+                message = _waiting_message(broker)
+                if message is not None:
+                    return message
                 waiting.asked(_BROKER)
             # libzmq times RCVTIMEO with a coarse millisecond clock: one more
             # millisecond, and our own clock says whether it was enough.
@@ -731,11 +729,10 @@ class Worker:
             if left <= 0:
                 # Quiet: what the broker sent meanwhile comes first (it may
                 # have forgotten us), then FREE if we are still owed it.
-                if broker.socket is not None and readable(broker.socket):
-                    try:
-                        return broker, broker.socket, recv(broker.socket, NOBLOCK)
-                    except zmq.Again:
-                        pass
+                if broker.socket is not None:
+                    message = _waiting_message(broker)
+                    if message is not None:
+                        return message
                 self._report(broker, FREE)
                 return None
             timeout_ms = left
@@ -1004,6 +1001,18 @@ def run_target(target, job) -> Reply:
                            f"target returned {type(result).__name__}; it must return "
                            "bytes or str", "TypeError")
     return ok_reply(job.id, result)
+
+
+def _waiting_message(broker):
+    """(broker, socket, frames) of a message the broker's socket holds
+    already, or None: a look without a wait."""
+    sock = broker.socket
+    if readable(sock):
+        try:
+            return broker, sock, recv(sock, NOBLOCK)
+        except zmq.Again:
+            pass
+    return None
 
 
 def _type_name(exc):
