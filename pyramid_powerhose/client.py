@@ -1369,8 +1369,8 @@ class Client:
 def _execute_direct(client, direct, req, timeout, retries):
     """``client``'s job on a lease of this process if it holds one with room
     (or gets room within the timeout); else, or if the worker did not run it
-    (NOT_RUN), through the broker.  A function rather than a method: compiled, a C call (client.pxd), as are
-    take, run and release from here."""
+    (NOT_RUN), through the broker.  A function rather than a method:
+    compiled, a C call (client.pxd), as are take, run and release from here."""
     deadline_ns = _now_ns() + int(timeout * 1e9)
     service = req.service
     lease = direct.take(service, deadline_ns)
