@@ -10,3 +10,8 @@ cdef class Job:
     cdef public object service
 
 cpdef bytes to_bytes(data)
+
+cimport cython
+
+@cython.locals(job=Job)
+cpdef Job new_job(bytes data, dict headers, bytes id, deadline, service)

@@ -4,7 +4,7 @@
 # socket to the reply runs as C calls (a job costs a few Python calls: the
 # target's, the lock's and the Job's).
 
-from pyramid_powerhose.job cimport Job
+from pyramid_powerhose.job cimport Job, new_job
 from pyramid_powerhose.multipart cimport readable, recv, recv_within, send
 from pyramid_powerhose.protocol cimport (
     BrokerCommand, DirectCounts, DirectRequest, Reply, Request, direct_not_run,
@@ -47,6 +47,7 @@ cdef class Worker:
     cdef public bint stop_requested
     cdef public long long jobs_done
     cdef public object _lock
+    cdef object _release, _acquire
     cdef public object _busy_since
     cdef public object _current
     cdef public object _current_broker

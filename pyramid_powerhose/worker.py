@@ -61,7 +61,7 @@ from time import monotonic
 import zmq
 
 from . import curve, endpoints
-from .job import Job
+from .job import new_job
 from .exc import ProtocolError, TargetError, UnsafeDirectoryError
 # Names, not module.NAME: compiled (setup.py), a module global is a cached
 # look-up, a module's attribute a dictionary look-up every time.
@@ -178,6 +178,8 @@ class Worker:
         self.stop_requested = False
         self.jobs_done = 0
         self._lock = threading.Lock()  # held by whoever uses the socket
+        # Bound once: looked up per job, each costs a method look-up.
+        self._release, self._acquire = self._lock.release, self._lock.acquire
         self._busy_since = None
         self._current = None
         self._current_broker = None
@@ -539,7 +541,7 @@ class Worker:
             return
         if len(self.brokers) > 1:
             self._hold(broker)
-        job = Job(req.data, req.headers, req.job_id, deadline, self.settings.service)
+        job = new_job(req.data, req.headers, req.job_id, deadline, self.settings.service)
         self._current_broker = broker
         self._client_address = command.client
         reply = self._run(job, now)
@@ -597,8 +599,8 @@ class Worker:
         if self._idle_told:  # busy again: once per spell of work, not per job
             self._idle_told = False
             self._report(self.brokers[0], REPORT)
-        job = Job(req.data, req.headers, req.job_id,
-                  deadline_ns * 1e-9 if deadline_ns else None, self.settings.service)
+        job = new_job(req.data, req.headers, req.job_id,
+                      deadline_ns * 1e-9 if deadline_ns else None, self.settings.service)
         self._direct_client = direct.address
         try:
             reply = self._run(job, now)
@@ -621,16 +623,13 @@ class Worker:
         ``_current`` and ``_busy_since``."""
         self._current = job
         self._busy_since = now
-        self._lock.release()
+        self._release()
         try:
-            return self.execute(job)
+            return run_target(self.target, job)
         finally:
-            self._lock.acquire()
+            self._acquire()
             self._busy_since = None
             self._current = None
-
-    def execute(self, job) -> Reply:
-        return run_target(self.target, job)
 
     # -- the direct path ------------------------------------------------------------
 

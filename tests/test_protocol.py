@@ -4,6 +4,7 @@ import pytest
 
 from pyramid_powerhose import protocol as p
 from pyramid_powerhose.exc import ProtocolError
+from pyramid_powerhose.job import Job, new_job
 from pyramid_powerhose.protocol import Reply, Request
 
 
@@ -291,12 +292,32 @@ def test_a_direct_jobs_head_is_epoch_deadline_and_job_id_in_decimal(epoch, deadl
     assert frames == [b"", b"%d:%d:%s" % (epoch, deadline_ns, job_id), b"data"]
 
 
+@pytest.mark.parametrize("epoch, deadline_ns, job_id", [
+    (0, 0, b"1"),
+    (1, 9, b"a"),
+    (10**18 - 1, 10**18 - 1, b"x" * p.MAX_JOB_ID_LENGTH),  # 18 digits each, the most read
+    (7, 733_000_000_123_456_789, b"id:with:colons"),
+])
+def test_the_worker_reads_back_the_head_the_client_wrote(epoch, deadline_ns, job_id):
+    frames = p.direct_request(epoch, deadline_ns, Request(b"", job_id, b"data"))
+    job = p.parse_direct_request([b"client", *frames])
+    assert (job.epoch, job.deadline_ns, job.request.job_id) == (epoch, deadline_ns, job_id)
+
+
 def test_the_per_job_constructors_make_what_the_classes_make():
     assert p.new_request(b"svc", b"7", b"d", 12, {"k": "v"}) == Request(b"svc", b"7", b"d", 12,
                                                                        {"k": "v"})
     made = p.ok_reply(b"7", b"r")
     assert made == Reply(b"7", True, b"r")
     assert made.worker is None and made.body() == [p.STATUS_OK, b"r"]
+    # The replies' shortcut for OK writes what body() would.
+    assert p.worker_reply(b"c", made) == [b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"7",
+                                          *made.body()]
+    assert p.direct_reply(b"c", made) == [b"c", b"", b"7", *made.body()]
+    job = new_job(b"d", {"k": "v"}, b"7", 1.5, "svc")
+    expected = Job(b"d", {"k": "v"}, b"7", 1.5, "svc")
+    assert [getattr(job, f) for f in Job.__slots__] == [getattr(expected, f)
+                                                         for f in Job.__slots__]
 
 
 @pytest.mark.parametrize("frames", [
@@ -305,6 +326,12 @@ def test_the_per_job_constructors_make_what_the_classes_make():
     [b"c", b"", b"5:1", b"d"],  # no job id part
     [b"c", b"", b"5:0:", b"d"],  # empty job id
     [b"c", b"", b"-5:0:1", b"d"],
+    [b"c", b"", b":0:1", b"d"],  # empty epoch
+    [b"c", b"", b"5::1", b"d"],  # empty deadline
+    [b"c", b"", b"5 :0:1", b"d"],
+    [b"c", b"", b"1234567890123456789:0:1", b"d"],  # 19 digits: beyond what is read
+    [b"c", b"", b"5:\xd9:1", b"d"],
+    [b"c", b"", b"", b"d"],
     [b"c", b"", b"5:soon:1", b"d"],
     [b"c", b"", b"5:0:1", b"d", b"odd"],
 ])
