@@ -118,3 +118,12 @@ cdef class _DirectSockets:
 @cython.locals(deadline_ns="long long", lease=_Lease, mine=_DirectSockets, reply=Reply,
                left=double)
 cdef _execute_direct(client, _Direct direct, Request req, timeout, retries)
+
+cdef _within(bint green, sock, int timeout_ms)
+@cython.locals(deadline=double)
+cdef _run(client, channel, Request req, timeout)
+@cython.locals(remaining=double)
+cdef _send(client, channel, Request req, double deadline, timeout, losses)
+cdef _check_broker(channel, Request req, losses)
+@cython.locals(remaining=double, green=bint)
+cpdef _receive(client, channel, wanted, double deadline, Request req, timeout, losses)

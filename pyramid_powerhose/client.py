@@ -183,7 +183,7 @@ class _Channel:
         sock.connect(frontend)
 
     def next_id(self):
-        return b"%x" % next(self.ids)
+        return _hex(next(self.ids))
 
     def close(self):
         _close_socket(self.socket)
@@ -205,6 +205,13 @@ def _gevent_patched() -> bool:
     """Whether gevent has monkey-patched this process (its sockets, at least)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and monkey.is_module_patched("socket")
+
+
+def _within(green, sock, timeout_ms):
+    """recv_within, or under gevent (Client._reset) a wait that yields to its hub."""
+    if green:
+        return _green_recv_within(sock, timeout_ms)
+    return recv_within(sock, timeout_ms)
 
 
 def _green_recv_within(sock, timeout_ms):
@@ -936,10 +943,8 @@ class Client:
         if self._green:
             import zmq.green as green_zmq
             self._context = green_zmq.Context()
-            self._recv_within = _green_recv_within
         else:
             self._context = zmq.Context()
-            self._recv_within = recv_within
         self._local = threading.local()
         self._channels = weakref.WeakSet()
         self._brokers = None  # one _Broker per frontend, made with the first channel
@@ -1064,7 +1069,7 @@ class Client:
                 return _execute_direct(self, direct, req, timeout, retries)
             if not retries:
                 req.job_id = channel.next_id()
-                return _result(self._run(channel, req, timeout))
+                return _result(_run(self, channel, req, timeout))
         return self._relay(req, timeout, retries)
 
     def _relay(self, req, timeout, retries):
@@ -1075,14 +1080,14 @@ class Client:
         if not self._several and not retries:
             channel = self._channel()
             req.job_id = channel.next_id()
-            return _result(self._run(channel, req, timeout))
+            return _result(_run(self, channel, req, timeout))
         deadline = monotonic() + timeout
         lost = []  # the brokers this job was lost with
         while True:
             channel = self._pick(lost)
             req.job_id = channel.next_id()
             try:
-                return _result(self._run(channel, req, timeout))
+                return _result(_run(self, channel, req, timeout))
             except exc.BrokerLostError as error:
                 timeout = deadline - monotonic()
                 if retries <= 0 or timeout <= 0:
@@ -1092,96 +1097,6 @@ class Client:
                 req.ttl_ms = max(1, int(timeout * 1000))
                 log.info("job %s on %r: %s; retrying (%d retries left)", req.job_id.decode(),
                          req.service.decode(), error, retries)
-
-    def _run(self, channel, req, timeout):
-        """Send one request on ``channel`` and wait for its reply."""
-        deadline = monotonic() + timeout
-        losses = channel.losses
-        try:
-            self._send(channel, req, deadline, timeout, losses)
-            return self._receive(channel, {req.job_id}, deadline, req, timeout, losses)
-        except exc.BrokerLostError:
-            channel.broker.lost = True  # not chosen again until a socket reconnects
-            self._retire(channel)
-            raise
-        except exc.TimeoutError:
-            self._retire(channel)
-            raise
-
-    def _send(self, channel, req, deadline, timeout, losses):
-        sock = channel.socket
-        frames = client_request(req)
-        try:
-            send(sock, frames, NOBLOCK)
-            return
-        except zmq.Again:
-            pass
-        # The socket's queue is full (a broker that does not read): wait.
-        while True:
-            remaining = deadline - monotonic()
-            if remaining <= 0:
-                raise exc.TimeoutError(
-                    f"could not queue the job for the broker at {channel.frontend} "
-                    f"within {timeout}s; is powerhose-broker running?")
-            if not sock.poll(min(remaining, WAIT_SLICE) * 1000, zmq.POLLOUT):
-                self._check_broker(channel, req, losses)
-                continue
-            try:
-                send(sock, frames, NOBLOCK)
-                return
-            except zmq.Again:
-                continue
-
-    def _check_broker(self, channel, req, losses):
-        """Raise BrokerLostError if ``channel`` lost its broker since ``losses``, or never had one."""
-        if channel.losses != losses:
-            raise exc.BrokerLostError(
-                f"job {req.job_id.decode()} on {req.service.decode()!r}: the connection "
-                f"to the broker at {channel.frontend} dropped while the job was in flight "
-                "(the broker died or restarted); the job will not run later, retry it")
-        if not channel.connected and monotonic() - channel.since > CONNECT_TIMEOUT:
-            raise exc.BrokerLostError(
-                f"job {req.job_id.decode()} on {req.service.decode()!r}: no broker "
-                f"accepted a connection at {channel.frontend} within {CONNECT_TIMEOUT}s; "
-                "is powerhose-broker running?")
-
-    def _receive(self, channel, wanted, deadline, req, timeout, losses):
-        """The next reply for one of ``wanted`` job ids; late ones are dropped.
-
-        Waits in slices of WAIT_SLICE; after a slice with no reply, raises
-        BrokerLostError if the connection dropped (see _check_broker).
-        """
-        sock = channel.socket
-        while True:
-            remaining = deadline - monotonic()
-            frames = self._recv_within(sock, int(min(remaining, WAIT_SLICE) * 1000))
-            if frames is None:
-                if remaining <= WAIT_SLICE:
-                    raise exc.TimeoutError(
-                        f"job {req.job_id.decode()} on {req.service.decode()!r} got no "
-                        f"result within {timeout}s from the broker at {channel.frontend}; "
-                        "is powerhose-broker running, and are its workers overloaded "
-                        "or hung?")
-                try:
-                    self._check_broker(channel, req, losses)
-                except exc.BrokerLostError:
-                    # A reply that came in just before the connection dropped
-                    # is still ours to read.
-                    frames = self._recv_within(sock, 0)
-                    if frames is None:
-                        raise
-                else:
-                    continue
-            try:
-                reply = parse_client_reply(frames)
-            except ProtocolError as error:
-                log.warning("dropped malformed reply from %s: %s", channel.frontend, error)
-                continue
-            if reply.job_id in wanted:
-                if reply.worker is not None:  # asked for (collect_replies())
-                    note_reply(reply)
-                return reply
-            log.debug("dropped late reply for job %r", reply.job_id)
 
     def submit(self, data, timeout=None, headers=None, service=None,
                retries=None) -> concurrent.futures.Future:
@@ -1227,7 +1142,7 @@ class Client:
                 deadline = monotonic() + job_timeout
                 results.append(None)
                 try:
-                    self._send(channel, req, deadline, job_timeout, losses)
+                    _send(self, channel, req, deadline, job_timeout, losses)
                 except exc.TimeoutError as error:
                     results[index] = error
                     continue
@@ -1239,7 +1154,7 @@ class Client:
                 break
             first = min(pending.values(), key=lambda p: p[2])
             try:
-                reply = self._receive(channel, pending, first[2], first[1], first[3], losses)
+                reply = _receive(self, channel, pending, first[2], first[1], first[3], losses)
             except exc.TimeoutError as error:
                 del pending[first[1].job_id]
                 results[first[0]] = error
@@ -1272,7 +1187,7 @@ class Client:
         req = Request(service, b"", body, max(1, int(timeout * 1000)))
         channel = channel or self._channel()
         req.job_id = channel.next_id()
-        return _result(self._run(channel, req, timeout))
+        return _result(_run(self, channel, req, timeout))
 
     def _first_answer(self, service, timeout, body=b""):
         """The first broker's answer to an MMI query; the last error if none answers."""
@@ -1364,6 +1279,103 @@ class Client:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def _run(client, channel, req, timeout):
+    """``client``'s request on ``channel``, and its reply.  This and the three
+    below are functions rather than Client's methods: compiled, C calls
+    (client.pxd)."""
+    deadline = monotonic() + timeout
+    losses = channel.losses
+    try:
+        _send(client, channel, req, deadline, timeout, losses)
+        return _receive(client, channel, {req.job_id}, deadline, req, timeout, losses)
+    except exc.BrokerLostError:
+        channel.broker.lost = True  # not chosen again until a socket reconnects
+        client._retire(channel)
+        raise
+    except exc.TimeoutError:
+        client._retire(channel)
+        raise
+
+
+def _send(client, channel, req, deadline, timeout, losses):
+    sock = channel.socket
+    frames = client_request(req)
+    try:
+        send(sock, frames, NOBLOCK)
+        return
+    except zmq.Again:
+        pass
+    # The socket's queue is full (a broker that does not read): wait.
+    while True:
+        remaining = deadline - monotonic()
+        if remaining <= 0:
+            raise exc.TimeoutError(
+                f"could not queue the job for the broker at {channel.frontend} "
+                f"within {timeout}s; is powerhose-broker running?")
+        if not sock.poll(min(remaining, WAIT_SLICE) * 1000, zmq.POLLOUT):
+            _check_broker(channel, req, losses)
+            continue
+        try:
+            send(sock, frames, NOBLOCK)
+            return
+        except zmq.Again:
+            continue
+
+
+def _check_broker(channel, req, losses):
+    """Raise BrokerLostError if ``channel`` lost its broker since ``losses``, or never had one."""
+    if channel.losses != losses:
+        raise exc.BrokerLostError(
+            f"job {req.job_id.decode()} on {req.service.decode()!r}: the connection "
+            f"to the broker at {channel.frontend} dropped while the job was in flight "
+            "(the broker died or restarted); the job will not run later, retry it")
+    if not channel.connected and monotonic() - channel.since > CONNECT_TIMEOUT:
+        raise exc.BrokerLostError(
+            f"job {req.job_id.decode()} on {req.service.decode()!r}: no broker "
+            f"accepted a connection at {channel.frontend} within {CONNECT_TIMEOUT}s; "
+            "is powerhose-broker running?")
+
+
+def _receive(client, channel, wanted, deadline, req, timeout, losses):
+    """The next reply for one of ``wanted`` job ids; late ones are dropped.
+
+    Waits in slices of WAIT_SLICE; after a slice with no reply, raises
+    BrokerLostError if the connection dropped (see _check_broker).
+    """
+    sock = channel.socket
+    green = client._green
+    while True:
+        remaining = deadline - monotonic()
+        frames = _within(green, sock, int(min(remaining, WAIT_SLICE) * 1000))
+        if frames is None:
+            if remaining <= WAIT_SLICE:
+                raise exc.TimeoutError(
+                    f"job {req.job_id.decode()} on {req.service.decode()!r} got no "
+                    f"result within {timeout}s from the broker at {channel.frontend}; "
+                    "is powerhose-broker running, and are its workers overloaded "
+                    "or hung?")
+            try:
+                _check_broker(channel, req, losses)
+            except exc.BrokerLostError:
+                # A reply that came in just before the connection dropped
+                # is still ours to read.
+                frames = _within(green, sock, 0)
+                if frames is None:
+                    raise
+            else:
+                continue
+        try:
+            reply = parse_client_reply(frames)
+        except ProtocolError as error:
+            log.warning("dropped malformed reply from %s: %s", channel.frontend, error)
+            continue
+        if reply.job_id in wanted:
+            if reply.worker is not None:  # asked for (collect_replies())
+                note_reply(reply)
+            return reply
+        log.debug("dropped late reply for job %r", reply.job_id)
 
 
 def _execute_direct(client, direct, req, timeout, retries):

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from pyramid_powerhose import Client, exc, multipart, protocol
+from pyramid_powerhose.client import _receive
 from pyramid_powerhose.protocol import Request
 from tests.conftest import read_log, wait_busy, wait_for
 
@@ -184,7 +185,7 @@ def test_a_reply_read_after_the_broker_stopped_is_not_lost(start_broker, start_w
     broker.send_signal(signal.SIGTERM)
     assert broker.wait(10) == 0  # the job finished, its reply went out, then the connection closed
     time.sleep(0.5)  # time for the client's I/O thread to see the connection go
-    reply = client._receive(channel, {req.job_id}, time.monotonic() + 1, req, 1, losses)
+    reply = _receive(client, channel, {req.job_id}, time.monotonic() + 1, req, 1, losses)
     assert reply.ok and reply.data.isdigit()
 
 
