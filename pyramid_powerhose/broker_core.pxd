@@ -41,13 +41,19 @@ cdef class Histogram:
     cdef void add_zeros(self, long n)
 
 
+cdef long _WINDOW
+
+
 cdef class Rate:
     cdef public list slots
     cdef public long second
 
     cdef void _advance(self, long second)
+    @cython.locals(second=long)
     cpdef void add(self, double now)
+    @cython.locals(second=long)
     cdef void add_many(self, double now, long long count)
+    @cython.locals(second=long)
     cpdef double per_second(self, double now)
 
 

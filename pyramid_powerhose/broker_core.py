@@ -75,6 +75,7 @@ NO_DEADLINE = float("inf")
 # The same bounds, compiled: a C array (broker_core.pxd), compared without objects.
 _BOUNDS = BUCKETS
 _NBOUNDS = len(BUCKETS)
+_WINDOW = RATE_WINDOW  # compiled, a C long: a job's count is C arithmetic
 
 
 class Histogram:
@@ -140,20 +141,20 @@ class Rate:
         self.second = second
 
     def add(self, now):
-        second = int(now)
+        second = int(now)  # compiled, a C cast (broker_core.pxd)
         if second > self.second:
             self._advance(second)
-        self.slots[second % RATE_WINDOW] += 1
+        self.slots[second % _WINDOW] += 1
 
     def add_many(self, now, count):
         """``count`` events at once (direct jobs, reported together)."""
-        second = int(now)
+        second = int(now)  # compiled, a C cast (broker_core.pxd)
         if second > self.second:
             self._advance(second)
-        self.slots[second % RATE_WINDOW] += count
+        self.slots[second % _WINDOW] += count
 
     def per_second(self, now) -> float:
-        second = int(now)
+        second = int(now)  # compiled, a C cast (broker_core.pxd)
         if second > self.second:
             self._advance(second)
         return sum(self.slots) / RATE_WINDOW
