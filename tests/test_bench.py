@@ -389,6 +389,27 @@ def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
 
 
 @diagnostic
+def test_costs_script_counts_each_process_of_every_path_and_leaves_nothing(tmp_path):
+    """bench/costs.py, a smoke run: CPU and switches per job for each path's
+    processes, the totals' ratio to the 1-hop floor's."""
+    out = run_script("costs.py", "--quick", tmp_path=tmp_path)
+    assert machine_header(out)
+    [costs] = tables(out)
+    rows = costs[1:]
+    assert sorted({row[0] for row in rows}) == ["1-hop", "1-hop+py", "powerhose", "relayed"]
+    totals = {row[0]: row for row in rows if row[1] == "all"}
+    assert number(totals["1-hop"][6]) == 1.0
+    for path, row in totals.items():
+        parts = {r[1]: number(r[2]) for r in rows if r[0] == path and r[1] != "all"}
+        assert parts["client"] > 0 and min(parts.values()) >= 0
+        assert number(row[2]) == pytest.approx(sum(parts.values()), abs=0.5)
+    relayed = [r[1] for r in rows if r[0] == "relayed"]
+    assert "broker" in relayed  # every relayed job crosses it
+    assert list(tmp_path.glob("ph-costs-*")) == []
+    assert_nothing_left("costs.py", tmp_path)
+
+
+@diagnostic
 def test_instructions_script_counts_a_process_and_its_floor(tmp_path):
     """bench/instructions.py on the worker alone, a few jobs under valgrind."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
