@@ -116,6 +116,7 @@ cpdef Request new_request(bytes service, bytes job_id, data, long long ttl_ms, h
 cpdef Reply ok_reply(bytes job_id, data)
 
 cpdef list encode_headers(headers)
+@cython.locals(msg=ClientMessage)
 cpdef ClientMessage parse_frontend(list frames)
 cpdef long long job_size(Request req) except -1
 cpdef frontend_rejection(list frames, message)
@@ -123,6 +124,8 @@ cpdef list frontend_reply(ClientMessage msg, Reply reply, bytes worker=*)
 cpdef list frontend_worker_reply(ClientMessage msg, list body, bytes worker=*)
 cpdef list frontend_plain_reply(ClientMessage msg, list body, bytes worker=*)
 cpdef bint reply_frames_ok(list frames)
+@cython.locals(msg=WorkerMessage)
+cdef WorkerMessage _worker_reply(bytes address, bytes client, list body)
 cpdef WorkerMessage parse_backend(list frames)
 cpdef list backend_request(bytes address, bytes client, Request req, bint extended, body=*)
 cpdef list backend_command(bytes address, bytes command)

@@ -379,8 +379,13 @@ def parse_frontend(frames) -> ClientMessage:
             wants_worker = headers.pop(WORKER_HEADER, None) is not None
         else:
             headers = {}
-        req = new_request(service, job_id, frames[6], ttl, headers)
-        return ClientMessage(address, True, req, [], wants_worker)
+        msg = ClientMessage.__new__(ClientMessage)  # as new_request, for the same reason
+        msg.address = address
+        msg.extended = True
+        msg.request = new_request(service, job_id, frames[6], ttl, headers)
+        msg.body = []
+        msg.wants_worker = wants_worker
+        return msg
     raise ProtocolError(f"unknown client header {header[:10]!r}")
 
 
@@ -493,6 +498,22 @@ class WorkerMessage(_Message):
         self.counts = counts  # FREE, REPORT: a DirectCounts
 
 
+def _worker_reply(address: bytes, client: bytes, body: list) -> WorkerMessage:
+    """``WorkerMessage(address, REPLY, client=client, body=body)``, one per
+    job: compiled, a C call that sets the fields, as new_request."""
+    msg = WorkerMessage.__new__(WorkerMessage)
+    msg.address = address
+    msg.command = REPLY
+    msg.service = msg.about = msg.endpoint = b""
+    msg.extended = False
+    msg.credit = 1
+    msg.client = client
+    msg.body = body
+    msg.epoch = msg.held = 0
+    msg.counts = None
+    return msg
+
+
 def parse_backend(frames) -> WorkerMessage:
     """Validate one message from the backend ROUTER."""
     if len(frames) < 4 or frames[1] != b"" or frames[2] != MDP_WORKER:
@@ -518,8 +539,7 @@ def parse_backend(frames) -> WorkerMessage:
     if command == REPLY:
         if len(frames) < 7 or frames[5] != b"":
             raise ProtocolError("REPLY needs client address, empty frame, body")
-        # Positional: compiled, keywords would cost a dict per reply.
-        return WorkerMessage(address, command, b"", False, 1, frames[4], frames[6:])
+        return _worker_reply(address, frames[4], frames[6:])
     if command in (HEARTBEAT, DISCONNECT, PAUSE, RESUME):
         if len(frames) != 4:
             raise ProtocolError("HEARTBEAT, DISCONNECT, PAUSE and RESUME take no body")

@@ -314,6 +314,13 @@ def test_the_per_job_constructors_make_what_the_classes_make():
     assert p.worker_reply(b"c", made) == [b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"7",
                                           *made.body()]
     assert p.direct_reply(b"c", made) == [b"c", b"", b"7", *made.body()]
+    # The broker's per-job messages: a PHC01 request, a worker's REPLY.
+    req = Request(b"svc", b"7", b"d", 12, {"k": "v"})
+    assert p.parse_frontend([b"a", *p.client_request(req)]) == p.ClientMessage(
+        b"a", True, req, [], False)
+    body = [b"7", p.STATUS_OK, b"r"]
+    assert p.parse_backend([b"w", b"", p.MDP_WORKER, p.REPLY, b"c", b"", *body]) == (
+        p.WorkerMessage(b"w", p.REPLY, b"", False, 1, b"c", body))
     job = new_job(b"d", {"k": "v"}, b"7", 1.5, "svc")
     expected = Job(b"d", {"k": "v"}, b"7", 1.5, "svc")
     assert [getattr(job, f) for f in Job.__slots__] == [getattr(expected, f)
