@@ -51,8 +51,14 @@ cdef class _Service:
     cdef public int relaying
     cdef public long long sent
     cdef public double sent_at
+    cdef public long long granted
+    cdef public double asked_at
     cdef public double job_time
+    cdef public double no_grant_at
 
+    @cython.locals(held="long long")
+    cdef long long unasked(self)
+    cdef bint may_join_at_once(self, double now)
     @cython.locals(best=_Lease, lease=_Lease, short=bint)
     cpdef _Lease choose(self)
 
@@ -79,8 +85,8 @@ cdef class _Direct:
     cpdef _Lease take(self, name, long long deadline_ns)
     @cython.locals(left="long long", lease=_Lease)
     cdef _Lease _wait(self, _Service svc, long long deadline_ns)
-    @cython.locals(left=double)
-    cdef _Lease _await_grant(self, _Service svc, long long deadline_ns)
+    @cython.locals(left="long long", end="long long", lease=_Lease)
+    cdef _Lease _await_grant(self, _Service svc, long long deadline_ns, double wait, bint idle)
     @cython.locals(svc=_Service)
     cpdef relayed(self, name)
     @cython.locals(svc=_Service, average=double, seconds=double)

@@ -381,6 +381,14 @@ PREFETCH_BELOW = 0.1  # seconds: as the broker's (broker_core), for a lease's cr
 # would then never get its lease).
 GRANT_WAIT = 0.002  # seconds
 GRANT_WINDOW = 0.050  # seconds after a wish during which jobs wait so
+# A job about to join a busy lease (on its credit) first waits up to this
+# long for a grant of an idle worker (take): longer than GRANT_WAIT, as it
+# would otherwise wait behind a whole job, and than WISH_GAP, the longest a
+# grown wish may wait to be sent.  If none comes, the broker had none to
+# give, and jobs join busy leases at once for JOIN_WINDOW; so they do while
+# the broker holds a wish it has not granted for JOIN_WAIT (under load).
+JOIN_WAIT = 0.015  # seconds
+JOIN_WINDOW = 1.0  # seconds
 _LOCAL_NOT_RUN = b"not-run"  # a worker said NOT_RUN on a lease the broker had not revoked
 _BROKER_GONE = b"broker-gone"  # the control socket lost the broker: leases dropped
 
@@ -414,10 +422,12 @@ class _Lease:
 class _Service:
     """A service's usable leases and its wish: jobs ``waiting`` for room on a
     lease plus jobs ``relaying`` for lack of one; ``sent``: the wish the
-    broker was last told, at ``sent_at`` (watcher's monotonic clock)."""
+    broker was last told, at ``sent_at`` (watcher's monotonic clock), of
+    which ``granted`` leases have come since (the broker counts each off
+    the wish)."""
 
     __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at",
-                 "job_time")
+                 "granted", "asked_at", "job_time", "no_grant_at")
 
     def __init__(self, name, lock):
         self.name = name
@@ -428,6 +438,25 @@ class _Service:
         self.relaying = 0
         self.sent = 0
         self.sent_at = -1e9
+        self.granted = 0
+        self.asked_at = -1e9  # when the wish last grew (not its repeats)
+        # When a job that would have joined a busy lease last waited for a
+        # grant in vain (take): the broker had no idle worker to give.
+        self.no_grant_at = -1e9
+
+    def unasked(self):
+        """Jobs waiting or relaying beyond the wish the broker holds (under the
+        lock): what we said, less what it granted since, never below 0."""
+        held = self.sent - self.granted
+        return self.waiting + self.relaying - (held if held > 0 else 0)
+
+    def may_join_at_once(self, now):
+        """Whether a job may join a busy lease without first asking for a
+        grant (take): the broker has known of a wish it could not grant
+        for JOIN_WAIT, or a recent join waited for one in vain."""
+        if now - self.no_grant_at < JOIN_WINDOW:
+            return True
+        return self.sent - self.granted > 0 and now - self.asked_at >= JOIN_WAIT
 
     def choose(self):
         """The usable lease with room, or None; under the lock.
@@ -513,14 +542,23 @@ class _Direct:
             if svc is None:
                 svc = self._service(name)
             lease = svc.choose()
+            if lease is not None and lease.in_flight and \
+                    not svc.may_join_at_once(monotonic()):
+                # Every lease is busy: this job would join one, on its credit,
+                # and wait behind its job.  The broker may have an idle worker
+                # for it (it uses credit only when none is idle): ask, and wait
+                # a little for a grant (JOIN_WAIT).
+                lease = self._await_grant(svc, deadline_ns, JOIN_WAIT, True)
+                if lease is None or lease.in_flight:
+                    svc.no_grant_at = monotonic()
             if lease is None:
                 if svc.leases:
                     lease = self._wait(svc, deadline_ns)
                 elif svc.sent and monotonic() - svc.sent_at < GRANT_WINDOW:
-                    lease = self._await_grant(svc, deadline_ns)
+                    lease = self._await_grant(svc, deadline_ns, GRANT_WAIT, False)
                 if lease is None:
                     svc.relaying += 1
-                    if svc.relaying + svc.waiting > svc.sent:
+                    if svc.unasked() > 0:
                         self._poke()
                     return None
             lease.in_flight += 1
@@ -534,7 +572,7 @@ class _Direct:
         """Wait for room on a lease of ``svc`` (under the lock); None once it
         holds no usable lease any more."""
         svc.waiting += 1
-        if svc.relaying + svc.waiting > svc.sent:
+        if svc.unasked() > 0:
             self._poke()
         try:
             while True:
@@ -552,15 +590,24 @@ class _Direct:
         finally:
             svc.waiting -= 1
 
-    def _await_grant(self, svc, deadline_ns):
-        """Wait up to GRANT_WAIT (and the deadline) for a GRANT of ``svc`` that
-        a recent wish may bring (under the lock); the lease, or None."""
+    def _await_grant(self, svc, deadline_ns, wait, idle):
+        """Wait up to ``wait`` seconds (and the deadline) for a GRANT of ``svc``
+        that a wish may bring (under the lock); the lease then chosen, or
+        None.  ``idle``: wait on, while the time lasts, until the lease
+        chosen has no job in flight (another thread may have taken the
+        grant that woke this one)."""
         svc.waiting += 1
+        if svc.unasked() > 0:
+            self._poke()  # the wish grows by this job
         try:
-            left = min(GRANT_WAIT, (deadline_ns - monotonic_ns()) / 1e9)
-            if left > 0:
-                svc.cond.wait(left)
-            return svc.choose()
+            end = min(monotonic_ns() + int(wait * 1e9), deadline_ns)
+            while True:
+                left = end - monotonic_ns()
+                if left > 0:
+                    svc.cond.wait(left / 1e9)
+                lease = svc.choose()
+                if not idle or left <= 0 or (lease is not None and lease.in_flight == 0):
+                    return lease
         finally:
             svc.waiting -= 1
 
@@ -628,6 +675,10 @@ class _Direct:
                                notice.max_job_size)
                 self.by_epoch[notice.epoch] = lease
                 svc.leases.append(lease)
+                # The broker counts a grant off our wish (broker_core's _grant):
+                # so do we (unasked), or a job that comes later would not ask
+                # again for a worker the broker believes unwanted.
+                svc.granted += 1
                 if svc.waiting:
                     svc.cond.notify_all()
                 log.debug("lease %d on %r granted: %s, credit %d", notice.epoch,
@@ -671,10 +722,14 @@ class _Direct:
             wanting = False
             for svc in self.services.values():
                 n = svc.waiting + svc.relaying
-                if n > svc.sent or ((n or svc.sent) and now - svc.sent_at >= WISH_REPEAT):
+                grown = svc.unasked() > 0
+                if grown or ((n or svc.sent) and now - svc.sent_at >= WISH_REPEAT):
                     if now - svc.sent_at >= WISH_GAP:
+                        if grown:
+                            svc.asked_at = now
                         out.append(lease_wanted(svc.name, n))
                         svc.sent = n
+                        svc.granted = 0
                         svc.sent_at = now
                     else:
                         at = svc.sent_at + WISH_GAP

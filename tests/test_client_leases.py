@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from pyramid_powerhose import client as client_module
 from pyramid_powerhose import exc, protocol
 from pyramid_powerhose.client import LEASE_BEAT, WISH_GAP, WISH_REPEAT, _Direct
 from pyramid_powerhose.protocol import LeaseNotice
@@ -94,6 +95,57 @@ def test_credit_beyond_one_only_while_jobs_are_short(direct):
         direct.release(a, None, 1_000_000)
         assert direct.take(b"s", far()) is a
     assert direct.take(b"s", far()) is a and a.in_flight == 2
+
+
+def waiting(direct, count):
+    deadline = time.monotonic() + 5
+    while direct.services[b"s"].waiting != count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert direct.services[b"s"].waiting == count
+
+
+def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monkeypatch):
+    """Short jobs so far (a lease's credit is used), but this one may be
+    long: before it joins a busy lease, it asks the broker for a worker and
+    takes the grant that comes, as the broker uses credit only when no
+    worker is idle."""
+    monkeypatch.setattr(client_module, "JOIN_WAIT", 30.0)  # the grant comes first
+    grant(direct, 1)
+    direct.services[b"s"].job_time = 0.001
+    busy = direct.take(b"s", far())
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    waiting(direct, 1)
+    assert sent(direct.due(1.0)[0])[0] == (b"LEASE", b"s", b"1")  # it asked
+    grant(direct, 2)
+    thread.join(5)
+    assert got[0].epoch == 2 and busy.in_flight == 1
+
+
+def test_with_no_grant_jobs_join_busy_leases_at_once_for_a_while(direct, monkeypatch):
+    monkeypatch.setattr(client_module, "JOIN_WAIT", 0.01)
+    grant(direct, 1)
+    direct.services[b"s"].job_time = 0.001
+    busy = direct.take(b"s", far())
+    assert direct.take(b"s", far()) is busy  # no grant within JOIN_WAIT: it joins
+    direct.release(busy)
+    monkeypatch.setattr(client_module, "JOIN_WAIT", 30.0)
+    started = time.monotonic()
+    assert direct.take(b"s", far()) is busy and busy.in_flight == 2
+    assert time.monotonic() - started < 5  # within JOIN_WINDOW: no wait at all
+
+
+def test_a_grant_counts_off_the_wish_as_at_the_broker(direct, pokes):
+    assert direct.take(b"s", far()) is None  # relayed: a wish of 1
+    assert sent(direct.due(1.0)[0])[0] == (b"LEASE", b"s", b"1")
+    grant(direct, 1, credit=1)  # the broker's wish for us is 0 again
+    direct.relayed(b"s")
+    direct.take(b"s", far())
+    before = pokes.count
+    with pytest.raises(exc.TimeoutError):  # waits for room: asks again
+        direct.take(b"s", time.monotonic_ns() + 20_000_000)
+    assert pokes.count == before + 1
 
 
 def test_no_lease_means_relayed_and_a_wish(direct, pokes):
