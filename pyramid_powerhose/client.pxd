@@ -55,9 +55,14 @@ cdef class _Service:
     cdef public double asked_at
     cdef public double job_time
     cdef public double no_grant_at
+    cdef public long long peak
 
     @cython.locals(held="long long")
     cdef long long unasked(self)
+    @cython.locals(n="long long")
+    cdef bint grew(self)
+    @cython.locals(n="long long")
+    cdef long long wish(self)
     cdef bint may_join_at_once(self, double now)
     @cython.locals(best=_Lease, lease=_Lease, short=bint)
     cpdef _Lease choose(self)
@@ -98,7 +103,7 @@ cdef class _Direct:
     cpdef notice(self, notice)
     @cython.locals(svc=_Service, lease=_Lease)
     cpdef drop_all(self)
-    @cython.locals(svc=_Service, n="long long", wanting=bint)
+    @cython.locals(svc=_Service, n="long long", held="long long", wanting=bint, grown=bint)
     cpdef tuple due(self, double now)
     cpdef close(self)
 

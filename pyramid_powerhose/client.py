@@ -427,7 +427,7 @@ class _Service:
     the wish)."""
 
     __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at",
-                 "granted", "asked_at", "job_time", "no_grant_at")
+                 "granted", "asked_at", "job_time", "no_grant_at", "peak")
 
     def __init__(self, name, lock):
         self.name = name
@@ -443,12 +443,33 @@ class _Service:
         # When a job that would have joined a busy lease last waited for a
         # grant in vain (take): the broker had no idle worker to give.
         self.no_grant_at = -1e9
+        # The most jobs waiting or relaying at once since the watcher was
+        # poked: a relayed job may be over before the watcher looks, and the
+        # wish it made must not go with it.
+        self.peak = 0
 
     def unasked(self):
         """Jobs waiting or relaying beyond the wish the broker holds (under the
         lock): what we said, less what it granted since, never below 0."""
         held = self.sent - self.granted
         return self.waiting + self.relaying - (held if held > 0 else 0)
+
+    def grew(self):
+        """A job has just begun to wait or relay (under the lock): whether the
+        wish grows past what the broker holds (then the watcher is poked,
+        and ``peak`` remembers it)."""
+        if self.unasked() <= 0:
+            return False
+        n = self.waiting + self.relaying
+        if n > self.peak:
+            self.peak = n
+        return True
+
+    def wish(self):
+        """The wish to send (under the lock): the jobs waiting or relaying now,
+        or ``peak`` if more were when the watcher was poked."""
+        n = self.waiting + self.relaying
+        return self.peak if self.peak > n else n
 
     def may_join_at_once(self, now):
         """Whether a job may join a busy lease without first asking for a
@@ -558,7 +579,7 @@ class _Direct:
                     lease = self._await_grant(svc, deadline_ns, GRANT_WAIT, False)
                 if lease is None:
                     svc.relaying += 1
-                    if svc.unasked() > 0:
+                    if svc.grew():
                         self._poke()
                     return None
             lease.in_flight += 1
@@ -572,7 +593,7 @@ class _Direct:
         """Wait for room on a lease of ``svc`` (under the lock); None once it
         holds no usable lease any more."""
         svc.waiting += 1
-        if svc.unasked() > 0:
+        if svc.grew():
             self._poke()
         try:
             while True:
@@ -597,7 +618,7 @@ class _Direct:
         chosen has no job in flight (another thread may have taken the
         grant that woke this one)."""
         svc.waiting += 1
-        if svc.unasked() > 0:
+        if svc.grew():
             self._poke()  # the wish grows by this job
         try:
             end = min(monotonic_ns() + int(wait * 1e9), deadline_ns)
@@ -721,8 +742,9 @@ class _Direct:
             wake = None
             wanting = False
             for svc in self.services.values():
-                n = svc.waiting + svc.relaying
-                grown = svc.unasked() > 0
+                n = svc.wish()
+                held = svc.sent - svc.granted
+                grown = n > (held if held > 0 else 0)
                 if grown or ((n or svc.sent) and now - svc.sent_at >= WISH_REPEAT):
                     if now - svc.sent_at >= WISH_GAP:
                         if grown:
@@ -731,9 +753,12 @@ class _Direct:
                         svc.sent = n
                         svc.granted = 0
                         svc.sent_at = now
+                        svc.peak = 0
                     else:
                         at = svc.sent_at + WISH_GAP
                         wake = at if wake is None or at < wake else wake
+                if not grown:
+                    svc.peak = 0
                 if svc.sent:
                     wanting = True
                     at = svc.sent_at + WISH_REPEAT

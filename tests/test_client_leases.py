@@ -167,6 +167,30 @@ def test_no_lease_means_relayed_and_a_wish(direct, pokes):
     assert out == [] and wake is None
 
 
+def test_a_relayed_job_over_before_the_watcher_looks_still_asks(direct, pokes):
+    assert direct.take(b"s", far()) is None
+    assert pokes.count == 1
+    direct.relayed(b"s")  # a quick broker: the reply came before the watcher woke
+    out, _ = direct.due(10.0)
+    assert sent(out) == [(b"LEASE", b"s", b"1"), (b"HEARTBEAT",)]
+    # Said once: the next repeat says what is wanted now.
+    out, _ = direct.due(10.0 + WISH_REPEAT)
+    assert sent(out) == [(b"LEASE", b"s", b"0")]
+
+
+def test_a_job_that_did_not_grow_the_wish_leaves_nothing_to_say(direct, pokes):
+    assert direct.take(b"s", far()) is None
+    out, _ = direct.due(10.0)
+    assert sent(out)[0] == (b"LEASE", b"s", b"1")
+    direct.relayed(b"s")
+    assert direct.take(b"s", far()) is None  # within the wish held: no poke
+    direct.relayed(b"s")
+    assert pokes.count == 1
+    grant(direct, 1)  # the wish held is spent; nothing waits or relays
+    out, _ = direct.due(10.1)
+    assert out == []
+
+
 def test_wishes_are_paced_and_repeated(direct, pokes):
     direct.take(b"s", far())
     out, _ = direct.due(100.0)
