@@ -391,7 +391,10 @@ def test_the_end_of_a_lease_is_answered_after_a_report(rig, leased, ledger):
 
 def test_registering_again_drops_the_lease(rig, leased, ledger):
     _, client, endpoint = leased()
+    before = rig.mark()
     assert rig.call(client, 7, b"before", b"1").ok
+    # FREE follows the reply a millisecond later: let it come before the mark.
+    rig.wait(lambda: rig.seen(FREE, before), what="FREE after the job")
     start = rig.mark()
     rig.broker.send_multipart(backend_command(rig.worker, DISCONNECT))
     rig.wait(lambda: rig.seen(DIRECT, start), what="READY and DIRECT again")
