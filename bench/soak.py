@@ -57,6 +57,7 @@ class Load:
         self.done = 0
         self.wrong = 0
         self.errors = collections.Counter()
+        self.examples = {}  # error kind -> its first message, for the report
         self.hung = 0
         self.started = {}  # thread -> when its call in progress began
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -83,6 +84,7 @@ class Load:
                     outcome = "wrong"
             except exc.PowerhoseError as error:
                 outcome = type(error).__name__
+                self.examples.setdefault(outcome, str(error))
             late = time.monotonic() - began > self.timeout + HUNG_MARGIN
             with self.lock:
                 del self.started[me]
@@ -120,7 +122,8 @@ def run(args, disturb=None) -> dict:
     from pyramid_powerhose import broker as engine  # the broker's engine: this tree's
 
     report = {"engine": "compiled" if engine.COMPILED else "pure Python", "jobs": 0,
-              "wrong": 0, "errors": {}, "hung": 0, "broker": {}, "disturbance": {}}
+              "wrong": 0, "errors": {}, "examples": {}, "hung": 0, "broker": {},
+              "disturbance": {}}
     try:
         cluster.launch()
         broker = cluster.pids()["broker"][0]
@@ -143,7 +146,7 @@ def run(args, disturb=None) -> dict:
             report["broker"]["end"] = broker_sample(broker)
             with load.lock:
                 report.update(jobs=load.done, wrong=load.wrong, errors=dict(load.errors),
-                              hung=load.hung)
+                              examples=dict(load.examples), hung=load.hung)
             report["hung"] += load.still_hung()
     finally:
         stop.set()
@@ -170,7 +173,7 @@ def show(report, as_json):
     print(f"broker engine: {report['engine']}")
     print(f"jobs {report['jobs']}, wrong results {report['wrong']}, hung calls {report['hung']}")
     for kind, count in sorted(report["errors"].items()):
-        print(f"  {kind}: {count}")
+        print(f"  {kind}: {count} (the first: {report['examples'][kind]})")
     for key, value in report["disturbance"].items():
         print(f"{key}: {value}")
     for phase, sample in report["broker"].items():

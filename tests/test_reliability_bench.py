@@ -32,4 +32,4 @@ def test_killstorm_smoke():
     assert report["jobs"] == 4000
     assert report["wrong"] == 0 and report["hung"] == 0
     assert report["disturbance"]["kills"] > 0
-    assert set(report["errors"]) <= {"WorkerLostError", "NoWorkerError"}
+    assert set(report["errors"]) <= {"WorkerLostError", "NoWorkerError"}, report["examples"]
