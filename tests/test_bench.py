@@ -3,8 +3,9 @@
 The reports are read as data: the tables they print (reStructuredText
 simple tables) and the figures in them, never their sentences, which are
 for people and free to change.  The scripts that study the machine rather
-than the product (wakeups, threads, instructions, floor) are marked
-``diagnostic``: outside the default run, CI runs them with
+than the product (wakeups, threads, instructions, costs, floor), and the
+runs of direct.py and engines.py with every path and contestant, are
+marked ``diagnostic``: outside the default run, CI runs them with
 ``python -m pytest -m diagnostic``.
 """
 
@@ -236,9 +237,12 @@ def test_table_reads_back_as_a_simple_table():
 
 # -- the scripts that study the product ----------------------------------------------------
 
+@diagnostic
 def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
-    """bench/direct.py, a smoke run: the same paths in the round-trip and jobs/s
-    tables, every figure positive, a verdict per goal, nothing left behind."""
+    """bench/direct.py, a smoke run of every path (half a minute: with the
+    diagnostics, out of the default run, which runs the next test): the same
+    paths in the round-trip and jobs/s tables, every figure positive, a
+    verdict per goal, nothing left behind."""
     out = run_script("direct.py", "--quick", tmp_path=tmp_path)
     assert machine_header(out)
     round_trip, rates, break_evens, verdicts = tables(out)

@@ -12,6 +12,7 @@ import time
 import psutil
 
 from pyramid_powerhose import Client
+from pyramid_powerhose.watchers import OWNER_GONE_GRACE
 from tests.conftest import REPO, alive, wait_for
 
 # A web process: the plugin with cluster = auto; it stops (atexit, as pserve
@@ -59,7 +60,7 @@ def test_the_cluster_outlives_its_spawner_while_another_app_attached(procs, endp
         worker = client.execute(b"")
         first.stdin.close()  # the spawner exits normally
         assert first.wait(30) == 0
-        time.sleep(5)  # longer than the supervisor's grace for a dead owner
+        time.sleep(OWNER_GONE_GRACE + 0.5)  # past the supervisor's grace for a dead owner
         assert client.execute(b"") == worker  # the same cluster, still serving
         procs.stop(second)  # SIGKILL the last user
         wait_for(lambda: not [p for p in processes if alive(p)], timeout=20,

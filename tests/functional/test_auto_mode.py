@@ -15,6 +15,7 @@ import urllib.request
 
 import psutil
 
+from pyramid_powerhose.watchers import OWNER_GONE_GRACE
 from ..conftest import REPO, all_gone, read_log, wait_for
 
 SERVER = r"""
@@ -129,7 +130,7 @@ def test_three_servers_share_one_broker_and_it_outlives_its_spawner(procs, endpo
     os.kill(spawner.pid, signal.SIGKILL)
     spawner.wait(5)
     # The others still use it, past the supervisor's grace for a dead owner.
-    time.sleep(5)
+    time.sleep(OWNER_GONE_GRACE + 0.5)
     for i, port in enumerate(ports):
         if servers[i] is not spawner:
             assert int(get(port, "/ping")) == broker_pid
