@@ -101,6 +101,7 @@ cdef class _Direct:
     cdef _end(self, _Lease lease)
     @cython.locals(svc=_Service, lease=_Lease)
     cpdef notice(self, notice)
+    cpdef lost(self, _Lease lease)
     @cython.locals(svc=_Service, lease=_Lease)
     cpdef drop_all(self)
     @cython.locals(svc=_Service, n="long long", held="long long", wanting=bint, grown=bint)
@@ -114,6 +115,7 @@ cdef class _DirectSockets:
     cdef public long long gen
     cdef public long long ids
     cdef public object context
+    cdef public object watcher
     cdef object __weakref__
 
     @cython.locals(lease=_Lease)

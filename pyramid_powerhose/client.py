@@ -119,7 +119,21 @@ CONNECT_TIMEOUT = 1.0
 
 _MONITORED = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
               | zmq.EVENT_MONITOR_STOPPED)
+# A thread's socket to a leased worker: only its loss matters.
+_LEASE_MONITORED = zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
 _monitor_ids = itertools.count()
+
+
+def _monitor(context, sock, events):
+    """A PAIR socket that will read ``sock``'s ``events`` (call it before
+    connecting ``sock``, so that no event is missed).  Our own address:
+    pyzmq's get_monitor_socket() names it after the socket's fd, which a
+    new socket may reuse while the old monitor is bound."""
+    address = f"inproc://powerhose-monitor-{next(_monitor_ids)}"
+    sock.monitor(address, events)
+    monitor = context.socket(zmq.PAIR)
+    monitor.connect(address)
+    return monitor
 
 
 class _Broker:
@@ -168,14 +182,7 @@ class _Channel:
         self.connected = False
         self.losses = 0
         weakref.finalize(self, _close_socket, sock)
-        # Monitored before connecting, so that no event is missed.  Our own
-        # address: pyzmq's get_monitor_socket() names it after the socket's
-        # fd, which a new socket may reuse while the old monitor is bound.
-        address = f"inproc://powerhose-monitor-{next(_monitor_ids)}"
-        sock.monitor(address, _MONITORED)
-        monitor = context.socket(zmq.PAIR)
-        monitor.connect(address)
-        watcher.watch(self, monitor)
+        watcher.watch(_Watched(self), _monitor(context, sock, _MONITORED))
         # Not ZMQ_IMMEDIATE: with it, libzmq throws away the replies a socket
         # has received but not yet read when the connection drops, e.g. the
         # last replies of a broker that finished its jobs and stopped.  Jobs
@@ -242,7 +249,7 @@ class _ConnectionWatcher:
         self._lock = threading.Lock()
         # Held to change a broker's ``up``, notified when one changes.
         self.changed = threading.Condition(threading.Lock())
-        self._new = []  # (channel, monitor socket) not yet polled
+        self._new = []  # (_Watched or _Lease, monitor socket) not yet polled
         address = f"inproc://powerhose-watcher-{id(self):x}"
         self._wake_in = context.socket(zmq.PAIR)
         self._wake_in.bind(address)
@@ -252,9 +259,11 @@ class _ConnectionWatcher:
                                         daemon=True)
         self._thread.start()
 
-    def watch(self, channel, monitor):
+    def watch(self, watched, monitor):
+        """Read ``monitor`` from now on: a channel's (``_Watched``) or a
+        thread's socket to a leased worker (its ``_Lease``)."""
         with self._lock:
-            self._new.append((_Watched(channel), monitor))
+            self._new.append((watched, monitor))
             self._wake_out.send(b"")
 
     def stop(self):
@@ -278,7 +287,7 @@ class _ConnectionWatcher:
         else:
             poller = zmq.Poller()
         poller.register(self._wake_in, zmq.POLLIN)
-        channels = {}  # monitor socket -> _Watched
+        channels = {}  # monitor socket -> _Watched, or the _Lease of a direct socket
         control = None
         try:
             if self._direct is not None:
@@ -314,8 +323,13 @@ class _ConnectionWatcher:
             self._wake_in.close(0)
 
     def _event(self, monitor, watched) -> bool:
-        """Apply one event to its channel; False once the channel's socket is gone."""
+        """Apply one event to its channel or lease; False once the socket
+        watched is gone."""
         event = zmq.utils.monitor.recv_monitor_message(monitor)["event"]
+        if type(watched) is _Lease:
+            if event == zmq.EVENT_DISCONNECTED:
+                self._direct.lost(watched)
+            return event != zmq.EVENT_MONITOR_STOPPED
         if event == zmq.EVENT_MONITOR_STOPPED:
             self._count(watched, False)
             return False
@@ -717,6 +731,21 @@ class _Direct:
                 if lease.in_flight == 0:
                     self._end(lease)
 
+    def lost(self, lease):
+        """A thread's connection to the leased worker dropped (the watcher's
+        monitor): the worker is gone, and no job in flight on the lease can
+        be answered.  The broker says so too, with REVOKE ``lost``, unless
+        the lease had ended there already (revoked for another process and
+        answered by the worker, with a job of ours still unread in its
+        socket): then only this tells the job's thread."""
+        with self.lock:
+            if lease.gone or lease.revoked == REVOKE_LOST:
+                return
+            log.debug("lease %d: the connection to %s dropped", lease.epoch, lease.endpoint)
+            self._revoke(lease, REVOKE_LOST)
+            if lease.in_flight == 0:
+                self._end(lease)
+
     def drop_all(self):
         """The broker is gone: drop every lease (jobs in flight on them finish;
         no RETURN, no broker to hear it), and tell the next broker our wishes."""
@@ -789,13 +818,14 @@ class _DirectSockets:
     first use and closed by the thread once their lease is gone (or when the
     thread ends, or by Client.close); :meth:`run` sends a job on one."""
 
-    __slots__ = ("socks", "gen", "ids", "context", "__weakref__")
+    __slots__ = ("socks", "gen", "ids", "context", "watcher", "__weakref__")
 
-    def __init__(self, direct, context):
+    def __init__(self, direct, context, watcher):
         self.socks = {}  # _Lease -> socket
         self.gen = direct.gone_gen
         self.ids = 0  # the last job id used on these sockets
         self.context = context
+        self.watcher = watcher  # the client's _ConnectionWatcher: reads their monitors
         with direct.lock:
             direct.holders.add(self)
         weakref.finalize(self, _close_sockets, self.socks)
@@ -808,6 +838,10 @@ class _DirectSockets:
     def open(self, lease):
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
+        # If the connection drops, the worker is gone: the watcher revokes
+        # the lease (_Direct.lost), and a job in flight on it fails with
+        # WorkerLostError within a wait slice.
+        self.watcher.watch(lease, _monitor(self.context, sock, _LEASE_MONITORED))
         sock.connect(lease.endpoint)
         self.socks[lease] = sock
         return sock
@@ -1488,7 +1522,8 @@ def _execute_direct(client, direct, req, timeout, retries):
         mine = client._local.direct
     except AttributeError:  # the thread's first direct job: its channel too, as relayed
         client._channel()
-        mine = client._local.direct = _DirectSockets(direct, client._context)
+        mine = client._local.direct = _DirectSockets(direct, client._context,
+                                                     client._watcher)
     reply = mine.run(direct, lease, req, deadline_ns, timeout)
     if reply is not None:
         if reply.ok:

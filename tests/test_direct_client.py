@@ -89,6 +89,13 @@ class FakeBroker:
                                                 b"direct:" + job.request.data)))
         self.do(go)
 
+    def kill(self, worker):
+        """Close ``worker``'s socket, as its process's death would, unread jobs and all."""
+        def go():
+            self.poller.unregister(worker.router)
+            worker.router.close(0)
+        self.do(go)
+
     def close(self):
         self.stopping = True
         self.thread.join(5)
@@ -97,7 +104,7 @@ class FakeBroker:
     # -- the serving thread ------------------------------------------------------
 
     def _loop(self):
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         for worker in self.workers:
             poller.register(worker.router, zmq.POLLIN)
@@ -313,6 +320,51 @@ def test_revoke_lost_fails_the_job_in_flight(fake, make_client):
     assert when - revoked < 1.0
     wait_for(lambda: broker.commands(protocol.LEASE_RETURN), what="a RETURN")
     assert broker.commands(protocol.LEASE_RETURN)[0].epoch == epoch
+
+
+def test_a_worker_gone_after_its_lease_ended_fails_the_job_fast(fake, make_client):
+    """The broker revoked the lease for another process and the worker answered
+    its end (so the broker will not say REVOKE lost), a job of ours unread in
+    its socket; then it dies.  The connection's loss says so: WorkerLostError
+    within a wait slice, not at the job's timeout."""
+    broker = fake()
+    client = make_client(timeout=10.0)
+    leased(broker, client)
+    worker = broker.workers[0]
+    broker.do(lambda: setattr(worker, "mode", "hold"))
+    outcome = []
+
+    def run():
+        try:
+            client.execute(b"doomed")
+        except exc.PowerhoseError as error:
+            outcome.append((error, time.monotonic()))
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_for(lambda: worker.held, what="a job in flight")
+    epoch = broker.revoke(worker, protocol.REVOKE_SHARE)  # no REVOKE lost will follow
+    killed = time.monotonic()
+    broker.kill(worker)
+    thread.join(5)
+    error, when = outcome[0]
+    assert isinstance(error, exc.WorkerLostError)
+    assert when - killed < 1.0
+    wait_for(lambda: broker.commands(protocol.LEASE_RETURN), what="a RETURN")
+    assert broker.commands(protocol.LEASE_RETURN)[0].epoch == epoch
+    assert client.execute(b"after") == b"relayed:after"  # the lease is not chosen again
+
+
+def test_a_lease_whose_worker_is_gone_is_not_chosen_again(fake, make_client):
+    """Its connection dropped before the broker said REVOKE lost: the next job
+    does not go into the dead worker's socket."""
+    broker = fake()
+    client = make_client(timeout=10.0)
+    leased(broker, client)
+    assert client.execute(b"one") == b"direct:one"  # this thread's socket is connected
+    broker.grant = False  # the broker has not noticed yet: no REVOKE, no new grant
+    broker.kill(broker.workers[0])
+    wait_for(lambda: leases(client) == 0, what="the lease dropped")
+    assert client.execute(b"two") == b"relayed:two"
 
 
 def test_deadline_on_the_direct_path(fake, make_client):
