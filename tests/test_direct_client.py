@@ -296,9 +296,9 @@ def test_revoke_share_stops_new_jobs_and_returns_once_idle(fake, make_client):
     assert [(r.service, r.epoch) for r in returns] == [(b"default", epoch)]
 
 
-def test_revoke_lost_fails_the_job_in_flight(fake, make_client):
-    broker = fake()
-    client = make_client()
+def job_held(broker, client):
+    """A lease, and a job on it that its worker holds, from a thread of its
+    own: (worker, thread, outcome), where the thread puts (error, when)."""
     leased(broker, client)
     worker = broker.workers[0]
     broker.do(lambda: setattr(worker, "mode", "hold"))
@@ -312,6 +312,13 @@ def test_revoke_lost_fails_the_job_in_flight(fake, make_client):
     thread = threading.Thread(target=run)
     thread.start()
     wait_for(lambda: worker.held, what="a job in flight")
+    return worker, thread, outcome
+
+
+def test_revoke_lost_fails_the_job_in_flight(fake, make_client):
+    broker = fake()
+    client = make_client()
+    worker, thread, outcome = job_held(broker, client)
     revoked = time.monotonic()
     epoch = broker.revoke(worker, protocol.REVOKE_LOST)
     thread.join(5)
@@ -329,19 +336,7 @@ def test_a_worker_gone_after_its_lease_ended_fails_the_job_fast(fake, make_clien
     within a wait slice, not at the job's timeout."""
     broker = fake()
     client = make_client(timeout=10.0)
-    leased(broker, client)
-    worker = broker.workers[0]
-    broker.do(lambda: setattr(worker, "mode", "hold"))
-    outcome = []
-
-    def run():
-        try:
-            client.execute(b"doomed")
-        except exc.PowerhoseError as error:
-            outcome.append((error, time.monotonic()))
-    thread = threading.Thread(target=run)
-    thread.start()
-    wait_for(lambda: worker.held, what="a job in flight")
+    worker, thread, outcome = job_held(broker, client)
     epoch = broker.revoke(worker, protocol.REVOKE_SHARE)  # no REVOKE lost will follow
     killed = time.monotonic()
     broker.kill(worker)
