@@ -35,16 +35,10 @@ from .protocol import (
     parse_backend, parse_frontend, reply_frames_ok, BUCKETS,
     DIRECT, FREE, LEASE, LEASE_RETURN, LEASE_WANTED, REPORT, REVOKE_LEAVING,
     REVOKE_LOST, REVOKE_SHARE, DirectCounts, LeaseControl, backend_lease, is_lease_control,
-    lease_grant, lease_revoke, parse_lease_control,
+    lease_grant, lease_revoke, parse_lease_control, PREFETCH_BELOW,
 )
 
 log = logging.getLogger("pyramid_powerhose.broker")
-
-# A busy worker is handed a second job (credit > 1) only for services whose
-# recent jobs average less than this: behind such jobs a waiting job waits
-# little, while behind a long one it could wait although another worker
-# frees up first.
-PREFETCH_BELOW = 0.1  # seconds
 
 EXPIRY_INTERVAL = 0.05  # seconds between looks for expired jobs and workers
 MAX_HEARTBEAT_INTERVAL = 2.5  # 7/MDP peers following the zguide expect one this often

@@ -59,9 +59,10 @@ from .exc import ProtocolError
 # look-up, a module's attribute a dictionary look-up every time.
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
-    ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING, MMI_PREFIX,
-    MMI_SERVICE, MMI_STATS, REVOKE_LOST, WORKER_HEADER, Request, client_request,
-    direct_request, job_size, lease_heartbeat, lease_return, lease_wanted, new_request,
+    ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING,
+    MMI_PREFIX, MMI_SERVICE, MMI_STATS, PREFETCH_BELOW, REVOKE_LOST, WORKER_HEADER, Request,
+    client_request, direct_request, job_size, lease_heartbeat, lease_return, lease_wanted,
+    new_request,
     parse_client_reply, parse_direct_reply, parse_lease_notice,
 )
 from .readiness import now_ns as _now_ns
@@ -387,7 +388,6 @@ class _Watched:
 WISH_GAP = 0.010  # seconds between two LEASE wishes of one service, at least
 WISH_REPEAT = 1.0  # a wish > 0 is said again this often, and withdrawn (0) as late
 LEASE_BEAT = 1.0  # a HEARTBEAT this often while holding or wanting leases
-PREFETCH_BELOW = 0.1  # seconds: as the broker's (broker_core), for a lease's credit
 # A job with no lease to go on, soon after a wish was sent, waits this long
 # for the GRANT before it goes relayed: a grant takes a broker round trip
 # and a worker's, and a relayed job sent meanwhile would find the worker

@@ -56,6 +56,11 @@ FREE = b"\x0b"
 REPORT = b"\x0c"
 WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, PAUSE, RESUME, INFO,
                    DIRECT, LEASE, FREE, REPORT}
+# A busy worker is handed a second job (credit > 1: by the broker, or by a
+# client on a lease) only for services whose recent jobs average less than
+# this: behind such jobs a waiting job waits little, while behind a long one
+# it could wait although another worker frees up first.
+PREFETCH_BELOW = 0.1  # seconds
 
 # -- 8/MMI -----------------------------------------------------------------
 MMI_PREFIX = b"mmi."

@@ -13,7 +13,6 @@ import pytest
 from pyramid_powerhose import protocol as p
 from pyramid_powerhose.broker_core import (
     MAX_HEARTBEAT_INTERVAL,
-    PREFETCH_BELOW,
     PROBE_INTERVAL,
     PROBES,
     BrokerCore,
@@ -216,7 +215,7 @@ def test_second_job_only_when_no_worker_is_idle_and_jobs_are_short():
     ready(core, 0.0, b"a", credit=2)
     ready(core, 0.0, b"b", credit=2)
     now = short_jobs(core, 1.0, [b"a"], job_time=0.01)  # idle now: b, then a
-    assert core.services[SVC].job_time < PREFETCH_BELOW
+    assert core.services[SVC].job_time < p.PREFETCH_BELOW
     sent = []
     for job_id in (b"1", b"2", b"3", b"4", b"5"):
         sent += dispatched(submit(core, now, b"c", job_id))
@@ -234,7 +233,7 @@ def test_a_worker_with_credit_gets_one_job_at_a_time_when_jobs_are_long():
     ready(core, 0.0, b"a", credit=2)
     ready(core, 0.0, b"b", credit=2)
     now = short_jobs(core, 1.0, [b"a"], job_time=0.5)
-    assert core.services[SVC].job_time > PREFETCH_BELOW
+    assert core.services[SVC].job_time > p.PREFETCH_BELOW
     sent = []
     for job_id in (b"1", b"2", b"3", b"4"):
         sent += dispatched(submit(core, now, b"c", job_id))
@@ -285,7 +284,7 @@ def test_plain_mdp_workers_never_get_two_jobs():
     sends = submit(core, 1.0, b"c", b"warm")
     assert [s.frames[0] for s in worker_sends(sends)] == [b"p"]
     core.worker_message([b"p", b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"r"], 1.01)
-    assert core.services[SVC].job_time < PREFETCH_BELOW
+    assert core.services[SVC].job_time < p.PREFETCH_BELOW
     first = submit(core, 2.0, b"c", b"1")
     assert [s.frames[0] for s in worker_sends(first)] == [b"p"]
     for job_id in (b"2", b"3"):
