@@ -35,7 +35,7 @@ from .protocol import (
     parse_backend, parse_frontend, reply_frames_ok, BUCKETS,
     DIRECT, FREE, LEASE, LEASE_RETURN, LEASE_WANTED, REPORT, REVOKE_LEAVING,
     REVOKE_LOST, REVOKE_SHARE, DirectCounts, LeaseControl, backend_lease, is_lease_control,
-    lease_grant, lease_revoke, parse_lease_control, PREFETCH_BELOW,
+    lease_busy, lease_grant, lease_revoke, parse_lease_control, PREFETCH_BELOW,
 )
 
 log = logging.getLogger("pyramid_powerhose.broker")
@@ -829,7 +829,9 @@ class BrokerCore:
     def _wish(self, holder: Holder, svc: Service, wanted, now):
         """A holder wants ``wanted`` more leases of ``svc`` (those it is being
         granted count off): from the idle workers first, then by revoking
-        leases of holders beyond their share."""
+        leases of holders beyond their share; BUSY for what neither covers
+        now (its jobs then join the leases it holds, or go relayed, rather
+        than wait for a grant)."""
         granting = 0
         worker: WorkerRef
         for worker in holder.leases:
@@ -850,6 +852,8 @@ class BrokerCore:
             if victim is None:
                 break
             self._revoke(victim, REVOKE_SHARE)
+        if outstanding > svc.ending - len(svc.queue):
+            self._to_client(lease_busy(holder.address, svc.name))
 
     def _set_wish(self, holder: Holder, svc: Service, wanted, now):
         name = svc.name
@@ -1048,9 +1052,11 @@ class BrokerCore:
                 if holder.gone or self.stopping_since is not None or \
                         len(svc.queue) > svc.ending:
                     # Its holder is gone, we are stopping, or relayed jobs
-                    # came first: the holder never learns of this lease.
+                    # came first: the holder never learns of this lease,
+                    # and if it waits for one, waits no longer.
                     if not holder.gone and self.stopping_since is None:
                         self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
+                        self._to_client(lease_busy(holder.address, svc.name))
                     self._end(worker)
                 else:
                     # Idle until it says otherwise (REPORT when it starts a

@@ -52,9 +52,8 @@ cdef class _Service:
     cdef public long long sent
     cdef public double sent_at
     cdef public long long granted
-    cdef public double asked_at
+    cdef public bint busy
     cdef public double job_time
-    cdef public double no_grant_at
     cdef public long long peak
 
     @cython.locals(held="long long")
@@ -63,7 +62,7 @@ cdef class _Service:
     cdef bint grew(self)
     @cython.locals(n="long long")
     cdef long long wish(self)
-    cdef bint may_join_at_once(self, double now)
+    cdef bint answered_busy(self)
     @cython.locals(best=_Lease, lease=_Lease, short=bint)
     cpdef _Lease choose(self)
 
@@ -91,7 +90,7 @@ cdef class _Direct:
     @cython.locals(left="long long", lease=_Lease)
     cdef _Lease _wait(self, _Service svc, long long deadline_ns)
     @cython.locals(left="long long", end="long long", lease=_Lease)
-    cdef _Lease _await_grant(self, _Service svc, long long deadline_ns, double wait, bint idle)
+    cdef _Lease _await_answer(self, _Service svc, long long deadline_ns, bint idle)
     @cython.locals(svc=_Service)
     cpdef relayed(self, name)
     @cython.locals(svc=_Service, average=double, seconds=double)

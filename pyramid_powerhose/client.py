@@ -59,10 +59,10 @@ from .exc import ProtocolError
 # look-up, a module's attribute a dictionary look-up every time.
 from .multipart import NOBLOCK, recv, recv_within, send
 from .protocol import (
-    ERR_NOT_RUN, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND, MMI_PING,
-    MMI_PREFIX, MMI_SERVICE, MMI_STATS, PREFETCH_BELOW, REVOKE_LOST, WORKER_HEADER, Request,
-    client_request, direct_request, job_size, lease_heartbeat, lease_return, lease_wanted,
-    new_request,
+    ERR_NOT_RUN, LEASE_BUSY, LEASE_GRANT, LEASE_REVOKE, MAX_SERVICE_LENGTH, MMI_FOUND,
+    MMI_PING, MMI_PREFIX, MMI_SERVICE, MMI_STATS, PREFETCH_BELOW, REVOKE_LOST, WORKER_HEADER,
+    Request, client_request, direct_request, job_size, lease_heartbeat, lease_return,
+    lease_wanted, new_request,
     parse_client_reply, parse_direct_reply, parse_lease_notice,
 )
 from .readiness import now_ns as _now_ns
@@ -388,21 +388,16 @@ class _Watched:
 WISH_GAP = 0.010  # seconds between two LEASE wishes of one service, at least
 WISH_REPEAT = 1.0  # a wish > 0 is said again this often, and withdrawn (0) as late
 LEASE_BEAT = 1.0  # a HEARTBEAT this often while holding or wanting leases
-# A job with no lease to go on, soon after a wish was sent, waits this long
-# for the GRANT before it goes relayed: a grant takes a broker round trip
-# and a worker's, and a relayed job sent meanwhile would find the worker
-# being leased and take it back (a process sending jobs one after another
-# would then never get its lease).
-GRANT_WAIT = 0.002  # seconds
-GRANT_WINDOW = 0.050  # seconds after a wish during which jobs wait so
-# A job about to join a busy lease (on its credit) first waits up to this
-# long for a grant of an idle worker (take): longer than GRANT_WAIT, as it
-# would otherwise wait behind a whole job, and than WISH_GAP, the longest a
-# grown wish may wait to be sent.  If none comes, the broker had none to
-# give, and jobs join busy leases at once for JOIN_WINDOW; so they do while
-# the broker holds a wish it has not granted for JOIN_WAIT (under load).
-JOIN_WAIT = 0.015  # seconds
-JOIN_WINDOW = 1.0  # seconds
+# A job that a wish may bring a lease for waits for the broker's answer to
+# it, a GRANT or BUSY (no idle worker now), rather than settle for less
+# (take): a job with no lease, which relayed would find the worker being
+# leased and take it back (a process sending jobs one after another would
+# never get its lease), and a job that would join a busy lease on its
+# credit, and wait behind its job while the broker may have an idle worker.
+# The answer takes a broker round trip, and a worker's for a GRANT; this
+# long at most (longer than WISH_GAP, the longest a grown wish may wait to
+# be sent), for an answer lost with its broker; no answer counts as BUSY.
+ANSWER_WAIT = 0.015  # seconds
 _LOCAL_NOT_RUN = b"not-run"  # a worker said NOT_RUN on a lease the broker had not revoked
 _BROKER_GONE = b"broker-gone"  # the control socket lost the broker: leases dropped
 
@@ -438,10 +433,11 @@ class _Service:
     lease plus jobs ``relaying`` for lack of one; ``sent``: the wish the
     broker was last told, at ``sent_at`` (watcher's monotonic clock), of
     which ``granted`` leases have come since (the broker counts each off
-    the wish)."""
+    the wish); ``busy``: the broker answered BUSY, no idle worker for the
+    rest of it, and the wish has not grown since."""
 
     __slots__ = ("name", "leases", "cond", "waiting", "relaying", "sent", "sent_at",
-                 "granted", "asked_at", "job_time", "no_grant_at", "peak")
+                 "granted", "busy", "job_time", "peak")
 
     def __init__(self, name, lock):
         self.name = name
@@ -453,10 +449,7 @@ class _Service:
         self.sent = 0
         self.sent_at = -1e9
         self.granted = 0
-        self.asked_at = -1e9  # when the wish last grew (not its repeats)
-        # When a job that would have joined a busy lease last waited for a
-        # grant in vain (take): the broker had no idle worker to give.
-        self.no_grant_at = -1e9
+        self.busy = False
         # The most jobs waiting or relaying at once since the watcher was
         # poked: a relayed job may be over before the watcher looks, and the
         # wish it made must not go with it.
@@ -471,12 +464,13 @@ class _Service:
     def grew(self):
         """A job has just begun to wait or relay (under the lock): whether the
         wish grows past what the broker holds (then the watcher is poked,
-        and ``peak`` remembers it)."""
+        ``peak`` remembers it, and the broker's last answer is stale)."""
         if self.unasked() <= 0:
             return False
         n = self.waiting + self.relaying
         if n > self.peak:
             self.peak = n
+        self.busy = False
         return True
 
     def wish(self):
@@ -485,13 +479,11 @@ class _Service:
         n = self.waiting + self.relaying
         return self.peak if self.peak > n else n
 
-    def may_join_at_once(self, now):
-        """Whether a job may join a busy lease without first asking for a
-        grant (take): the broker has known of a wish it could not grant
-        for JOIN_WAIT, or a recent join waited for one in vain."""
-        if now - self.no_grant_at < JOIN_WINDOW:
-            return True
-        return self.sent - self.granted > 0 and now - self.asked_at >= JOIN_WAIT
+    def answered_busy(self):
+        """Whether the broker holds part of our wish that it said BUSY to (no
+        idle worker): a job then joins a busy lease, or goes relayed, at
+        once, and the broker grants that part as workers come free."""
+        return self.busy and self.sent - self.granted > 0
 
     def choose(self):
         """The usable lease with room, or None; under the lock.
@@ -521,7 +513,7 @@ class _Direct:
     the watcher's thread does the talking to the broker, see _Control).
 
     Callers take a lease (:meth:`take`) and give it back (:meth:`release`);
-    the watcher applies GRANT and REVOKE (:meth:`notice`), a lost broker
+    the watcher applies GRANT, REVOKE and BUSY (:meth:`notice`), a lost broker
     (:meth:`drop_all`), and asks what to send (:meth:`due`).  A caller pokes
     the watcher (an eventfd its poller watches) only when the wish grows
     past what the broker was told or a RETURN is due, at most once until the
@@ -577,20 +569,17 @@ class _Direct:
             if svc is None:
                 svc = self._service(name)
             lease = svc.choose()
-            if lease is not None and lease.in_flight and \
-                    not svc.may_join_at_once(monotonic()):
+            if lease is not None and lease.in_flight and not svc.answered_busy():
                 # Every lease is busy: this job would join one, on its credit,
                 # and wait behind its job.  The broker may have an idle worker
-                # for it (it uses credit only when none is idle): ask, and wait
-                # a little for a grant (JOIN_WAIT).
-                lease = self._await_grant(svc, deadline_ns, JOIN_WAIT, True)
-                if lease is None or lease.in_flight:
-                    svc.no_grant_at = monotonic()
+                # for it (it uses credit only when none is idle): ask.
+                lease = self._await_answer(svc, deadline_ns, True)
             if lease is None:
                 if svc.leases:
                     lease = self._wait(svc, deadline_ns)
-                elif svc.sent and monotonic() - svc.sent_at < GRANT_WINDOW:
-                    lease = self._await_grant(svc, deadline_ns, GRANT_WAIT, False)
+                elif svc.sent - svc.granted > 0 and not svc.busy:
+                    # A wish is out, unanswered: its GRANT may be on the way.
+                    lease = self._await_answer(svc, deadline_ns, False)
                 if lease is None:
                     svc.relaying += 1
                     if svc.grew():
@@ -625,24 +614,29 @@ class _Direct:
         finally:
             svc.waiting -= 1
 
-    def _await_grant(self, svc, deadline_ns, wait, idle):
-        """Wait up to ``wait`` seconds (and the deadline) for a GRANT of ``svc``
-        that a wish may bring (under the lock); the lease then chosen, or
-        None.  ``idle``: wait on, while the time lasts, until the lease
-        chosen has no job in flight (another thread may have taken the
+    def _await_answer(self, svc, deadline_ns, idle):
+        """Wait for the broker's answer to the wish of ``svc``, which counts
+        this job (under the lock): a GRANT, or BUSY; at most ANSWER_WAIT
+        (and the deadline), and no answer then counts as BUSY.  The lease
+        then chosen, or None.  ``idle``: only a lease with no job in flight
+        ends the wait before the answer (another thread may have taken the
         grant that woke this one)."""
         svc.waiting += 1
         if svc.grew():
             self._poke()  # the wish grows by this job
         try:
-            end = min(monotonic_ns() + int(wait * 1e9), deadline_ns)
+            end = min(monotonic_ns() + int(ANSWER_WAIT * 1e9), deadline_ns)
             while True:
-                left = end - monotonic_ns()
-                if left > 0:
-                    svc.cond.wait(left / 1e9)
                 lease = svc.choose()
-                if not idle or left <= 0 or (lease is not None and lease.in_flight == 0):
+                if lease is not None and (not idle or lease.in_flight == 0):
                     return lease
+                if svc.busy:
+                    return lease
+                left = end - monotonic_ns()
+                if left <= 0:
+                    svc.busy = True
+                    return lease
+                svc.cond.wait(left / 1e9)
         finally:
             svc.waiting -= 1
 
@@ -699,9 +693,15 @@ class _Direct:
             self._poke()
 
     def notice(self, notice):
-        """Apply a GRANT or a REVOKE from the broker."""
+        """Apply a GRANT, a REVOKE or a BUSY from the broker."""
         with self.lock:
-            if notice.command == LEASE_GRANT:
+            if notice.command == LEASE_BUSY:
+                svc = self.services.get(notice.service)
+                if svc is not None:
+                    svc.busy = True
+                    if svc.waiting:
+                        svc.cond.notify_all()
+            elif notice.command == LEASE_GRANT:
                 if notice.epoch in self.by_epoch:
                     return
                 svc = self._service(notice.service)
@@ -760,6 +760,7 @@ class _Direct:
             for svc in self.services.values():
                 svc.sent = 0
                 svc.sent_at = -1e9
+                svc.busy = False
 
     def due(self, now):
         """What the watcher sends now (a list of messages), and when it must
@@ -776,8 +777,6 @@ class _Direct:
                 grown = n > (held if held > 0 else 0)
                 if grown or ((n or svc.sent) and now - svc.sent_at >= WISH_REPEAT):
                     if now - svc.sent_at >= WISH_GAP:
-                        if grown:
-                            svc.asked_at = now
                         out.append(lease_wanted(svc.name, n))
                         svc.sent = n
                         svc.granted = 0

@@ -104,7 +104,9 @@ LEASE_GRANT = b"GRANT"  # broker: a worker's direct endpoint, yours under an epo
 LEASE_REVOKE = b"REVOKE"  # broker: stop choosing it
 LEASE_RETURN = b"RETURN"  # client: nothing of mine is in flight on it any more
 LEASE_HEARTBEAT = b"HEARTBEAT"  # client, every second while it holds leases
-LEASE_COMMANDS = {LEASE_WANTED, LEASE_GRANT, LEASE_REVOKE, LEASE_RETURN, LEASE_HEARTBEAT}
+LEASE_BUSY = b"BUSY"  # broker: no worker is idle for the rest of your wish now
+LEASE_COMMANDS = {LEASE_WANTED, LEASE_GRANT, LEASE_REVOKE, LEASE_RETURN, LEASE_HEARTBEAT,
+                  LEASE_BUSY}
 # Why a lease was revoked: another process needs the worker; the worker
 # is lost (its jobs in flight fail with WorkerLostError); the worker leaves.
 REVOKE_SHARE = b"share"
@@ -830,10 +832,17 @@ def lease_revoke(address, service, epoch: int, reason: bytes) -> list[bytes]:
     return [address, b"", EXT_LEASE, LEASE_REVOKE, service, _decimal(epoch), reason]
 
 
+def lease_busy(address, service) -> list[bytes]:
+    """Broker: of your last wish for ``service``, what is not being granted
+    finds no idle worker now; it is held, and granted as workers come free."""
+    return [address, b"", EXT_LEASE, LEASE_BUSY, service]
+
+
 class LeaseNotice(_Message):
     """A PHL01 message as a client process sees it: GRANT (``endpoint``,
     ``credit``, ``about``: the worker's pid@host or "", ``max_job_size``)
-    or REVOKE (``reason``), each for ``service`` and ``epoch``."""
+    or REVOKE (``reason``), each for ``service`` and ``epoch``; or BUSY,
+    for ``service`` (epoch 0)."""
 
     __slots__ = ("command", "service", "epoch", "endpoint", "credit", "reason", "about",
                  "max_job_size")
@@ -852,10 +861,15 @@ class LeaseNotice(_Message):
 
 
 def parse_lease_notice(frames) -> LeaseNotice:
-    """[b"", PHL01, GRANT|REVOKE, service, epoch, ...] on a client's control DEALER."""
-    if len(frames) < 6 or frames[0] != b"" or frames[1] != EXT_LEASE:
+    """[b"", PHL01, GRANT|REVOKE, service, epoch, ...] or [b"", PHL01, BUSY,
+    service] on a client's control DEALER."""
+    if len(frames) < 4 or frames[0] != b"" or frames[1] != EXT_LEASE:
         raise ProtocolError("not a PHL01 notice")
     command, service = frames[2], frames[3]
+    if command == LEASE_BUSY and len(frames) == 4:
+        return LeaseNotice(command, service, 0)
+    if len(frames) < 6:
+        raise ProtocolError(f"bad PHL01 {command[:10]!r} ({len(frames)} frames)")
     epoch = _decode_number(frames[4], "epoch")
     if command == LEASE_GRANT and len(frames) == 9:
         credit = _decode_number(frames[6], "credit")

@@ -97,6 +97,16 @@ def revokes(sends):
     return [(h, n.epoch, n.reason) for h, n in notices(sends) if n.command == p.LEASE_REVOKE]
 
 
+def busy(sends):
+    """[(holder, service)] for every BUSY."""
+    return [(h, n.service) for h, n in notices(sends) if n.command == p.LEASE_BUSY]
+
+
+def only_busy(sends, holder, service=SVC):
+    """The one thing sent is BUSY to ``holder``: no idle worker for its wish."""
+    return [s.frames for s in sends] == [p.lease_busy(holder, service)]
+
+
 def lease_all(core, now, holder, workers, service=SVC):
     """``holder`` wants len(workers) leases and gets exactly these workers, in
     this order; returns their epochs by worker."""
@@ -172,7 +182,7 @@ def test_plain_non_direct_and_busy_workers_are_never_leased():
         == [1, 1, 1, 0]
     sends = wish(core, 2.0, H, 5)
     (offer,) = leases(sends)
-    assert offer[0] == b"idle" and len(sends) == 1
+    assert offer[0] == b"idle" and busy(sends) == [(H, SVC)] and len(sends) == 2
     # The plain and the non-direct workers finish: idle, not leased.
     assert leases(core.worker_message(
         [b"plain", b"", p.MDP_WORKER, p.REPLY, b"c", b"", b"r"], 2.1)) == []
@@ -181,7 +191,7 @@ def test_plain_non_direct_and_busy_workers_are_never_leased():
     sends = reply(core, 2.2, b"busy", b"c", b"3")
     assert outcomes(sends) == [(b"c", b"3", "OK")]
     assert leases(sends) == [(b"busy", offer[1] + 1)]
-    assert wish(core, 2.3, H, 5) == []  # (3 wanted and 2 being granted: none idle)
+    assert only_busy(wish(core, 2.3, H, 5), H)  # (3 wanted and 2 being granted: none idle)
     for worker in (b"plain", b"nodirect"):
         assert core.workers[worker].holder is None and not core.workers[worker].direct
         assert core.workers[worker] in core.services[SVC].idle
@@ -215,7 +225,7 @@ def test_a_wish_lapses_unless_said_again():
         core = make_core()
         ready_direct(core, 0.0, b"w")
         submit(core, 0.0, b"c", b"1")  # w busy: the wish waits
-        assert wish(core, 0.0, H, 1) == []
+        assert only_busy(wish(core, 0.0, H, 1), H)
         beat(core, 2.0, H)
         core.tick(later)
         sends = reply(core, later, b"w", b"c", b"1")
@@ -227,8 +237,8 @@ def test_a_leased_worker_is_never_leased_twice_nor_given_a_relayed_job():
     ready_direct(core, 0.0, b"w")
     epochs = lease_all(core, 0.0, H, [b"w"])
     # Another holder wants one: its share is 1 of 1 worker, and H is not beyond its own.
-    assert wish(core, 0.1, H2, 1) == []
-    assert wish(core, 0.1, H, 1) == []
+    assert only_busy(wish(core, 0.1, H2, 1), H2)
+    assert only_busy(wish(core, 0.1, H, 1), H)
     assert core.workers[b"w"].epoch == epochs[b"w"]
     assert core.workers[b"w"] not in core.services[SVC].idle
 
@@ -305,6 +315,7 @@ def test_two_holders_share_the_workers():
     sends = wish(core, 1.0, H2, 2)
     assert leases(sends) == [(b"w1", 0), (b"w2", 0)]
     assert revokes(sends) == [(H, a[b"w1"], p.REVOKE_SHARE), (H, a[b"w2"], p.REVOKE_SHARE)]
+    assert busy(sends) == []  # two workers are on their way to it: no BUSY
     assert wish(core, 1.1, H2, 2) == []  # said again: those revocations are under way
     offered = leases(answer(core, 1.2, b"w1", 0)) + leases(answer(core, 1.2, b"w2", 0))
     assert [w for w, _ in offered] == [b"w1", b"w2"]
@@ -312,7 +323,7 @@ def test_two_holders_share_the_workers():
         assert grants(answer(core, 1.3, worker, epoch)) == [
             (H2, epoch, endpoint_of(worker), 1)]
     # Each at its share: more wishes revoke nothing.
-    assert wish(core, 2.0, H, 3) == [] and wish(core, 2.0, H2, 3) == []
+    assert only_busy(wish(core, 2.0, H, 3), H) and only_busy(wish(core, 2.0, H2, 3), H2)
     holders = [worker_stats(core, 2.0, w)["leased_to"] for w in workers]
     assert holders == [H2.hex(), H2.hex(), H.hex(), H.hex()]
 
@@ -351,7 +362,8 @@ def test_a_grant_answered_while_relayed_jobs_wait_ends_at_once():
     (offer,) = leases(wish(core, 0.0, H, 1))
     assert submit(core, 0.1, b"c", b"1") == []  # queued: w is being granted
     sends = answer(core, 0.2, b"w", offer[1])
-    assert leases(sends) == [(b"w", 0)] and client_sends(sends) == []  # no GRANT
+    assert leases(sends) == [(b"w", 0)]
+    assert busy(sends) == [(H, SVC)] and grants(sends) == []  # no GRANT: it waits no longer
     sends = answer(core, 0.3, b"w", 0)
     assert dispatched(sends) == [(b"w", b"1")] and len(sends) == 1
     # The holder still wants one: w, idle again, is offered to it.
@@ -444,7 +456,8 @@ def test_a_leaving_worker_is_revoked_and_released_on_return():
     sends = answer(core, 1.0, b"w", 0)
     assert revokes(sends) == [(H, epochs[b"w"], p.REVOKE_LEAVING)] and len(sends) == 1
     assert answer(core, 1.1, b"w", 0) == []  # said twice: nothing more
-    assert wish(core, 1.2, H2, 1) == []  # not offered to anyone, not revoked for a share
+    # Not offered to anyone, not revoked for a share.
+    assert only_busy(wish(core, 1.2, H2, 1), H2)
     sends = give_back(core, 1.5, H, epochs[b"w"])
     assert sends[0].frames == p.backend_lease(b"w", 0) and len(sends) == 1
     assert give_back(core, 1.6, H, epochs[b"w"]) == []  # once
@@ -624,7 +637,7 @@ def test_malformed_direct_path_commands_from_a_worker_are_dropped(frames):
     ready(core, 0.0, b"w")
     assert core.worker_message([b"w", b"", p.MDP_WORKER, *frames], 0.1) == []
     assert b"w" in core.workers and not core.workers[b"w"].direct
-    assert wish(core, 0.2, H, 1) == []
+    assert only_busy(wish(core, 0.2, H, 1), H)
 
 
 def test_a_wish_for_an_mmi_service_is_ignored():

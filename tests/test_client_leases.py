@@ -104,12 +104,16 @@ def waiting(direct, count):
     assert direct.services[b"s"].waiting == count
 
 
+def busy_answer(direct, service=b"s"):
+    direct.notice(LeaseNotice(protocol.LEASE_BUSY, service, 0))
+
+
 def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monkeypatch):
     """Short jobs so far (a lease's credit is used), but this one may be
     long: before it joins a busy lease, it asks the broker for a worker and
     takes the grant that comes, as the broker uses credit only when no
     worker is idle."""
-    monkeypatch.setattr(client_module, "JOIN_WAIT", 30.0)  # the grant comes first
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)  # only an answer ends the wait
     grant(direct, 1)
     direct.services[b"s"].job_time = 0.001
     busy = direct.take(b"s", far())
@@ -123,17 +127,77 @@ def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monke
     assert got[0].epoch == 2 and busy.in_flight == 1
 
 
-def test_with_no_grant_jobs_join_busy_leases_at_once_for_a_while(direct, monkeypatch):
-    monkeypatch.setattr(client_module, "JOIN_WAIT", 0.01)
+def test_busy_joins_the_waiting_job_and_the_next_ones_at_once(direct, pokes, monkeypatch):
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
     grant(direct, 1)
     direct.services[b"s"].job_time = 0.001
-    busy = direct.take(b"s", far())
-    assert direct.take(b"s", far()) is busy  # no grant within JOIN_WAIT: it joins
-    direct.release(busy)
-    monkeypatch.setattr(client_module, "JOIN_WAIT", 30.0)
+    first = direct.take(b"s", far())
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    waiting(direct, 1)
+    direct.due(1.0)  # the wish of 1 goes
+    busy_answer(direct)  # no idle worker
+    thread.join(5)
+    assert got == [first] and first.in_flight == 2
+    direct.release(first)
+    before = pokes.count
     started = time.monotonic()
-    assert direct.take(b"s", far()) is busy and busy.in_flight == 2
-    assert time.monotonic() - started < 5  # within JOIN_WINDOW: no wait at all
+    assert direct.take(b"s", far()) is first  # the broker holds the wish: no asking
+    assert time.monotonic() - started < 5 and pokes.count == before
+    # Once the wish held is granted, the next job that would join asks again.
+    grant(direct, 2)
+    direct.take(b"s", far())  # the idle new lease
+    direct.release(first)  # both leases at one job each now
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    waiting(direct, 1)
+    assert pokes.count == before + 1
+    busy_answer(direct)
+    thread.join(5)
+    assert got[0].in_flight == 2
+
+
+def test_no_answer_counts_as_busy(direct, monkeypatch):
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 0.01)
+    grant(direct, 1)
+    direct.services[b"s"].job_time = 0.001
+    first = direct.take(b"s", far())
+    assert direct.take(b"s", far()) is first  # no answer within ANSWER_WAIT: it joins
+    direct.release(first)
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
+    direct.due(1.0)  # the wish goes: the broker holds it
+    started = time.monotonic()
+    assert direct.take(b"s", far()) is first and first.in_flight == 2
+    assert time.monotonic() - started < 5  # as after BUSY: no wait at all
+
+
+def test_a_job_with_no_lease_waits_for_the_answer_to_the_wish_out(direct, monkeypatch):
+    """Jobs one after another: the second must not go relayed (and take back
+    the worker being leased) while the grant is on its way; after BUSY,
+    jobs go relayed at once."""
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
+    assert direct.take(b"s", far()) is None  # relayed: the wish of 1
+    direct.due(1.0)
+    direct.relayed(b"s")
+    got = []
+    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
+    thread.start()
+    waiting(direct, 1)
+    grant(direct, 7)
+    thread.join(5)
+    assert got[0].epoch == 7
+    direct.release(got[0])
+    revoke(direct, 7)
+    out, _ = direct.due(1.5)  # the RETURN
+    assert direct.take(b"s", far()) is None  # no lease, no wish out: relayed at once
+    direct.due(2.0)  # the wish
+    busy_answer(direct)
+    direct.relayed(b"s")
+    started = time.monotonic()
+    assert direct.take(b"s", far()) is None  # BUSY: relayed at once
+    assert time.monotonic() - started < 5
 
 
 def test_a_grant_counts_off_the_wish_as_at_the_broker(direct, pokes):

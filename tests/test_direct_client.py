@@ -3,7 +3,8 @@ stand-in workers: real zmq sockets in this process, one thread serving
 them all, speaking protocol.py's frames.
 
 The stand-in broker answers relayed PHC01 jobs with ``relayed:<data>`` and
-grants its workers to the first holder that asks (PHL01 LEASE); a stand-in
+grants its workers to the first holder that asks (PHL01 LEASE), BUSY for
+the rest of a wish; a stand-in
 worker answers direct jobs with ``direct:<data>``, or holds them until told,
 or refuses them (NOT_RUN).
 """
@@ -131,6 +132,8 @@ class FakeBroker:
                     self.router.send_multipart(protocol.lease_grant(
                         msg.address, msg.service, worker.epoch, worker.endpoint.encode(),
                         self.credit))
+                if len(idle) < msg.wanted:
+                    self.router.send_multipart(protocol.lease_busy(msg.address, msg.service))
             return
         msg = protocol.parse_frontend(frames)
         with self.lock:

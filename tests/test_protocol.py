@@ -234,6 +234,9 @@ def test_lease_control_between_a_client_process_and_the_broker():
         max_job_size=1000)
     revoke = p.parse_lease_notice(p.lease_revoke(b"ctl", b"svc", 9, p.REVOKE_LOST)[1:])
     assert (revoke.command, revoke.epoch, revoke.reason) == (p.LEASE_REVOKE, 9, b"lost")
+    busy = p.lease_busy(b"ctl", b"svc")
+    assert busy[0] == b"ctl"
+    assert p.parse_lease_notice(busy[1:]) == p.LeaseNotice(p.LEASE_BUSY, b"svc", 0)
 
 
 @pytest.mark.parametrize("frames", [
@@ -258,6 +261,9 @@ def test_malformed_lease_control_raises_protocol_error(frames):
     [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc", b"1", b"ipc:///w", b"1", b"", b"big"],
     [b"", p.EXT_LEASE, p.LEASE_REVOKE, b"svc", b"1"],
     [b"", p.EXT_CLIENT, p.LEASE_REVOKE, b"svc", b"1", b"lost"],
+    [b"", p.EXT_LEASE, p.LEASE_BUSY, b"svc", b"1"],  # BUSY takes a service only
+    [b"", p.EXT_LEASE, p.LEASE_BUSY],
+    [b"", p.EXT_LEASE, p.LEASE_GRANT, b"svc"],
 ])
 def test_malformed_lease_notices_raise_protocol_error(frames):
     with pytest.raises(ProtocolError):
