@@ -104,14 +104,17 @@ class SyscallCount:
                                       "-p", str(pid), "-o", path],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def stop(self) -> int:
+    def stop(self):
+        """The count, or None: perf says ``<not counted>`` for a process that
+        never ran while it watched (the idle worker of a quick run)."""
         self.proc.send_signal(2)  # perf prints its counts on SIGINT
         self.proc.wait(10)
         with open(self.path) as f:
             for line in f:
                 if "raw_syscalls:sys_enter" in line:
-                    return int(line.split(",")[0])
-        return 0
+                    value = line.split(",")[0]
+                    return int(value) if value.isdigit() else None
+        return None
 
 
 class DealerCall:
@@ -178,7 +181,8 @@ def measure(variants, rounds, count, syscalls, run_dir):
             for _ in range(count):
                 call()
             for (label, _), counter in zip(pids, counters):
-                calls[name][label] = counter.stop() / count
+                n = counter.stop()
+                calls[name][label] = None if n is None else n / count
     return results, calls
 
 
