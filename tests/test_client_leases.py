@@ -108,12 +108,11 @@ def busy_answer(direct, service=b"s"):
     direct.notice(LeaseNotice(protocol.LEASE_BUSY, service, 0))
 
 
-def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monkeypatch):
-    """Short jobs so far (a lease's credit is used), but this one may be
-    long: before it joins a busy lease, it asks the broker for a worker and
-    takes the grant that comes, as the broker uses credit only when no
-    worker is idle."""
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)  # only an answer ends the wait
+def one_busy_and_one_asking(direct):
+    """Short jobs so far (a lease's credit is used): a job on the one lease,
+    and one more from a thread, which would join it and waits for the
+    broker's answer.  (the busy lease, [what the thread's take returns], the
+    thread)"""
     grant(direct, 1)
     direct.services[b"s"].job_time = 0.001
     busy = direct.take(b"s", far())
@@ -121,6 +120,16 @@ def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monke
     thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
     thread.start()
     waiting(direct, 1)
+    return busy, got, thread
+
+
+def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monkeypatch):
+    """Short jobs so far (a lease's credit is used), but this one may be
+    long: before it joins a busy lease, it asks the broker for a worker and
+    takes the grant that comes, as the broker uses credit only when no
+    worker is idle."""
+    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)  # only an answer ends the wait
+    busy, got, thread = one_busy_and_one_asking(direct)
     assert sent(direct.due(1.0)[0])[0] == (b"LEASE", b"s", b"1")  # it asked
     grant(direct, 2)
     thread.join(5)
@@ -129,13 +138,7 @@ def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monke
 
 def test_busy_joins_the_waiting_job_and_the_next_ones_at_once(direct, pokes, monkeypatch):
     monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
-    grant(direct, 1)
-    direct.services[b"s"].job_time = 0.001
-    first = direct.take(b"s", far())
-    got = []
-    thread = threading.Thread(target=lambda: got.append(direct.take(b"s", far())))
-    thread.start()
-    waiting(direct, 1)
+    first, got, thread = one_busy_and_one_asking(direct)
     direct.due(1.0)  # the wish of 1 goes
     busy_answer(direct)  # no idle worker
     thread.join(5)

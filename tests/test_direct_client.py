@@ -318,18 +318,24 @@ def job_held(broker, client):
     return worker, thread, outcome
 
 
+def lost_fast_then_returned(broker, thread, outcome, since, epoch):
+    """The held job failed with WorkerLostError within a second of ``since``,
+    and its lease (``epoch``) was RETURNed."""
+    thread.join(5)
+    error, when = outcome[0]
+    assert isinstance(error, exc.WorkerLostError)
+    assert when - since < 1.0
+    wait_for(lambda: broker.commands(protocol.LEASE_RETURN), what="a RETURN")
+    assert broker.commands(protocol.LEASE_RETURN)[0].epoch == epoch
+
+
 def test_revoke_lost_fails_the_job_in_flight(fake, make_client):
     broker = fake()
     client = make_client()
     worker, thread, outcome = job_held(broker, client)
     revoked = time.monotonic()
     epoch = broker.revoke(worker, protocol.REVOKE_LOST)
-    thread.join(5)
-    error, when = outcome[0]
-    assert isinstance(error, exc.WorkerLostError)
-    assert when - revoked < 1.0
-    wait_for(lambda: broker.commands(protocol.LEASE_RETURN), what="a RETURN")
-    assert broker.commands(protocol.LEASE_RETURN)[0].epoch == epoch
+    lost_fast_then_returned(broker, thread, outcome, revoked, epoch)
 
 
 def test_a_worker_gone_after_its_lease_ended_fails_the_job_fast(fake, make_client):
@@ -343,12 +349,7 @@ def test_a_worker_gone_after_its_lease_ended_fails_the_job_fast(fake, make_clien
     epoch = broker.revoke(worker, protocol.REVOKE_SHARE)  # no REVOKE lost will follow
     killed = time.monotonic()
     broker.kill(worker)
-    thread.join(5)
-    error, when = outcome[0]
-    assert isinstance(error, exc.WorkerLostError)
-    assert when - killed < 1.0
-    wait_for(lambda: broker.commands(protocol.LEASE_RETURN), what="a RETURN")
-    assert broker.commands(protocol.LEASE_RETURN)[0].epoch == epoch
+    lost_fast_then_returned(broker, thread, outcome, killed, epoch)
     assert client.execute(b"after") == b"relayed:after"  # the lease is not chosen again
 
 
