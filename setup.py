@@ -22,6 +22,7 @@ COMPILED = [
     "pyramid_powerhose/readiness.py",
     "pyramid_powerhose/broker.py",
     "pyramid_powerhose/worker.py",
+    "pyramid_powerhose/leases.py",
     "pyramid_powerhose/client.py",
     "pyramid_powerhose/tracing.py",
 ]

@@ -1,4 +1,4 @@
-"""The client's lease bookkeeping (client._Direct), alone: no sockets, the
+"""The client's lease bookkeeping (leases.Leases), alone: no sockets, the
 watcher's clock given by hand."""
 
 import threading
@@ -6,9 +6,8 @@ import time
 
 import pytest
 
-from pyramid_powerhose import client as client_module
-from pyramid_powerhose import exc, protocol
-from pyramid_powerhose.client import LEASE_BEAT, WISH_GAP, WISH_REPEAT, _Direct
+from pyramid_powerhose import exc, leases, protocol
+from pyramid_powerhose.leases import LEASE_BEAT, WISH_GAP, WISH_REPEAT, Leases
 from pyramid_powerhose.protocol import LeaseNotice
 
 
@@ -33,7 +32,7 @@ def pokes():
 
 @pytest.fixture
 def direct(pokes):
-    return _Direct(wake=pokes)
+    return Leases(wake=pokes)
 
 
 def grant(direct, epoch, credit=2, service=b"s"):
@@ -128,7 +127,7 @@ def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monke
     long: before it joins a busy lease, it asks the broker for a worker and
     takes the grant that comes, as the broker uses credit only when no
     worker is idle."""
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)  # only an answer ends the wait
+    monkeypatch.setattr(leases, "ANSWER_WAIT", 30.0)  # only an answer ends the wait
     busy, got, thread = one_busy_and_one_asking(direct)
     assert sent(direct.due(1.0)[0])[0] == (b"LEASE", b"s", b"1")  # it asked
     grant(direct, 2)
@@ -137,7 +136,7 @@ def test_a_job_asks_for_an_idle_worker_before_joining_a_busy_lease(direct, monke
 
 
 def test_busy_joins_the_waiting_job_and_the_next_ones_at_once(direct, pokes, monkeypatch):
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
+    monkeypatch.setattr(leases, "ANSWER_WAIT", 30.0)
     first, got, thread = one_busy_and_one_asking(direct)
     direct.due(1.0)  # the wish of 1 goes
     busy_answer(direct)  # no idle worker
@@ -163,13 +162,13 @@ def test_busy_joins_the_waiting_job_and_the_next_ones_at_once(direct, pokes, mon
 
 
 def test_no_answer_counts_as_busy(direct, monkeypatch):
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 0.01)
+    monkeypatch.setattr(leases, "ANSWER_WAIT", 0.01)
     grant(direct, 1)
     direct.services[b"s"].job_time = 0.001
     first = direct.take(b"s", far())
     assert direct.take(b"s", far()) is first  # no answer within ANSWER_WAIT: it joins
     direct.release(first)
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
+    monkeypatch.setattr(leases, "ANSWER_WAIT", 30.0)
     direct.due(1.0)  # the wish goes: the broker holds it
     started = time.monotonic()
     assert direct.take(b"s", far()) is first and first.in_flight == 2
@@ -180,7 +179,7 @@ def test_a_job_with_no_lease_waits_for_the_answer_to_the_wish_out(direct, monkey
     """Jobs one after another: the second must not go relayed (and take back
     the worker being leased) while the grant is on its way; after BUSY,
     jobs go relayed at once."""
-    monkeypatch.setattr(client_module, "ANSWER_WAIT", 30.0)
+    monkeypatch.setattr(leases, "ANSWER_WAIT", 30.0)
     assert direct.take(b"s", far()) is None  # relayed: the wish of 1
     direct.due(1.0)
     direct.relayed(b"s")

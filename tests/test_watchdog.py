@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pyramid_powerhose import exc
-from tests.conftest import read_log, wait_busy, wait_for
+from tests.conftest import read_log, wait_for
 from tests.test_cluster import clusters  # noqa: F401 (fixture)
 
 
