@@ -16,8 +16,12 @@ a loop, for the direct path and the floor next to it:
   costs inside a round trip rather than in a warm loop.
 
 Per process: CPU time per job (``/proc/PID/task/*/schedstat``: user and
-kernel, every thread, precise to the nanosecond), voluntary and
-involuntary context switches per job (``/proc/PID/task/*/status``), and,
+kernel, every thread, precise to the nanosecond), the part of it spent
+by the main thread (the one calling our code; the rest is mostly
+libzmq's I/O thread) and the kernel's share of it (``/proc/PID/task/*/stat``,
+counted in clock ticks: coarse per round, summed over the rounds),
+voluntary and involuntary context switches per job
+(``/proc/PID/task/*/status``), and,
 where ``perf`` can read the kernel's tracepoints, system calls per job
 (``perf stat -e raw_syscalls:sys_enter``: counted in the kernel, without
 slowing the process as strace would).  The variants take turns, one
@@ -70,12 +74,20 @@ while True:
 
 
 def task_counts(pid):
-    """(CPU ns, voluntary switches, involuntary switches) of all threads of ``pid``."""
-    cpu = voluntary = involuntary = 0
+    """(CPU ns, voluntary switches, involuntary switches, main thread's CPU
+    ns, user ticks, kernel ticks) of all threads of ``pid``."""
+    cpu = voluntary = involuntary = main = user = kernel = 0
     for task in glob.glob(f"/proc/{pid}/task/*"):
         try:
             with open(f"{task}/schedstat") as f:
-                cpu += int(f.read().split()[0])
+                ns = int(f.read().split()[0])
+            cpu += ns
+            if task.endswith(f"/{pid}"):
+                main = ns
+            with open(f"{task}/stat") as f:  # after the ")" of the name: state is field 3
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])  # utime, field 14
+            kernel += int(fields[12])  # stime, field 15
             with open(f"{task}/status") as f:
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches"):
@@ -84,7 +96,7 @@ def task_counts(pid):
                         involuntary += int(line.split()[1])
         except (FileNotFoundError, ProcessLookupError):
             pass  # a thread that ended meanwhile
-    return cpu, voluntary, involuntary
+    return cpu, voluntary, involuntary, main, user, kernel
 
 
 def perf_works() -> bool:
@@ -151,8 +163,9 @@ def start(procs, run_dir, context):
 
 
 def measure(variants, rounds, count, syscalls, run_dir):
-    """Per variant, per process: (cpu us, voluntary, involuntary) per job, a
-    list over rounds, and system calls per job (None if not counted).
+    """Per variant, per process: (cpu us, voluntary, involuntary, main thread
+    us) per job and (user, kernel) ticks, a list over rounds, and system
+    calls per job (None if not counted).
 
     The system calls are counted in a pass of their own after the rounds:
     perf's counting costs the kernel time on every call, which would show
@@ -171,7 +184,9 @@ def measure(variants, rounds, count, syscalls, run_dir):
             after = [task_counts(pid) for _, pid in pids]
             for (label, _), b, a in zip(pids, before, after):
                 results[name][label].append(((a[0] - b[0]) / count / 1000,
-                                             (a[1] - b[1]) / count, (a[2] - b[2]) / count))
+                                             (a[1] - b[1]) / count, (a[2] - b[2]) / count,
+                                             (a[3] - b[3]) / count / 1000,
+                                             a[4] - b[4], a[5] - b[5]))
     if syscalls:
         say("system calls")
         for name, (call, pids) in variants.items():
@@ -199,16 +214,21 @@ def report(results, calls, rounds, count):
                 continue  # an idle worker (the other one ran the jobs)
             total += cpu(samples)
             n = calls[name][label]
-            rows.append([name, label, f"{cpu(samples):.1f}", "-" if n is None else f"{n:.1f}",
+            ticks = sum(s[4] + s[5] for s in samples)
+            rows.append([name, label, f"{cpu(samples):.1f}",
+                         f"{statistics.median(s[3] for s in samples):.1f}",
+                         f"{100 * sum(s[5] for s in samples) / ticks:.0f}%" if ticks else "-",
+                         "-" if n is None else f"{n:.1f}",
                          f"{statistics.median(s[1] for s in samples):.2f}",
                          f"{statistics.median(s[2] for s in samples):.2f}", ""])
-        rows.append([name, "all", f"{total:.1f}", "", "", "", f"{total / floor:.2f}"])
+        rows.append([name, "all", f"{total:.1f}", "", "", "", "", "", f"{total / floor:.2f}"])
     print(f"100-byte echo from one thread, {count} jobs per round, medians over {rounds} "
-          "rounds; per job, per process (all its threads); system calls from one more "
+          "rounds; per job, per process (all its threads; the main thread's part; the "
+          "kernel's share, from clock ticks over all rounds); system calls from one more "
           "block, counted by perf")
     print()
-    print(table(["path", "process", "CPU (us)", "system calls", "voluntary switches",
-                 "involuntary", "CPU / 1-hop"], rows))
+    print(table(["path", "process", "CPU (us)", "main thread", "kernel", "system calls",
+                 "voluntary switches", "involuntary", "CPU / 1-hop"], rows))
     if all(n is None for per in calls.values() for n in per.values()):
         print("\nsystem calls: not counted (perf cannot read tracepoints here)")
 
