@@ -7,7 +7,7 @@ a loop, for the direct path and the floor next to it:
 
 * ``powerhose``: ``Client.execute`` on the direct path (2 echo workers
   behind ``powerhose-broker``; the broker only hears of a job when a
-  worker goes idle for a millisecond, so it stays at 0 here);
+  worker goes idle for a few milliseconds, so it stays at 0 here);
 * ``relayed``: the same through the broker (workers ``--no-direct``);
 * ``1-hop``: a DEALER to a ROUTER echo process, both ends reading and
   sending through ``pyramid_powerhose.multipart`` (``direct.py``'s floor);
@@ -27,7 +27,13 @@ where ``perf`` can read the kernel's tracepoints, system calls per job
 slowing the process as strace would).  The variants take turns, one
 block of jobs each per round; medians over rounds.
 
+``--one-cpu`` runs every process on the first CPU this script may use
+(``sched_setaffinity``, inherited by the children): no wake-up crosses
+CPUs, so what each process costs itself stands out from what the
+machine's wake-ups cost.
+
     python bench/costs.py              # 7 rounds x 3000 jobs: about a minute
+    python bench/costs.py --one-cpu    # the same, every process on one CPU
     python bench/costs.py --quick      # smoke run
 """
 
@@ -239,6 +245,8 @@ def parse_args(argv):
     p.add_argument("--count", type=int, default=3000, help="jobs per variant per round")
     p.add_argument("--quick", action="store_true", help="2 rounds of 300 jobs")
     p.add_argument("--no-syscalls", action="store_true", help="do not run perf")
+    p.add_argument("--one-cpu", action="store_true",
+                   help="run every process on one CPU (the first this one may use)")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.count = 2, 300
@@ -252,7 +260,12 @@ def main(argv=None):
     if sys.platform != "linux":
         sys.exit("costs.py reads /proc: Linux only")
     syscalls = not args.no_syscalls and perf_works()
+    if args.one_cpu:
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})  # before any child and any thread: all inherit it
     print(describe_machine())
+    if args.one_cpu:
+        print(f"every process on CPU {cpu}")
     print()
     with harness.private_dir("ph-costs-") as run_dir:
         procs = Processes(run_dir)

@@ -147,9 +147,9 @@ class ServiceLeases:
         """The usable lease with room, or None; under the lock.
 
         Fewest in flight first.  Among idle leases, the most recently used:
-        its worker is still awake in its loop (another, idle for a
-        millisecond, has gone to sleep and told the broker FREE, and waking
-        it costs the job more); among busy ones, the least recently used,
+        its worker is still awake in its loop (another, idle for a few
+        milliseconds, has gone to sleep and told the broker FREE, and
+        waking it costs the job more); among busy ones, the least recently used,
         whose jobs are the oldest.  A lease's credit beyond 1 is used only
         while the service's jobs are short, as the broker does
         (``PREFETCH_BELOW``): behind a long job, another job would wait

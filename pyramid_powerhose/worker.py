@@ -34,7 +34,7 @@ it runs a direct job only under its current epoch, and answers NOT_RUN to
 any other, and to every direct job once it is leaving; it runs them as it
 runs relayed ones (``handle_direct``).  It tells the broker what it ran
 (counts by outcome and run-time bucket) once it has seen no direct job for
-a millisecond (FREE), when it starts one after being idle, at most once a
+``FREE_AFTER_MS`` (FREE), when it starts one after being idle, at most once a
 heartbeat while it stays busy (REPORT), and before it answers the end of
 its lease.  A leased worker that
 leaves tells the broker first (LEASE 0) and waits for the end of its lease
@@ -88,10 +88,15 @@ EXIT_JOB_TIMEOUT = 3
 FAULT_MARGIN = 2.0
 
 # A leased worker that has run direct jobs and then sees none for this many
-# milliseconds tells the broker FREE.  Timed by poll() (the kernel's clock,
-# see readiness.py): libzmq times RCVTIMEO with a coarse clock, and a 1 ms
-# RCVTIMEO may end at once (docs/direct_path.rst).
-FREE_AFTER_MS = 1
+# milliseconds tells the broker FREE.  Its wait between two direct jobs is
+# a receive with a timeout of one more millisecond (libzmq times RCVTIMEO
+# with a coarse clock, and a 1 ms RCVTIMEO may end at once): a timeout
+# shorter than the kernel's tick (4 ms at the common HZ=250) is the
+# earliest timer of a busy CPU, and arming and cancelling it reprograms
+# the CPU's timer at every job, which on a VM costs the worker about 8 us
+# a job (docs/performance.rst, "Where the rest goes").  Longer, the tick
+# comes first.
+FREE_AFTER_MS = 4
 # While direct jobs flow, the broker's socket is asked this often (seconds).
 BROKER_CHECK = 0.001
 MAX_IPC_PATH = 107  # bytes: sun_path
@@ -704,7 +709,7 @@ class Worker:
         BROKER_CHECK seconds: asking both sockets costs a job about 10 us
         more (readiness.py asks libzmq before and after it sleeps).  A
         message from the broker waits that long at most, or until the
-        direct socket has been quiet for a millisecond."""
+        direct socket has been quiet for FREE_AFTER_MS."""
         broker = self.brokers[0]
         waiting = self._readiness
         if waiting is None:

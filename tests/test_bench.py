@@ -393,10 +393,11 @@ def test_floor_script_runs_every_path_and_leaves_nothing(tmp_path):
 
 
 @diagnostic
-def test_costs_script_counts_each_process_of_every_path_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("where", [[], ["--one-cpu"]], ids=["any-cpu", "one-cpu"])
+def test_costs_script_counts_each_process_of_every_path_and_leaves_nothing(tmp_path, where):
     """bench/costs.py, a smoke run: CPU and switches per job for each path's
     processes, the totals' ratio to the 1-hop floor's."""
-    out = run_script("costs.py", "--quick", tmp_path=tmp_path)
+    out = run_script("costs.py", "--quick", *where, tmp_path=tmp_path)
     assert machine_header(out)
     [costs] = tables(out)
     rows = costs[1:]
