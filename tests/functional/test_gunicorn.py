@@ -10,6 +10,7 @@ keep using it; nothing is left once gunicorn stops, or is killed.
 """
 
 import concurrent.futures
+import glob
 import json
 import os
 import signal
@@ -59,9 +60,11 @@ def gunicorn(run_dir):
             argv = command("gunicorn") + ["--paste", ini, "-b", f"127.0.0.1:{port}",
                                           "--graceful-timeout", "20", *args]
         log = open(os.path.join(run_dir, "gunicorn.log"), "wb")
+        # TMPDIR: the cluster's own directory goes in ours, removed with it even
+        # when the teardown's SIGKILL leaves circusd no time to remove it.
         proc = subprocess.Popen(
             argv,
-            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
+            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, TMPDIR=run_dir), stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         started.append(proc)
@@ -195,3 +198,5 @@ def test_nothing_left_once_gunicorn_stops_or_is_killed(gunicorn, run_dir, sig):
     proc.wait(60)
     wait_for(lambda: not any(alive(p) for p in everything) and not mentioning(run_dir),
              timeout=60, interval=0.5, what="every process gone")
+    # The cluster's directory too (in ours: the fixture gives gunicorn TMPDIR=run_dir).
+    assert glob.glob(os.path.join(run_dir, "powerhose-cluster-*")) == []
