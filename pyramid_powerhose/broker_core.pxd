@@ -203,8 +203,10 @@ cdef class BrokerCore:
 
     # the direct path
     cdef list _lease_control(self, list frames, double now)
-    @cython.locals(granting=int, need="long long", outstanding="long long")
+    @cython.locals(granting=int)
     cdef void _wish(self, Holder holder, Service svc, long long wanted, double now)
+    @cython.locals(need="long long", outstanding="long long")
+    cdef void _answer(self, Holder holder, Service svc, double now)
     cdef void _set_wish(self, Holder holder, Service svc, long long wanted, double now)
     @cython.locals(i=int, fewest=int, held=int, other=Holder, idle=list, wishers=list)
     cdef void _grant_idle(self, Service svc, double now)
@@ -224,7 +226,7 @@ cdef class BrokerCore:
     cdef void _lease_returned(self, Holder holder, LeaseControl msg)
     @cython.locals(failed="long long", jobs="long long", ran="long long")
     cdef void _direct_counts(self, WorkerRef worker, WorkerMessage msg, double now)
-    cdef void _lease_lost(self, WorkerRef worker)
+    cdef Holder _lease_lost(self, WorkerRef worker)
     cdef void _expire_holders(self, double now)
     cdef void _drop_wishes(self, Holder holder)
     cdef void _end_all_leases(self)

@@ -828,16 +828,21 @@ class BrokerCore:
 
     def _wish(self, holder: Holder, svc: Service, wanted, now):
         """A holder wants ``wanted`` more leases of ``svc`` (those it is being
-        granted count off): from the idle workers first, then by revoking
-        leases of holders beyond their share; BUSY for what neither covers
-        now (its jobs then join the leases it holds, or go relayed, rather
-        than wait for a grant)."""
+        granted count off): :meth:`_answer`."""
         granting = 0
         worker: WorkerRef
         for worker in holder.leases:
             if worker.granting and worker.service is svc:
                 granting += 1
         self._set_wish(holder, svc, wanted - granting, now)
+        self._answer(holder, svc, now)
+
+    def _answer(self, holder: Holder, svc: Service, now):
+        """What ``holder`` wants of ``svc`` (its wish, or a grant that fell
+        through): from the idle workers first, then by revoking leases of
+        holders beyond their share; BUSY for what neither covers now (its
+        jobs then join the leases it holds, or go relayed, rather than wait
+        for a grant)."""
         if not svc.wishers:
             return
         self._grant_idle(svc, now)
@@ -1068,13 +1073,16 @@ class BrokerCore:
                                                 worker.about, self._max_job_size))
             elif epoch == 0:
                 # It declined (it is leaving, most likely): not offered again
-                # until it announces DIRECT again.
+                # until it announces DIRECT again.  The holder's wish stands,
+                # and is answered again (another worker, or BUSY).
                 log.info("worker %s declined a lease", worker.address.hex())
                 worker.direct = False
                 if not holder.gone:
                     self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
                 self._unlease(worker)
                 self._worker_ready(worker, now)
+                if not holder.gone:
+                    self._answer(holder, svc, now)
             else:
                 log.debug("worker %s answered a stale LEASE %d", worker.address.hex(), epoch)
             return
@@ -1136,11 +1144,14 @@ class BrokerCore:
         if worker.holder is not None and not worker.granting:
             worker.free_since = now if msg.command == FREE else None
 
-    def _lease_lost(self, worker: WorkerRef):
+    def _lease_lost(self, worker: WorkerRef) -> Holder:
         """A leased worker is gone (died, expired, vanished, left, registered
-        again): its holder fails what it has in flight on it."""
+        again): its holder fails what it has in flight on it.  The holder
+        whose wish it was being granted for, which then stands again (the
+        caller answers it once the worker is forgotten), or None."""
         holder: Holder = worker.holder
         svc: Service = worker.service
+        wishing: Holder = None
         if not holder.gone and not (worker.leaving and worker.ending):
             # (A leaving worker sent LEASE 0 after RETURN: nothing is in flight.)
             self._to_client(lease_revoke(holder.address, svc.name, worker.epoch,
@@ -1148,7 +1159,9 @@ class BrokerCore:
             if worker.granting and self.stopping_since is None:
                 self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1,
                                holder.heard)
+                wishing = holder
         self._unlease(worker)
+        return wishing
 
     def _expire_holders(self, now):
         """Forget holders silent for HOLDER_TTL (their leases end, without a
@@ -1350,8 +1363,9 @@ class BrokerCore:
         """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
         svc: Service = worker.service
+        wishing: Holder = None
         if worker.holder is not None:
-            self._lease_lost(worker)
+            wishing = self._lease_lost(worker)
         worker.direct = False
         svc.workers.discard(worker.address)
         svc.last_used = now
@@ -1361,6 +1375,8 @@ class BrokerCore:
             svc.idle.remove(worker)
         except ValueError:
             pass
+        if wishing is not None:  # lost while being granted: no job of it to requeue
+            self._answer(wishing, svc, now)
         jobs, worker.jobs = worker.jobs, []
         if not jobs:
             return

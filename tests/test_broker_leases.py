@@ -375,7 +375,8 @@ def test_a_worker_declining_a_lease_is_not_offered_one_again():
     core = make_core()
     ready_direct(core, 0.0, b"w")
     (offer,) = leases(wish(core, 0.0, H, 1))
-    assert answer(core, 0.1, b"w", 0) == []
+    # The wish stands, and no other worker is idle: the holder hears BUSY at once.
+    assert only_busy(answer(core, 0.1, b"w", 0), H)
     assert core.workers[b"w"].holder is None
     assert dispatched(submit(core, 0.2, b"c", b"1")) == [(b"w", b"1")]
     assert leases(reply(core, 0.3, b"w", b"c", b"1")) == []
@@ -438,14 +439,40 @@ def test_a_leased_worker_gone_revokes_its_lease_as_lost(how):
     assert core.holders[H].leases == [] and service_stats(core, 3.1)["leased"] == 0
 
 
+def test_a_declined_lease_goes_to_another_idle_worker():
+    core = make_core()
+    ready_direct(core, 0.0, b"w1")
+    ready_direct(core, 0.0, b"w2")
+    (offer,) = leases(wish(core, 0.0, H, 1))
+    other = b"w2" if offer[0] == b"w1" else b"w1"
+    sends = answer(core, 0.1, offer[0], 0)
+    (again,) = leases(sends)
+    assert again[0] == other and again[1] > offer[1] and client_sends(sends) == []
+    sends = answer(core, 0.2, other, again[1])
+    assert grants(sends) == [(H, again[1], endpoint_of(other), 1)]
+
+
 def test_a_worker_lost_while_being_granted_revokes_too_and_the_wish_stands():
     core = make_core()
     ready_direct(core, 0.0, b"w")
     (offer,) = leases(wish(core, 0.0, H, 1))
     sends = command(core, 0.1, b"w", p.DISCONNECT)
-    assert revokes(sends) == [(H, offer[1], p.REVOKE_LOST)]
+    # REVOKE lost, and the wish, standing again with no idle worker: BUSY.
+    assert revokes(sends) == [(H, offer[1], p.REVOKE_LOST)] and busy(sends) == [(H, SVC)]
+    assert len(client_sends(sends)) == 2
     sends = ready_direct(core, 0.2, b"w2")
     assert [w for w, _ in leases(sends)] == [b"w2"]
+
+
+def test_a_worker_lost_while_being_granted_leaves_its_wish_to_another_idle_one():
+    core = make_core()
+    ready_direct(core, 0.0, b"w1")
+    ready_direct(core, 0.0, b"w2")
+    (offer,) = leases(wish(core, 0.0, H, 1))
+    other = b"w2" if offer[0] == b"w1" else b"w1"
+    sends = command(core, 0.1, offer[0], p.DISCONNECT)
+    assert revokes(sends) == [(H, offer[1], p.REVOKE_LOST)] and busy(sends) == []
+    assert [w for w, _ in leases(sends)] == [other]
 
 
 def test_a_leaving_worker_is_revoked_and_released_on_return():
