@@ -439,12 +439,18 @@ def test_a_leased_worker_gone_revokes_its_lease_as_lost(how):
     assert core.holders[H].leases == [] and service_stats(core, 3.1)["leased"] == 0
 
 
-def test_a_declined_lease_goes_to_another_idle_worker():
-    core = make_core()
+def one_of_two_offered(core):
+    """Two idle direct workers, a wish for one: the (worker, epoch) offered,
+    and the other worker."""
     ready_direct(core, 0.0, b"w1")
     ready_direct(core, 0.0, b"w2")
     (offer,) = leases(wish(core, 0.0, H, 1))
-    other = b"w2" if offer[0] == b"w1" else b"w1"
+    return offer, b"w2" if offer[0] == b"w1" else b"w1"
+
+
+def test_a_declined_lease_goes_to_another_idle_worker():
+    core = make_core()
+    offer, other = one_of_two_offered(core)
     sends = answer(core, 0.1, offer[0], 0)
     (again,) = leases(sends)
     assert again[0] == other and again[1] > offer[1] and client_sends(sends) == []
@@ -466,10 +472,7 @@ def test_a_worker_lost_while_being_granted_revokes_too_and_the_wish_stands():
 
 def test_a_worker_lost_while_being_granted_leaves_its_wish_to_another_idle_one():
     core = make_core()
-    ready_direct(core, 0.0, b"w1")
-    ready_direct(core, 0.0, b"w2")
-    (offer,) = leases(wish(core, 0.0, H, 1))
-    other = b"w2" if offer[0] == b"w1" else b"w1"
+    offer, other = one_of_two_offered(core)
     sends = command(core, 0.1, offer[0], p.DISCONNECT)
     assert revokes(sends) == [(H, offer[1], p.REVOKE_LOST)] and busy(sends) == []
     assert [w for w, _ in leases(sends)] == [other]
