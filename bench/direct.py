@@ -53,7 +53,10 @@ libzmq floors and the two process pools a user would pick instead:
 (vi)  ``multiprocessing.Pool(2)``: ``apply()``.
 
 Measured: the round trip of a 100-byte echo from one thread (the variants
-taking turns every 50 round trips, the order rotating each round), jobs/s
+taking turns every 50 round trips, the order rotating each round; with
+``--gap MS``, one job at a time instead, each after MS of quiet, the
+variants taking turns job by job, as a web app at low load sends jobs:
+then nothing else is measured), jobs/s
 from 8 threads, and (unless ``--no-break-even``) the break-even of
 ``floor.py``: 4 threads, 2 workers at the cluster's ``nice``, the
 built-in GIL-holding job, speed-up over in-process, for powerhose, the
@@ -67,6 +70,7 @@ runs: only figures of one run compare.
     python bench/direct.py --quick     # smoke run, about 15 seconds
     python bench/direct.py --no-break-even --rounds 25
     python bench/direct.py --no-break-even --only lease-lean lease-fast powerhose
+    python bench/direct.py --gap 5     # one job at a time, 5 ms apart: 1-2 minutes
 
 ``--only`` names the paths to run (the 1-hop floor always runs); (iv-f)
 needs Cython and a C compiler, as the package's compiled modules do.
@@ -570,10 +574,8 @@ LABELS = {
 }
 
 
-def rt_report(args, lat, tput):
-    out = [f"{len(PAYLOAD)}-byte echo; {args.rounds} rounds x {args.count} round trips from "
-           f"one thread, taking turns every {harness.BLOCK}; jobs/s from {THREADS} threads, "
-           f"{args.tput_count} jobs per round; medians across rounds [range of the rounds]", ""]
+def lat_table(lat):
+    """Round trips per path: medians, ranges and ratios to the 1-hop floor."""
     rows = []
     for name, per_round in lat.items():
         medians = [s[1] for s in per_round]
@@ -582,9 +584,21 @@ def rt_report(args, lat, tput):
                      f"[{min(medians):.1f}-{max(medians):.1f}]",
                      f"{statistics.median(s[2] for s in per_round):.1f}",
                      f"{ratio:.2f}", spread])
-    out.append(table(["round trip (us)", "median", "range", "p99", "/ 1-hop", "per round"],
-                     rows))
-    out.append("")
+    return table(["round trip (us)", "median", "range", "p99", "/ 1-hop", "per round"], rows)
+
+
+def spaced_report(args, lat):
+    return "\n".join([
+        f"{len(PAYLOAD)}-byte echo, one job at a time, each after {args.gap:g} ms of quiet "
+        f"(the paths taking turns job by job); {args.rounds} rounds x {args.count} round "
+        "trips; medians across rounds [range of the rounds]", "", lat_table(lat)])
+
+
+def rt_report(args, lat, tput):
+    out = [f"{len(PAYLOAD)}-byte echo; {args.rounds} rounds x {args.count} round trips from "
+           f"one thread, taking turns every {harness.BLOCK}; jobs/s from {THREADS} threads, "
+           f"{args.tput_count} jobs per round; medians across rounds [range of the rounds]", "",
+           lat_table(lat), ""]
     rows = []
     base = "relayed" if "relayed" in tput else "powerhose"  # the path before
     for name, per_round in tput.items():
@@ -652,6 +666,9 @@ def parse_args(argv):
     p.add_argument("--sizes", type=float, nargs="+", default=list(SIZES_MS), metavar="MS")
     p.add_argument("--be-rounds", type=int, default=3, help="rounds per size of the break-even")
     p.add_argument("--no-break-even", action="store_true")
+    p.add_argument("--gap", type=float, default=0, metavar="MS",
+                   help="time jobs one at a time, each after MS milliseconds of quiet, "
+                   "instead of back to back (no jobs/s, no break-even)")
     p.add_argument("--quick", action="store_true", help="smoke run")
     p.add_argument("--only", nargs="+", choices=list(LABELS), metavar="NAME",
                    help="run only these paths (the 1-hop floor always runs): "
@@ -663,6 +680,10 @@ def parse_args(argv):
         args.rounds, args.count, args.sizes, args.be_rounds, args.be_jobs = 2, 200, [0.1, 0.5], 1, 40
     if args.rounds < 1 or args.count < 1 or args.be_rounds < 1 or min(args.sizes) <= 0:
         p.error("--rounds, --count, --be-rounds and --sizes must be positive")
+    if args.gap < 0:
+        p.error("--gap must be 0 (back to back) or positive milliseconds")
+    if args.gap and not args.quick:
+        args.count = min(args.count, 200)  # a round trip and a gap each: about a minute a path
     args.tput_count = 2 * args.count
     args.warmup = max(100, args.count // 5)
     return args
@@ -734,6 +755,12 @@ def main(argv=None):
                 latency["relayed"] = functools.partial(relayed.execute, PAYLOAD)
             latency = {name: latency[name] for name in LABELS if name in latency}
             harness.say("processes ready; warming up")
+            if args.gap:
+                lat = harness.run_spaced(latency, args.rounds, args.count, args.gap / 1000,
+                                         args.warmup)
+                procs.check()
+                print(spaced_report(args, lat))
+                return 0
             throughput = {}
             for name in ("powerhose", "relayed", *LEASES, "pool", "mp"):
                 if name in latency:

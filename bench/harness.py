@@ -12,8 +12,9 @@ scripts need:
 * the floors: REP echo or job workers and a ``zmq.proxy`` relay, run as
   ``python harness.py serve KIND ENDPOINT...`` (:func:`serve`), and
   :class:`ReqCaller` to call them from many threads;
-* the loops that take turns: :func:`run_rounds` (round trips and jobs/s)
-  and :func:`measure_size` (a job size by several paths);
+* the loops that take turns: :func:`run_rounds` (round trips and jobs/s),
+  :func:`run_spaced` (round trips after idle gaps) and
+  :func:`measure_size` (a job size by several paths);
 * :func:`run_script` and :func:`private_dir`, the frame of every script.
 
 A script imports it as ``import harness``: Python puts the script's own
@@ -417,6 +418,36 @@ def run_rounds(latency, throughput, rounds, count, tput_count, warmup, progress=
             tput[name].append(throughput[name].jobs_per_second(tput_count))
         progress(f"round {r + 1}/{rounds} done")
     return lat, tput
+
+
+def run_spaced(latency, rounds, count, gap, warmup, progress=say):
+    """Round trips one at a time, ``gap`` seconds apart, as a web app at low
+    load sends its jobs: every call comes after ``gap`` of quiet on the
+    machine, the variants taking turns call by call (the order rotating
+    each round), so that between two calls of one variant its processes
+    sat idle for ``len(latency)`` gaps.  Per variant, per round:
+    (mean, median, p99)."""
+    for call in latency.values():
+        time_calls(call, warmup)
+    names = list(latency)
+    lat = {name: [] for name in names}
+    timer, sleep = time.perf_counter_ns, time.sleep
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        samples = {name: [] for name in names}
+        for _ in range(count):
+            for name in order:
+                call = latency[name]
+                sleep(gap)
+                start = timer()
+                result = call()
+                samples[name].append((timer() - start) / 1000.0)
+                if result != PAYLOAD:
+                    raise RuntimeError(f"wrong echo from {name}: {result[:20]!r}...")
+        for name in names:
+            lat[name].append(summarise(samples[name]))
+        progress(f"round {r + 1}/{rounds} done")
+    return lat
 
 
 def ratio(pairs):

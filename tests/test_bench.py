@@ -274,6 +274,19 @@ def test_direct_script_runs_only_the_paths_named(tmp_path):
     assert_nothing_left("direct.py", tmp_path)
 
 
+def test_direct_script_with_a_gap_times_jobs_one_at_a_time(tmp_path):
+    """--gap: one round-trip table of the paths named, nothing else measured."""
+    out = run_script("direct.py", "--quick", "--gap", "2", "--only", "relayed",
+                     tmp_path=tmp_path)
+    (round_trip,) = tables(out)
+    assert column(round_trip, "round trip (us)") == [
+        "(i-b) powerhose, relayed", "(iii) 1-hop floor"]
+    assert all(number(cell) > 0 for cell in column(round_trip, "median"))
+    assert column(round_trip, "/ 1-hop")[-1] == "1.00"
+    assert list(tmp_path.glob("ph-direct-*")) == []
+    assert_nothing_left("direct.py", tmp_path)
+
+
 def test_ends_script_splits_a_direct_round_trip_and_leaves_nothing(tmp_path):
     """bench/ends.py, a smoke run: the three round trips, each end's share the
     difference of two medians, its cluster and echo loop gone."""
