@@ -21,7 +21,7 @@ from time import monotonic
 
 import zmq
 
-from . import curve, endpoints
+from . import busy_word, curve, endpoints
 from .multipart import NOBLOCK, readable, recv_within, send
 from .readiness import ParentWatch, Readiness, now as _now
 from .broker_core import BrokerCore, Send
@@ -80,7 +80,8 @@ class Broker:
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.core = BrokerCore(self.settings, monotonic(), os.getpid(),
-                               "compiled" if COMPILED else "pure Python")
+                               "compiled" if COMPILED else "pure Python",
+                               _busy_word_opener(self.settings.backend))
         self._locks = []
         self._stop_signalled = False
         self._readiness = None
@@ -253,6 +254,17 @@ class Broker:
         log.warning("parent process %d is gone", self._parent.parent)
         self._parent = None
         return True
+
+
+def _busy_word_opener(backend):
+    """The core's way to read the leased workers' busy words: only from the
+    ``direct`` directory beside an ipc backend, where our workers bind their
+    direct sockets (worker.py); None on tcp, where nothing is leased."""
+    path = endpoints.ipc_path(backend)
+    if path is None:
+        return None
+    directory = os.path.join(os.path.dirname(os.path.abspath(path)), "direct")
+    return lambda word_path: busy_word.open_reader(word_path, directory)
 
 
 FRONTEND, BACKEND, MONITOR, ZAP = 1, 2, 4, 8  # bits of Readiness.wait()'s answer

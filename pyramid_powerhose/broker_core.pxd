@@ -105,6 +105,10 @@ cdef class WorkerRef:
     cdef public object free_since
     cdef public double granted_at
     cdef public long long direct_jobs
+    cdef public object word
+
+
+cdef void _close_word(WorkerRef worker)
 
 
 cdef class Service:
@@ -166,6 +170,7 @@ cdef class BrokerCore:
     cdef public dict holders
     cdef dict _leases
     cdef long long _next_epoch
+    cdef object _open_busy_word
 
     cdef list _take(self)
     cdef void _to_client(self, list frames)
@@ -215,8 +220,10 @@ cdef class BrokerCore:
     cdef int _held(self, Holder holder, Service svc)
     @cython.locals(workers=int, holders=int)
     cdef int _share(self, Service svc)
-    @cython.locals(share=int, over_by=int, beyond=int)
+    @cython.locals(share=int, over_by=int, beyond=int, free_since=double)
     cdef WorkerRef _victim(self, Service svc, taker)
+    @cython.locals(value="long long")
+    cdef object _idle_since(self, WorkerRef worker)
     cdef void _reclaim(self, Service svc)
     cdef void _revoke(self, WorkerRef worker, bytes reason)
     cdef void _end(self, WorkerRef worker)

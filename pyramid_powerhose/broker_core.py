@@ -22,6 +22,7 @@ import logging
 import secrets
 from collections import deque
 
+from .busy_word import BUSY as WORD_BUSY, path_for as busy_word_path
 from .exc import ProtocolError
 
 # Names, not protocol.NAME: compiled, a module global is a cached lookup,
@@ -271,13 +272,15 @@ class WorkerRef:
     sent, its answer awaited), ``leaving`` (it said LEASE 0 first: it is
     going away; it stays set once the lease is over), ``free_since`` (idle
     since: its grant or its last FREE; None after a REPORT, which a worker
-    sends when it starts a direct job after being idle).
+    sends when it starts a direct job after being idle), ``word`` (a reader
+    of its busy word, busy_word.py, if it keeps one: then the word, not
+    FREE and REPORT, says whether it is busy).
     """
 
     __slots__ = ("address", "service", "extended", "credit", "jobs", "expiry", "spare",
                  "vanished", "last_reply", "paused", "registered", "jobs_done", "last_job",
                  "about", "endpoint", "direct", "epoch", "holder", "granting", "ending",
-                 "leaving", "free_since", "granted_at", "direct_jobs")
+                 "leaving", "free_since", "granted_at", "direct_jobs", "word")
 
     def __init__(self, address, service, extended, credit, expiry):
         self.address = address
@@ -304,6 +307,14 @@ class WorkerRef:
         self.free_since = None
         self.granted_at = 0.0
         self.direct_jobs = 0  # direct jobs it reported (FREE, REPORT)
+        self.word = None
+
+
+def _close_word(worker: WorkerRef):
+    """Stop reading a worker's busy word (it announced another, or is gone)."""
+    if worker.word is not None:
+        worker.word.close()
+        worker.word = None
 
 
 class Service:
@@ -399,9 +410,11 @@ class BrokerCore:
     ``settings`` gives heartbeat, liveness, max_job_size,
     no_worker_timeout and grace, and the resolved frontend and backend
     (named in messages and stats).  ``pid`` is what ``mmi.ping`` answers.
+    ``open_busy_word(path)`` returns a reader of a worker's busy word, or
+    None (busy_word.open_reader; the core itself opens no file).
     """
 
-    def __init__(self, settings, now, pid=0, engine=""):
+    def __init__(self, settings, now, pid=0, engine="", open_busy_word=None):
         self.settings = settings
         self.pid = pid
         self.engine = engine  # named in the stats: "compiled" or "pure Python"
@@ -431,6 +444,7 @@ class BrokerCore:
         self.holders: dict[bytes, Holder] = {}
         self._leases: dict[int, WorkerRef] = {}
         self._next_epoch = secrets.randbits(40) + 1
+        self._open_busy_word = open_busy_word
 
     def _take(self) -> list[Send]:
         out, self._out = self._out, []
@@ -470,12 +484,12 @@ class BrokerCore:
             busy = 0
             for address in svc.workers:
                 worker: WorkerRef = self.workers[address]
-                # paused: busy with another broker; leased: busy from the
-                # REPORT that says it started a direct job to its FREE (not
-                # while its lease is being granted: it runs nothing then)
+                # paused: busy with another broker; leased: busy while it
+                # runs a direct job, as its busy word or its REPORT and FREE
+                # say (not while its lease is being granted: it runs nothing)
                 if worker.jobs or worker.paused or (worker.holder is not None and
-                                                    worker.free_since is None and
-                                                    not worker.granting):
+                                                    not worker.granting and
+                                                    self._idle_since(worker) is None):
                     busy += 1
             services[_name(svc.name)] = {
                 "workers": len(svc.workers),
@@ -955,6 +969,7 @@ class BrokerCore:
         queue (``taker`` None), any."""
         share = self._share(svc)
         free: WorkerRef = None
+        free_since = 0.0
         over: WorkerRef = None
         over_by = 0
         holder: Holder
@@ -970,15 +985,28 @@ class BrokerCore:
                 if worker.service is not svc or worker.granting or worker.ending or \
                         worker.leaving:
                     continue
-                if worker.free_since is not None and \
-                        (free is None or worker.free_since < free.free_since):
-                    free = worker
+                since = self._idle_since(worker)
+                if since is not None and (free is None or since < free_since):
+                    free, free_since = worker, since
                 if oldest is None or worker.granted_at < oldest.granted_at:
                     oldest = worker
             if oldest is not None and (over is None or beyond > over_by or (
                     beyond == over_by and oldest.granted_at < over.granted_at)):
                 over, over_by = oldest, beyond
         return free if free is not None else over
+
+    def _idle_since(self, worker: WorkerRef):
+        """When a leased worker fell idle, or None if it is busy: its busy word
+        says so if it keeps one (never before its lease began); else its
+        last FREE or REPORT."""
+        word = worker.word
+        if word is None:
+            return worker.free_since
+        value = word.read()
+        if value == WORD_BUSY:
+            return None
+        since = value / 1e9
+        return since if since > worker.granted_at else worker.granted_at
 
     def _reclaim(self, svc: Service):
         """Jobs wait in the queue of ``svc`` and no idle worker takes them:
@@ -1034,6 +1062,10 @@ class BrokerCore:
         worker.endpoint = msg.endpoint
         worker.direct = True
         svc.direct_seen = True
+        _close_word(worker)
+        path = busy_word_path(msg.endpoint[6:].decode("utf-8", "replace"))  # after ipc://
+        if self._open_busy_word is not None and path is not None:
+            worker.word = self._open_busy_word(path)
         if svc.wishers and worker.holder is None and not worker.jobs and not worker.paused \
                 and not worker.vanished:
             self._grant_idle(svc, now)
@@ -1362,6 +1394,7 @@ class BrokerCore:
     def _delete_worker(self, worker: WorkerRef, now: float, requeue=False):
         """Forget a worker; its jobs are requeued (never started) or failed."""
         self.workers.pop(worker.address, None)
+        _close_word(worker)
         svc: Service = worker.service
         wishing: Holder = None
         if worker.holder is not None:
@@ -1437,8 +1470,10 @@ class BrokerCore:
 
     def disconnect_all(self) -> list[Send]:
         """DISCONNECT to every worker, as the broker leaves."""
-        for address in self.workers:
+        worker: WorkerRef
+        for address, worker in self.workers.items():
             self._disconnect(address)
+            _close_word(worker)
         self.workers.clear()
         for svc in self.services.values():
             svc.workers.clear()

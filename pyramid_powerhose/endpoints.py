@@ -5,11 +5,14 @@ no other user can connect to the broker or squat its path.
 """
 
 import fcntl
+import logging
 import os
 import stat
 import tempfile
 
 from .exc import DuplicateBrokerError, SettingsError, UnsafeDirectoryError
+
+log = logging.getLogger(__name__)
 
 IPC = "ipc://"
 
@@ -88,6 +91,17 @@ def ipc_path(endpoint: str):
     if endpoint.startswith(IPC):
         return endpoint[len(IPC):]
     return None
+
+
+def remove(path: str):
+    """Remove a file we made beside our sockets (libzmq leaves an ipc
+    socket's): gone already is fine, any other failure a warning."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 def users_path(frontend: str):

@@ -62,6 +62,8 @@ cdef class Worker:
     cdef public object direct
     cdef public bytes direct_endpoint
     cdef public object _direct_path
+    cdef public object _busy_word
+    cdef public object _word
     cdef public object _direct_client
     cdef public long long lease_epoch
     cdef public DirectCounts counts

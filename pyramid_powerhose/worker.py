@@ -60,7 +60,7 @@ from time import monotonic
 
 import zmq
 
-from . import curve, endpoints
+from . import busy_word, curve, endpoints
 from .job import new_job
 from .exc import ProtocolError, TargetError, UnsafeDirectoryError
 # Names, not module.NAME: compiled (setup.py), a module global is a cached
@@ -74,6 +74,7 @@ from .protocol import (
     parse_direct_request, worker_command, worker_counts, worker_direct, worker_info,
     worker_lease, worker_ready, worker_reply,
 )
+from .busy_word import BUSY
 from .settings import read_params_file
 from .tracing import job_span, traced
 
@@ -206,13 +207,18 @@ class Worker:
         self.direct = None
         self.direct_endpoint = b""
         self._direct_path = None
+        # Our busy word (busy_word.py), beside the direct socket, and its
+        # 64-bit view, written at the start and the end of each direct job.
+        self._busy_word = None
+        self._word = None
         self._direct_client = None  # the address of the direct job running, if any
         self.lease_epoch = 0
         self.counts = DirectCounts()
         self._counted = False
         # The broker counts us idle (a fresh lease, or our FREE): the next
         # direct job we start is told to it (REPORT), so that it revokes an
-        # idle lease for a waiting job rather than ours.
+        # idle lease for a waiting job rather than ours; unless it reads
+        # our busy word, which says so without waking it.
         self._idle_told = False
         self._was_leased = False  # a holder may still send us jobs of an ended lease
         self._owed = False
@@ -601,7 +607,10 @@ class Worker:
             self._counted = self._owed = True
             send(self.direct, direct_reply(direct.address, reply))
             return
-        if self._idle_told:  # busy again: once per spell of work, not per job
+        word = self._word
+        if word is not None:
+            word[0] = BUSY
+        elif self._idle_told:  # busy again: once per spell of work, not per job
             self._idle_told = False
             self._report(self.brokers[0], REPORT)
         job = new_job(req.data, req.headers, req.job_id,
@@ -619,6 +628,8 @@ class Worker:
         self.counts.add(end - now, None if reply.ok else reply.code)
         self._counted = self._owed = True
         send(self.direct, direct_reply(direct.address, reply))
+        if word is not None:
+            word[0] = int(end * 1e9)  # idle since (the clock is CLOCK_MONOTONIC's)
         if self.max_memory and _peak_memory() > self.max_memory << 20:
             self.over_memory = True
 
@@ -681,10 +692,16 @@ class Worker:
             return
         self.direct, self.direct_endpoint, self._direct_path = sock, endpoint, path
         self._poller = self._readiness = None
+        try:
+            self._busy_word = busy_word.BusyWord(busy_word.path_for(path))
+            self._word = self._busy_word.word
+        except OSError as exc:  # the broker then hears REPORT, as from an older worker
+            log.warning("no busy word beside %s: %s", path, exc)
         log.info("direct jobs on %s", path)
 
     def _close_direct(self):
-        """Close the direct socket and remove its file (libzmq leaves it)."""
+        """Close the direct socket, remove its file (libzmq leaves it) and
+        our busy word's."""
         sock = self.direct
         if sock is None:
             return
@@ -692,12 +709,11 @@ class Worker:
         self._poller = self._readiness = None
         self.lease_epoch = 0
         sock.close()
-        try:
-            os.unlink(self._direct_path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", self._direct_path, exc)
+        if self._busy_word is not None:
+            self._word = None
+            self._busy_word.close()
+            self._busy_word = None
+        endpoints.remove(self._direct_path)
 
     def _next_direct(self, timeout_ms):
         """_next_message with a direct socket: a wait on both sockets (the

@@ -10,12 +10,13 @@ import json
 import pytest
 
 from pyramid_powerhose import protocol as p
-from pyramid_powerhose.broker_core import HOLDER_TTL, WISH_TTL, Send
+from pyramid_powerhose.broker_core import HOLDER_TTL, WISH_TTL, BrokerCore, Send
+from pyramid_powerhose.busy_word import BUSY
 
 from .conftest import wait_for
 from .test_broker_core import (
-    SVC, client_sends, command, dispatched, make_core, outcomes, ready, ready_plain, reply,
-    service_stats, submit, worker_sends,
+    PID, SVC, client_sends, command, dispatched, make_core, make_settings, outcomes, ready,
+    ready_plain, reply, service_stats, submit, worker_sends,
 )
 
 H = b"holder-1"  # a client process's control DEALER, as the frontend ROUTER names it
@@ -537,6 +538,118 @@ def test_busy_only_between_a_report_and_a_free():
     assert service_stats(core, 0.3)["busy"] == 1
     report(core, 0.4, b"w", counts_of(1, seconds=[0.001]), p.FREE)
     assert service_stats(core, 0.4)["busy"] == 0
+
+
+# -- the busy word (busy_word.py): read when deciding, not told ----------------------------
+
+
+class FakeWord:
+    """A worker's busy word as the core reads it (busy_word.BusyReader)."""
+
+    def __init__(self):
+        self.value = 0  # no direct job yet
+        self.closed = False
+
+    def read(self):
+        return self.value
+
+    def close(self):
+        self.closed = True
+
+
+def worded_core(missing=()):
+    """A core whose workers keep busy words (none for the paths in ``missing``:
+    workers of an older version); the words by path."""
+    words = {}
+
+    def open_busy_word(path):
+        if path in missing:
+            return None
+        words[path] = FakeWord()
+        return words[path]
+    return BrokerCore(make_settings(), 0.0, PID, open_busy_word=open_busy_word), words
+
+
+def word_of(words, worker):
+    return words["/tmp/x/direct/%s.busy" % worker.decode()]
+
+
+def test_the_busy_word_not_free_and_report_says_which_lease_is_idle():
+    core, words = worded_core()
+    for worker in (b"w1", b"w2"):
+        ready_direct(core, 0.0, worker)
+    epochs = lease_all(core, 0.0, H, [b"w1", b"w2"])
+    # w2 said REPORT (busy), then fell idle; w1 said FREE, then started a job
+    # without a REPORT.  Their words say so.
+    report(core, 0.5, b"w2", p.DirectCounts())
+    report(core, 1.0, b"w1", counts_of(1, seconds=[0.001]), p.FREE)
+    word_of(words, b"w1").value = BUSY
+    word_of(words, b"w2").value = int(2.0e9)  # idle since 2.0 s
+    sends = submit(core, 3.0, b"c", b"job")
+    assert revokes(sends) == [(H, epochs[b"w2"], p.REVOKE_SHARE)]
+    assert leases(sends) == [(b"w2", 0)]
+
+
+def test_of_idle_leases_the_one_idle_the_longest_goes_counted_from_its_grant():
+    core, words = worded_core()
+    for worker in (b"w1", b"w2", b"w3"):
+        ready_direct(core, 0.0, worker)
+    epochs = lease_all(core, 1.0, H, [b"w1", b"w2"])
+    epochs.update(lease_all(core, 2.0, H, [b"w3"]))
+    word_of(words, b"w1").value = int(2.5e9)
+    word_of(words, b"w2").value = int(1.5e9)
+    word_of(words, b"w3").value = int(0.5e9)  # before its lease began: idle since 2.0
+    # Each FREE says otherwise; the words decide.
+    for at, worker in ((2.6, b"w1"), (2.7, b"w2"), (2.8, b"w3")):
+        report(core, at, worker, counts_of(1, seconds=[0.001]), p.FREE)
+    sends = submit(core, 3.0, b"c", b"1")
+    assert revokes(sends) == [(H, epochs[b"w2"], p.REVOKE_SHARE)]
+    sends = submit(core, 3.0, b"c", b"2")
+    assert revokes(sends) == [(H, epochs[b"w3"], p.REVOKE_SHARE)]
+
+
+def test_busy_in_the_stats_is_what_the_word_says():
+    core, words = worded_core()
+    ready_direct(core, 0.0, b"w")
+    (offer,) = leases(wish(core, 0.0, H, 1))
+    answer(core, 0.2, b"w", offer[1])
+    assert service_stats(core, 0.2)["busy"] == 0
+    word_of(words, b"w").value = BUSY  # no REPORT
+    assert service_stats(core, 0.3)["busy"] == 1
+    report(core, 0.4, b"w", counts_of(1, seconds=[0.001]), p.FREE)  # counts only
+    assert service_stats(core, 0.4)["busy"] == 1
+    word_of(words, b"w").value = int(0.45e9)
+    assert service_stats(core, 0.5)["busy"] == 0
+
+
+def test_a_worker_without_a_word_is_told_by_free_and_report():
+    """A worker of an older version keeps no word: FREE and REPORT, as before."""
+    core, words = worded_core(missing={"/tmp/x/direct/w1.busy"})
+    for worker in (b"w1", b"w2"):
+        ready_direct(core, 0.0, worker)
+    epochs = lease_all(core, 0.0, H, [b"w1", b"w2"])
+    assert list(words) == ["/tmp/x/direct/w2.busy"]
+    report(core, 1.0, b"w1", counts_of(1, seconds=[0.001]), p.FREE)
+    word_of(words, b"w2").value = BUSY
+    sends = submit(core, 2.0, b"c", b"job")
+    assert revokes(sends) == [(H, epochs[b"w1"], p.REVOKE_SHARE)]
+    report(core, 2.5, b"w2", p.DirectCounts())  # ignored for w2: its word says
+
+
+def test_a_word_is_read_only_beside_a_sock_file_and_closed_with_its_worker():
+    core, words = worded_core()
+    ready(core, 0.0, b"w1", SVC, 1)
+    announce(core, 0.0, b"w1", b"ipc:///tmp/x/direct/w1.socket")  # not <name>.sock
+    assert words == {}
+    ready_direct(core, 0.0, b"w2")
+    first = word_of(words, b"w2")
+    announce(core, 0.1, b"w2")  # announced again: a fresh reader, the old one closed
+    assert first.closed and not word_of(words, b"w2").closed
+    ready_direct(core, 0.0, b"w3")
+    core.worker_message([b"w2", *p.worker_command(p.DISCONNECT)], 0.2)
+    assert word_of(words, b"w2").closed and not word_of(words, b"w3").closed
+    core.disconnect_all()
+    assert word_of(words, b"w3").closed
 
 
 def test_free_and_report_counts_show_in_the_stats_exactly():

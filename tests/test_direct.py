@@ -185,6 +185,30 @@ def test_no_worker_idles_while_another_process_waits(start_broker, start_worker,
         assert time.monotonic() - started < 1.0  # not a timeout: a revocation
 
 
+def test_the_broker_sees_a_direct_job_run_by_the_workers_busy_word(start_broker,
+                                                                   start_worker,
+                                                                   wait_workers, client):
+    """A job that ends a pause sends the broker nothing (no REPORT): the
+    broker reads the worker's busy word, and its stats show the worker busy
+    while the job runs, idle after."""
+    start_broker()
+    start_worker("tests.targets:sleep")
+    wait_workers(client, 1)
+    until_direct(client, b"0")
+    time.sleep(0.1)  # idle: the worker has said FREE
+    assert service(client)["busy"] == 0
+    done = direct_count(client)
+    job = threading.Thread(target=client.execute, args=(b"2",))
+    job.start()
+    try:
+        wait_for(lambda: service(client)["busy"] == 1, timeout=1.5,
+                 what="the broker to see the direct job running")
+    finally:
+        job.join(10)
+    wait_for(lambda: service(client)["busy"] == 0, what="the worker idle again")
+    wait_for(lambda: direct_count(client) == done + 1, what="the job counted as direct")
+
+
 def test_a_killed_holder_lets_its_workers_go(start_broker, start_worker, wait_workers,
                                             endpoints, client):
     start_broker("--no-worker-timeout", "30")
