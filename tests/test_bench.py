@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from pyramid_powerhose import Job, bench
+from pyramid_powerhose import Job, bench, multipart
 from tests.conftest import REPO, command, mentioning, missing, wait_for
 
 BENCH = os.path.join(REPO, "bench")
@@ -237,12 +237,20 @@ def test_table_reads_back_as_a_simple_table():
 
 # -- the scripts that study the product ----------------------------------------------------
 
+def needs_compiled_multipart():
+    """bench/lease_fast.pyx (direct.py's compiled prototype) cimports it."""
+    if not multipart.COMPILED:
+        missing("pyramid_powerhose/multipart.py was not compiled: direct.py's compiled "
+                "prototype cannot be built")
+
+
 @diagnostic
 def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
     """bench/direct.py, a smoke run of every path (half a minute: with the
     diagnostics, out of the default run, which runs the next test): the same
     paths in the round-trip and jobs/s tables, every figure positive, a
     verdict per goal, nothing left behind."""
+    needs_compiled_multipart()
     out = run_script("direct.py", "--quick", tmp_path=tmp_path)
     assert machine_header(out)
     round_trip, rates, break_evens, verdicts = tables(out)
@@ -262,6 +270,7 @@ def test_direct_script_times_every_path_and_leaves_nothing(tmp_path):
 
 def test_direct_script_runs_only_the_paths_named(tmp_path):
     """--only: the 1-hop floor and the paths named, the compiled lease among them."""
+    needs_compiled_multipart()
     out = run_script("direct.py", "--quick", "--no-break-even", "--only", "lease-fast",
                      "lease-lean", tmp_path=tmp_path)
     round_trip, rates, verdicts = tables(out)
