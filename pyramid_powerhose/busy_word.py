@@ -65,7 +65,7 @@ class BusyWord:
         self.word[0] = 0
 
     def close(self):
-        """Unmap and remove the file (a job may no longer be leased to us)."""
+        """Unmap and remove the file, as the direct socket closes."""
         if self.word is None:
             return
         self.word.release()

@@ -32,11 +32,13 @@ broker may then lease it to one client process (LEASE with an epoch), whose
 threads send their jobs straight to that socket.  The worker is the arbiter:
 it runs a direct job only under its current epoch, and answers NOT_RUN to
 any other, and to every direct job once it is leaving; it runs them as it
-runs relayed ones (``handle_direct``).  It tells the broker what it ran
+runs relayed ones (``handle_direct``).  Whether it runs one now, the
+broker reads in its busy word (``busy_word.py``), a file it writes at the
+start and the end of each direct job.  It tells the broker what it ran
 (counts by outcome and run-time bucket) once it has seen no direct job for
-``FREE_AFTER_MS`` (FREE), when it starts one after being idle, at most once a
-heartbeat while it stays busy (REPORT), and before it answers the end of
-its lease.  A leased worker that
+``FREE_AFTER_MS`` (FREE), at most once a heartbeat while it stays busy
+(REPORT; without a busy word, also when it starts one after being idle),
+and before it answers the end of its lease.  A leased worker that
 leaves tells the broker first (LEASE 0) and waits for the end of its lease
 (``_leave_lease``) before it closes the direct socket and sends DISCONNECT.
 """
