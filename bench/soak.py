@@ -48,10 +48,16 @@ def broker_sample(pid) -> dict:
 
 
 class Load:
-    """Client threads that run ``jobs`` numbered echo jobs and count what happens."""
+    """Client threads that run ``jobs`` numbered echo jobs and count what happens.
 
-    def __init__(self, client, jobs, threads, timeout):
+    ``more()``, when given, keeps the load going past ``jobs`` for as long as
+    it is true: a disturbance that must happen during the load (a kill) is
+    then not raced by a load that ends first on a fast machine.
+    """
+
+    def __init__(self, client, jobs, threads, timeout, more=None):
         self.client, self.jobs, self.timeout = client, jobs, timeout
+        self.more = more or (lambda: False)
         self.lock = threading.Lock()
         self.next_job = 0
         self.done = 0
@@ -68,7 +74,7 @@ class Load:
 
     def _take(self):
         with self.lock:
-            if self.next_job >= self.jobs:
+            if self.next_job >= self.jobs and not self.more():
                 return None
             self.next_job += 1
             return self.next_job
@@ -95,9 +101,10 @@ class Load:
                 elif outcome:
                     self.errors[outcome] += 1
 
-    def wait(self, until_done):
-        """Until ``until_done`` jobs have an outcome, or a call has hung too long."""
-        while self.done < until_done:
+    def wait(self, until_done=None):
+        """Until ``until_done`` jobs have an outcome (by default: every thread has
+        finished), or a call has hung too long."""
+        while until_done is None or self.done < until_done:
             now = time.monotonic()
             with self.lock:
                 stuck = [t for t in self.started.values()
@@ -113,7 +120,11 @@ class Load:
 
 
 def run(args, disturb=None) -> dict:
-    """Run the load on a fresh cluster; ``disturb(cluster, stop)`` runs in a thread beside it."""
+    """Run the load on a fresh cluster; ``disturb(cluster, stop)`` runs in a thread beside it.
+
+    If ``disturb`` has a ``wants_more()`` method, the load goes on past
+    ``args.jobs`` while it says true and the disturbance is still running.
+    """
     tmp = tempfile.mkdtemp(prefix="ph-bench-", dir="/tmp")
     cluster = get_cluster("soak:echo", background=True, frontend=f"ipc://{tmp}/front.sock",
                           backend=f"ipc://{tmp}/back.sock", numprocesses=args.workers,
@@ -129,17 +140,20 @@ def run(args, disturb=None) -> dict:
         broker = cluster.pids()["broker"][0]
         report["broker"]["start"] = broker_sample(broker)
         with Client(frontend=cluster.frontend) as client:
-            load = Load(client, args.jobs, args.threads, args.timeout)
-            disturber = None
+            disturber = more = None
             if disturb is not None:
                 disturber = threading.Thread(
                     target=lambda: report["disturbance"].update(disturb(cluster, stop)),
                     daemon=True)
+                if hasattr(disturb, "wants_more"):
+                    more = lambda: disturber.is_alive() and disturb.wants_more()  # noqa: E731
+            load = Load(client, args.jobs, args.threads, args.timeout, more)
+            if disturber is not None:
                 disturber.start()
             load.start()
             load.wait(args.jobs // 2)
             report["broker"]["middle"] = broker_sample(broker)
-            load.wait(args.jobs)
+            load.wait()
             stop.set()
             if disturber is not None:
                 disturber.join(30)

@@ -28,8 +28,8 @@ def test_soak_smoke():
 
 
 def test_killstorm_smoke():
-    report = run("killstorm.py", "--jobs", "4000", "--interval", "0.2")
-    assert report["jobs"] == 4000
+    report = run("killstorm.py", "--jobs", "3000", "--interval", "0.2", "--kills", "3")
+    assert report["jobs"] >= 3000  # and more, if 3000 took less than 3 kills
     assert report["wrong"] == 0 and report["hung"] == 0
-    assert report["disturbance"]["kills"] > 0
+    assert report["disturbance"]["kills"] >= 3
     assert set(report["errors"]) <= {"WorkerLostError", "NoWorkerError"}, report["examples"]
