@@ -264,6 +264,30 @@ def test_the_exporter_without_a_broker_answers_up_0(endpoints, procs, start_brok
     assert proc.wait(10) == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_scrape_stops_the_exporter_once_it_is_answered(
+        endpoints, procs, start_broker, sig):
+    """socketserver and wsgiref catch what a request raises: a stop raised
+    from the signal handler inside a request was swallowed, and the
+    exporter served on (seen in CI: still running 10 s after SIGTERM)."""
+    start_broker()
+    proc, url = start_exporter(procs, endpoints.frontend)
+    port = int(url.split(":")[2].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as scraper:
+        scraper.sendall(b"GET /metrics HTTP/1.0\r\n")  # the exporter now waits in the request
+        wait_for(lambda: any(c.raddr and c.raddr[1] == scraper.getsockname()[1]
+                             for c in psutil.Process(proc.pid).net_connections("tcp")),
+                 what="the exporter to take the connection")
+        os.kill(proc.pid, sig)
+        assert proc.poll() is None  # not while a scrape is being answered
+        scraper.sendall(b"\r\n")
+        answer = b""
+        while chunk := scraper.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 200")
+    assert proc.wait(5) == 0, read_log(proc)
+
+
 @pytest.mark.parametrize("listen", ["9464", "0.0.0.0", "127.0.0.1:99999", "127.0.0.1:x"])
 def test_a_bad_listen_address_exits_2_with_one_line(listen):
     result = subprocess.run(command("powerhose") + ["metrics", "--listen", listen],

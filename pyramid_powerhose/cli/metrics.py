@@ -50,15 +50,27 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Stopped(Exception):
-    """SIGTERM, or the parent is gone: stop serving, exit 0."""
+    """SIGTERM or SIGINT, or the parent is gone: stop serving, exit 0."""
 
 
 class _Server(WSGIServer):
-    """One request at a time, in the main thread: the client's socket is this thread's."""
+    """One request at a time, in the main thread: the client's socket is this thread's.
+
+    A signal only marks the server ``stopping``; the loop stops between
+    requests.  Raised from the signal handler, the exception could land
+    inside a request, where socketserver and wsgiref catch whatever a
+    request raises, and the exporter would serve on.
+    """
 
     parent = None  # the pid to outlive no longer than PARENT_CHECK_INTERVAL
+    stopping = False
+
+    def stop(self, signum=None, frame=None):
+        self.stopping = True
 
     def service_actions(self):
+        if self.stopping:
+            raise _Stopped
         if self.parent is not None and os.getppid() != self.parent:
             log.warning("parent process %d is gone; stopping", self.parent)
             raise _Stopped
@@ -66,10 +78,6 @@ class _Server(WSGIServer):
 
 class _Server6(_Server):
     address_family = socket.AF_INET6
-
-
-def _stop(signum, frame):
-    raise _Stopped
 
 
 def main(argv=None):
@@ -102,12 +110,13 @@ def main(argv=None):
                   file=sys.stderr)
             return 1
         server.parent = parent
-        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGTERM, server.stop)
+        signal.signal(signal.SIGINT, server.stop)
         log.info("serving the metrics of the broker on %s at http://%s:%d/metrics",
                  client.frontend, host, port)
         try:
             server.serve_forever(poll_interval=PARENT_CHECK_INTERVAL)
-        except (KeyboardInterrupt, _Stopped):
+        except _Stopped:
             pass
         finally:
             server.server_close()
