@@ -961,12 +961,12 @@ class BrokerCore:
                 holders += 1
         return -(-workers // holders) if holders else workers
 
-    def _victim(self, svc: Service, taker) -> WorkerRef:
-        """The lease of ``svc`` to revoke: the one FREE the longest, else the
-        oldest of the holder holding the most beyond its share.  For
-        ``taker`` (a holder below its share), only another holder's lease,
-        and only from a holder beyond its share; for jobs waiting in the
-        queue (``taker`` None), any."""
+    def _victim(self, svc: Service, taker, idle_only=False) -> WorkerRef:
+        """The lease of ``svc`` to revoke: the one FREE the longest, else
+        (unless ``idle_only``) the oldest of the holder holding the most
+        beyond its share.  For ``taker`` (a holder below its share), only
+        another holder's lease, and only from a holder beyond its share;
+        for jobs waiting in the queue (``taker`` None), any."""
         share = self._share(svc)
         free: WorkerRef = None
         free_since = 0.0
@@ -993,7 +993,7 @@ class BrokerCore:
             if oldest is not None and (over is None or beyond > over_by or (
                     beyond == over_by and oldest.granted_at < over.granted_at)):
                 over, over_by = oldest, beyond
-        return free if free is not None else over
+        return free if free is not None or idle_only else over
 
     def _idle_since(self, worker: WorkerRef):
         """When a leased worker fell idle, or None if it is busy: its busy word
@@ -1008,12 +1008,30 @@ class BrokerCore:
         since = value / 1e9
         return since if since > worker.granted_at else worker.granted_at
 
+    def _ending_soon(self, svc: Service) -> int:
+        """Leases of ``svc`` ending whose worker is idle: back in the pool as
+        soon as it answers, where a busy one is back when its job ends."""
+        count = 0
+        worker: WorkerRef
+        for address in svc.workers:
+            worker = self.workers[address]
+            if worker.ending and self._idle_since(worker) is not None:
+                count += 1
+        return count
+
     def _reclaim(self, svc: Service):
         """Jobs wait in the queue of ``svc`` and no idle worker takes them:
         end leases, one per waiting job not already covered by a lease
         ending."""
         while len(svc.queue) > svc.ending:
             victim = self._victim(svc, None)
+            if victim is None:
+                return
+            self._revoke(victim, REVOKE_SHARE)
+        # A busy lease ending is back only when its job ends: a job counted
+        # against one takes an idle lease instead, if there is one.
+        while len(svc.queue) > self._ending_soon(svc):
+            victim = self._victim(svc, None, True)
             if victim is None:
                 return
             self._revoke(victim, REVOKE_SHARE)
@@ -1087,10 +1105,13 @@ class BrokerCore:
             if epoch == worker.epoch:
                 worker.granting = False
                 if holder.gone or self.stopping_since is not None or \
-                        len(svc.queue) > svc.ending:
+                        (svc.queue and len(svc.queue) > self._ending_soon(svc)):
                     # Its holder is gone, we are stopping, or relayed jobs
-                    # came first: the holder never learns of this lease,
-                    # and if it waits for one, waits no longer.
+                    # came first and no idle lease that is ending will take
+                    # them (a busy one, revoked for them while this grant
+                    # was in flight, comes back only when its job ends):
+                    # the holder never learns of this lease, and if it
+                    # waits for one, waits no longer.
                     if not holder.gone and self.stopping_since is None:
                         self._set_wish(holder, svc, holder.wanted.get(svc.name, 0) + 1, now)
                         self._to_client(lease_busy(holder.address, svc.name))

@@ -608,6 +608,57 @@ def test_of_idle_leases_the_one_idle_the_longest_goes_counted_from_its_grant():
     assert revokes(sends) == [(H, epochs[b"w3"], p.REVOKE_SHARE)]
 
 
+def a_lease_and_a_grant_in_flight(w1_word):
+    """w1 leased to H, its busy word ``w1_word``; w2 offered to H2, not yet
+    answered (so no victim yet)."""
+    core, words = worded_core()
+    for worker in (b"w1", b"w2"):
+        ready_direct(core, 0.0, worker)
+    epochs = lease_all(core, 0.0, H, [b"w1"])
+    word_of(words, b"w1").value = w1_word
+    (offer,) = leases(wish(core, 0.1, H2, 1))
+    assert offer[0] == b"w2"
+    return core, epochs[b"w1"], offer[1]
+
+
+def test_a_grant_answered_while_a_job_waits_for_a_busy_revoked_lease_takes_the_job():
+    """The job cannot wait for the busy lease revoked for it (back only when
+    its job ends) while the grant in flight, not a victim then, sits idle
+    with its holder: seen under gunicorn, a job waited a whole job's time."""
+    core, w1_epoch, w2_epoch = a_lease_and_a_grant_in_flight(BUSY)  # H's job runs on w1
+    sends = submit(core, 0.2, b"c", b"job")  # relayed: no worker idle
+    assert revokes(sends) == [(H, w1_epoch, p.REVOKE_SHARE)]
+    sends = answer(core, 0.3, b"w2", w2_epoch)
+    assert grants(sends) == [] and busy(sends) == [(H2, SVC)]
+    assert leases(sends) == [(b"w2", 0)]
+    sends = answer(core, 0.4, b"w2", 0)
+    assert [w for w, _ in dispatched(sends)] == [b"w2"]
+
+
+def test_a_job_that_would_wait_for_a_busy_revoked_lease_takes_an_idle_one():
+    core, w1_epoch, w2_epoch = a_lease_and_a_grant_in_flight(BUSY)
+    sends = submit(core, 0.2, b"c", b"j1")
+    assert revokes(sends) == [(H, w1_epoch, p.REVOKE_SHARE)]
+    sends = ready_direct(core, 0.3, b"w3")  # a new worker takes j1
+    assert [w for w, _ in dispatched(sends)] == [b"w3"]
+    sends = answer(core, 0.4, b"w2", w2_epoch)  # nothing waits: the grant stands
+    assert grants(sends) == [(H2, w2_epoch, endpoint_of(b"w2"), 1)]
+    # j2 is one job for one lease ending, but that lease is busy: w2's,
+    # idle, is revoked for it rather than j2 waiting for w1's job to end.
+    sends = submit(core, 0.5, b"c", b"j2")
+    assert revokes(sends) == [(H2, w2_epoch, p.REVOKE_SHARE)]
+    sends = answer(core, 0.6, b"w2", 0)
+    assert [w for w, _ in dispatched(sends)] == [b"w2"]
+
+
+def test_a_grant_answered_while_an_idle_revoked_lease_comes_back_for_the_job_stands():
+    core, w1_epoch, w2_epoch = a_lease_and_a_grant_in_flight(int(0.05e9))  # w1 idle
+    sends = submit(core, 0.2, b"c", b"job")
+    assert revokes(sends) == [(H, w1_epoch, p.REVOKE_SHARE)]
+    sends = answer(core, 0.3, b"w2", w2_epoch)
+    assert grants(sends) == [(H2, w2_epoch, endpoint_of(b"w2"), 1)]
+
+
 def test_busy_in_the_stats_is_what_the_word_says():
     core, words = worded_core()
     ready_direct(core, 0.0, b"w")
